@@ -1,0 +1,1 @@
+"""Subcommands of the ``edge`` command line; each module offers ``register(subparsers)``."""

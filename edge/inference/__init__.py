@@ -1,0 +1,1 @@
+"""Inference on the box: preprocessing (C with a numpy twin), the onnxruntime model wrapper, postprocessing."""

@@ -1,0 +1,58 @@
+"""The values sources produce: camera-like frames and scalar sensor readings.
+
+Array layouts by pixel format (all ``uint8``; rows may be padded, i.e. any row stride):
+
+- ``RGB888`` / ``BGR888``: shape ``(H, W, 3)``.
+- ``GRAY8``: shape ``(H, W)`` (``(H, W, 1)`` is accepted too).
+- ``YUYV``: packed 4:2:2, shape ``(H, W, 2)``; each pair of pixels is ``Y0 U Y1 V``. ``W`` is even.
+- ``NV12``: 4:2:0 semi-planar, shape ``(H * 3 // 2, W)``: ``H`` rows of Y, then ``H / 2`` rows of interleaved
+  ``U V``. ``H`` and ``W`` are even.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+__all__ = ["Frame", "PixelFormat", "Reading"]
+
+
+class PixelFormat(enum.StrEnum):
+    """Pixel formats a source can deliver and the preprocessor can read."""
+
+    RGB888 = "RGB888"
+    BGR888 = "BGR888"
+    GRAY8 = "GRAY8"
+    YUYV = "YUYV"
+    NV12 = "NV12"
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """One image from a source.
+
+    Attributes:
+        data: the pixels, laid out as the module docstring says for ``pixel_format``.
+        pixel_format: how ``data`` is encoded.
+        seq: the source's frame number, starting at 0.
+        timestamp: wall-clock capture time (seconds since the epoch).
+        label: the ground-truth class where the source knows it (test sets), else ``None``.
+    """
+
+    data: npt.NDArray[np.uint8]
+    pixel_format: PixelFormat
+    seq: int
+    timestamp: float
+    label: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Reading:
+    """One scalar sample from a serial sensor channel."""
+
+    channel: int
+    value: float
+    timestamp: float

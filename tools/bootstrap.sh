@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Prepare a machine for `make test` / `make demo`: system packages where missing, a virtual environment, and the
+# package installed in it with its C extension. Safe to run again: it only does what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+
+need=()
+command -v "$PY" >/dev/null 2>&1 || need+=(python3)
+command -v gcc >/dev/null 2>&1 || need+=(gcc)
+command -v make >/dev/null 2>&1 || need+=(make)
+if command -v "$PY" >/dev/null 2>&1; then
+    "$PY" -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
+    inc=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
+    [ -f "$inc/Python.h" ] || need+=(python3-dev)
+fi
+for extra in "$@"; do
+    # Extra requirements come as "command:package" pairs (for example mosquitto:mosquitto).
+    cmd=${extra%%:*}; pkg=${extra#*:}
+    command -v "$cmd" >/dev/null 2>&1 || need+=("$pkg")
+done
+
+if [ ${#need[@]} -gt 0 ]; then
+    echo "bootstrap: installing system packages: ${need[*]}"
+    SUDO=""
+    [ "$(id -u)" -eq 0 ] || SUDO=sudo
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}"
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+    "$PY" -m venv "$VENV"
+fi
+"$VENV/bin/python" -m pip install -q --upgrade pip setuptools >/dev/null
+"$VENV/bin/python" -m pip install -q -e '.[dev]'
+# The build must have produced the extension: a silent fallback to the numpy twin is not an install.
+"$VENV/bin/python" -c 'import edge._native as n; print("bootstrap: edge._native built, paths:", n.simd_paths())'
