@@ -1,0 +1,335 @@
+"""The service configuration: a TOML file validated into frozen dataclasses.
+
+Every key is checked when the file is loaded, before anything starts: an unknown key (a typo), a value of the wrong
+type or out of range raises ``ConfigError`` naming the dotted key, the value and what was expected. Nothing reads
+the raw TOML after ``load_config`` returns.
+
+The default path is ``/etc/edge/edge.toml`` (read-only rootfs friendly); ``edge run --config FILE`` overrides it.
+See docs/configuration.md for every key.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+from edge.errors import ConfigError
+from edge.sensing.frames import PixelFormat
+
+__all__ = [
+    "DEFAULT_CONFIG_PATH",
+    "Config",
+    "DeviceConfig",
+    "LogConfig",
+    "ModelConfig",
+    "PipelineConfig",
+    "PreprocessConfig",
+    "SinkConfig",
+    "SourceConfig",
+    "load_config",
+    "parse_config",
+]
+
+DEFAULT_CONFIG_PATH = Path("/etc/edge/edge.toml")
+
+SOURCE_KINDS = ("synthetic", "npz", "directory", "serial")
+SINK_KINDS = ("jsonl",)
+ON_FULL = ("block", "drop_oldest")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("json", "text")
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceConfig:
+    """Who this box is and where it keeps its state."""
+
+    id: str = "edge-0"
+    data_dir: Path = Path("/data/edge")
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    """The model to run and how onnxruntime runs it."""
+
+    path: Path | None = None  # None: the factory model shipped in the package
+    threads: int = 1
+    spinning: bool = False
+    warmup: int = 3
+    top_k: int = 3
+
+
+@dataclass(frozen=True, slots=True)
+class SourceConfig:
+    """Where frames come from."""
+
+    kind: str = "synthetic"
+    pixel_format: PixelFormat = PixelFormat.YUYV
+    path: Path | None = None
+    loop: bool = False
+    count: int = 0  # frames to produce; 0 = unlimited (synthetic) or the whole file (npz, directory)
+    fps: float = 0.0  # 0 = as fast as the pipeline takes them
+    port: str = ""
+    baudrate: int = 921600
+
+
+@dataclass(frozen=True, slots=True)
+class PreprocessConfig:
+    """Overrides of the preprocessing the model's metadata asks for."""
+
+    crop: tuple[int, int, int, int] | None = None
+    letterbox: float | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineConfig:
+    """Queues between the stages: bounded, so a slow stage pushes back instead of growing memory."""
+
+    queue_size: int = 8
+    on_full: str = "block"  # or "drop_oldest": a live camera would rather lose old frames than lag
+
+
+@dataclass(frozen=True, slots=True)
+class SinkConfig:
+    """Where records go until the telemetry outbox takes over."""
+
+    kind: str = "jsonl"
+    path: str = "-"  # "-" is standard output
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    """Log verbosity and format."""
+
+    level: str = "info"
+    format: str = "json"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole validated configuration."""
+
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    source: SourceConfig = field(default_factory=SourceConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    sink: SinkConfig = field(default_factory=SinkConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+T = TypeVar("T")
+
+
+class _Section:
+    """Reads one TOML table, remembering which keys were used so leftovers (typos) can be reported."""
+
+    def __init__(self, name: str, table: object) -> None:
+        if not isinstance(table, Mapping):
+            raise ConfigError(name, table, "a table")
+        self.name = name
+        self.table: Mapping[str, Any] = table
+        self.used: set[str] = set()
+
+    def key(self, key: str) -> str:
+        return f"{self.name}.{key}"
+
+    def get(self, key: str, default: T, convert: Callable[[str, Any], T]) -> T:
+        self.used.add(key)
+        if key not in self.table:
+            return default
+        return convert(self.key(key), self.table[key])
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.table) - self.used)
+        if unknown:
+            raise ConfigError(self.key(unknown[0]), self.table[unknown[0]], "no such key (check the spelling)")
+
+
+def _str(key: str, v: Any) -> str:
+    if not isinstance(v, str) or not v:
+        raise ConfigError(key, v, "a non-empty string")
+    return v
+
+
+def _bool(key: str, v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise ConfigError(key, v, "true or false")
+    return v
+
+
+def _int_at_least(low: int) -> Callable[[str, Any], int]:
+    def convert(key: str, v: Any) -> int:
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise ConfigError(key, v, f"an integer >= {low}")
+        return v
+
+    return convert
+
+
+def _float_at_least(low: float) -> Callable[[str, Any], float]:
+    def convert(key: str, v: Any) -> float:
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v < low:
+            raise ConfigError(key, v, f"a finite number >= {low}")
+        return float(v)
+
+    return convert
+
+
+def _choice(options: tuple[str, ...]) -> Callable[[str, Any], str]:
+    def convert(key: str, v: Any) -> str:
+        if v not in options:
+            raise ConfigError(key, v, "one of " + ", ".join(repr(o) for o in options))
+        return str(v)
+
+    return convert
+
+
+def _path(key: str, v: Any) -> Path:
+    return Path(_str(key, v))
+
+
+def _optional_path(key: str, v: Any) -> Path | None:
+    return _path(key, v)
+
+
+def _pixel_format(key: str, v: Any) -> PixelFormat:
+    try:
+        return PixelFormat(v)
+    except ValueError:
+        raise ConfigError(key, v, "one of " + ", ".join(f.value for f in PixelFormat)) from None
+
+
+def _crop(key: str, v: Any) -> tuple[int, int, int, int] | None:
+    ok = isinstance(v, list) and len(v) == 4 and all(isinstance(x, int) and not isinstance(x, bool) for x in v)
+    if not ok or v[0] < 0 or v[1] < 0 or v[2] < 1 or v[3] < 1:
+        raise ConfigError(key, v, "[x, y, width, height] with x, y >= 0 and width, height >= 1")
+    return (v[0], v[1], v[2], v[3])
+
+
+def _optional_float(key: str, v: Any) -> float | None:
+    return _float_at_least(-math.inf)(key, v)
+
+
+def _channels(nonzero: bool) -> Callable[[str, Any], tuple[float, ...] | None]:
+    def convert(key: str, v: Any) -> tuple[float, ...] | None:
+        if isinstance(v, int | float) and not isinstance(v, bool):
+            v = [v]
+        ok = isinstance(v, list) and len(v) in (1, 3)
+        ok = ok and all(isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) for x in v)
+        if not ok or (nonzero and any(x == 0 for x in v)):
+            what = "nonzero numbers" if nonzero else "numbers"
+            raise ConfigError(key, v, f"a number or a list of 1 or 3 finite {what}")
+        return tuple(float(x) for x in v)
+
+    return convert
+
+
+def parse_config(data: Mapping[str, Any]) -> Config:
+    """Validate a parsed TOML document into a ``Config``.
+
+    Args:
+        data: the document as ``tomllib`` returns it.
+
+    Returns:
+        The frozen configuration, defaults filled in.
+
+    Raises:
+        ConfigError: a key is unknown or a value is invalid; the message names the key.
+    """
+    # Defaults come from instances: on slotted dataclasses the class attributes are descriptors.
+    dd, dm, ds, dp, dk, dl = DeviceConfig(), ModelConfig(), SourceConfig(), PipelineConfig(), SinkConfig(), LogConfig()
+    top = _Section("", data)
+    tables = {name: _Section(name, top.get(name, {}, lambda _k, v: v)) for name in Config.__dataclass_fields__}
+    top.finish()
+
+    s = tables["device"]
+    device = DeviceConfig(id=s.get("id", dd.id, _str), data_dir=s.get("data_dir", dd.data_dir, _path))
+
+    s = tables["model"]
+    model = ModelConfig(
+        path=s.get("path", None, _optional_path),
+        threads=s.get("threads", dm.threads, _int_at_least(1)),
+        spinning=s.get("spinning", dm.spinning, _bool),
+        warmup=s.get("warmup", dm.warmup, _int_at_least(0)),
+        top_k=s.get("top_k", dm.top_k, _int_at_least(1)),
+    )
+
+    s = tables["source"]
+    source = SourceConfig(
+        kind=s.get("kind", ds.kind, _choice(SOURCE_KINDS)),
+        pixel_format=s.get("pixel_format", ds.pixel_format, _pixel_format),
+        path=s.get("path", None, _optional_path),
+        loop=s.get("loop", ds.loop, _bool),
+        count=s.get("count", ds.count, _int_at_least(0)),
+        fps=s.get("fps", ds.fps, _float_at_least(0.0)),
+        port=s.get("port", ds.port, _str),
+        baudrate=s.get("baudrate", ds.baudrate, _int_at_least(1)),
+    )
+    if source.kind in ("npz", "directory") and source.path is None:
+        raise ConfigError("source.path", None, f"a path (source.kind is {source.kind!r})")
+    if source.kind == "serial" and not source.port:
+        raise ConfigError("source.port", "", "a serial device path (source.kind is 'serial')")
+
+    s = tables["preprocess"]
+    preprocess = PreprocessConfig(
+        crop=s.get("crop", None, _crop),
+        letterbox=s.get("letterbox", None, _optional_float),
+        mean=s.get("mean", None, _channels(nonzero=False)),
+        std=s.get("std", None, _channels(nonzero=True)),
+    )
+
+    s = tables["pipeline"]
+    pipeline = PipelineConfig(
+        queue_size=s.get("queue_size", dp.queue_size, _int_at_least(1)),
+        on_full=s.get("on_full", dp.on_full, _choice(ON_FULL)),
+    )
+
+    s = tables["sink"]
+    sink = SinkConfig(kind=s.get("kind", dk.kind, _choice(SINK_KINDS)), path=s.get("path", "-", _str))
+
+    s = tables["log"]
+    log = LogConfig(
+        level=s.get("level", dl.level, _choice(LOG_LEVELS)),
+        format=s.get("format", dl.format, _choice(LOG_FORMATS)),
+    )
+    for section in tables.values():
+        section.finish()
+    return Config(device=device, model=model, source=source, preprocess=preprocess, pipeline=pipeline, sink=sink, log=log)
+
+
+def load_config(path: str | os.PathLike[str] = DEFAULT_CONFIG_PATH) -> Config:
+    """Read and validate the TOML configuration at ``path``.
+
+    Relative paths inside the file (model, source) are resolved against the file's directory, so a config and its
+    data can travel together.
+
+    Raises:
+        ConfigError: the file is missing, is not valid TOML, or a value is invalid.
+    """
+    p = Path(path)
+    try:
+        data = tomllib.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError("<file>", str(p), "an existing configuration file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError("<file>", str(p), f"a readable UTF-8 file ({e})") from e
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError("<file>", str(p), f"valid TOML ({e})") from e
+    cfg = parse_config(data)
+    base = p.resolve().parent
+
+    def rebase(q: Path | None) -> Path | None:
+        return q if q is None or q.is_absolute() else base / q
+
+    return replace(
+        cfg,
+        model=replace(cfg.model, path=rebase(cfg.model.path)),
+        source=replace(cfg.source, path=rebase(cfg.source.path)),
+    )

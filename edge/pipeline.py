@@ -1,0 +1,316 @@
+"""The box's pipeline: source → preprocess → model → postprocess → record → sink.
+
+Three threads joined by bounded queues, so the stages overlap on a multi-core box and a slow stage pushes back
+instead of growing memory:
+
+- ``read``: pulls items from the source into the input queue (blocking when full, or dropping the oldest frame
+  when ``on_full="drop_oldest"``, counted).
+- ``infer``: preprocesses each frame into one reused input buffer and runs the model. Only native code runs here
+  between two queue operations (both release the GIL), so this stage is the time the model and the C preprocessing
+  take and little more.
+- ``emit``: postprocesses, hashes the input frame and builds records, handing them to the sink in batches.
+
+Invariants: every frame that enters is either inferred, rejected (malformed, counted by reason) or dropped by the
+queue policy (counted); records leave in the order frames arrived; ``stop()`` lets queued items finish.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import numpy as np
+import numpy.typing as npt
+
+from edge.inference.model import Model
+from edge.inference.postprocess import scalar_score, topk
+from edge.inference.preprocess import backend as preprocess_backend
+from edge.inference.preprocess import preprocess_image
+from edge.log import event
+from edge.records import InferenceRecord, ReadingRecord, Record
+from edge.sensing.frames import Frame, Reading
+from edge.sensing.sources import Source
+from edge.sinks import Sink
+
+__all__ = ["Pipeline", "PipelineStats"]
+
+log = logging.getLogger("edge.pipeline")
+
+_END: Final = object()  # queue sentinel: no more items
+_EMIT_BATCH: Final = 64
+_LATENCY_WINDOW: Final = 10_000
+
+
+@dataclass
+class PipelineStats:
+    """Counters of a pipeline run; read them from any thread (each is written by one stage only)."""
+
+    frames_in: int = 0
+    inferences: int = 0
+    readings: int = 0
+    dropped: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+    latencies_us: deque[int] = field(default_factory=lambda: deque(maxlen=_LATENCY_WINDOW))
+    correct: int = 0
+    labelled: int = 0
+    last_progress: float = field(default_factory=time.monotonic)
+
+    @property
+    def rejected_total(self) -> int:
+        """Frames rejected as malformed, all reasons together."""
+        return sum(self.rejected.values())
+
+    def latency_percentiles(self, *qs: float) -> list[float]:
+        """Latency percentiles in microseconds over the most recent records (empty window: zeros)."""
+        if not self.latencies_us:
+            return [0.0 for _ in qs]
+        return [float(x) for x in np.percentile(np.fromiter(self.latencies_us, dtype=np.int64), qs)]
+
+
+@dataclass(frozen=True, slots=True)
+class _Inferred:
+    frame: Frame
+    output: npt.NDArray[Any]
+    acquired_ns: int
+    preprocess_ns: int
+    inference_ns: int
+
+
+class Pipeline:
+    """Runs a model over a source's frames and hands records to a sink.
+
+    Args:
+        source: where frames and readings come from.
+        model: the loaded model.
+        sink: where records go.
+        top_k: classes per inference record.
+        queue_size: capacity of each queue between stages.
+        on_full: "block" (backpressure to the source) or "drop_oldest" (a live camera: fresh frames win).
+        max_frames: stop after this many inferences (0: until the source ends or ``stop()``).
+        preprocess: overrides of the preprocessing arguments the model asks for (crop, letterbox, mean, std).
+    """
+
+    def __init__(
+        self,
+        source: Source,
+        model: Model,
+        sink: Sink,
+        *,
+        top_k: int = 3,
+        queue_size: int = 8,
+        on_full: str = "block",
+        max_frames: int = 0,
+        preprocess: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.source = source
+        self.model = model
+        self.sink = sink
+        self.stats = PipelineStats()
+        self.backend = preprocess_backend()
+        self._top_k = top_k
+        self._drop_oldest = on_full == "drop_oldest"
+        self._max_frames = max_frames
+        self._kwargs = {**model.preprocess_kwargs(), **(preprocess or {})}
+        self._input = model.new_input()
+        self._in: queue.Queue[object] = queue.Queue(queue_size)
+        self._out: queue.Queue[object] = queue.Queue(queue_size)
+        self._stop = threading.Event()
+        self._errors: list[BaseException] = []
+        self._threads = [
+            threading.Thread(target=self._guard, args=(stage, inbox), name=f"edge-{name}", daemon=True)
+            for name, stage, inbox in (
+                ("read", self._read, None),
+                ("infer", self._infer, self._in),
+                ("emit", self._emit, self._out),
+            )
+        ]
+
+    # -- control ---------------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the three stage threads."""
+        for t in self._threads:
+            t.start()
+
+    def stop(self) -> None:
+        """Ask the pipeline to finish: the source stops, queued items still complete."""
+        self._stop.set()
+        self.source.close()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the stages to finish; True when all did. Re-raises the first stage failure."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for t in self._threads:
+            t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        if self._errors:
+            raise self._errors[0]
+        return not any(t.is_alive() for t in self._threads)
+
+    def run(self) -> PipelineStats:
+        """Start, wait until the source ends, ``max_frames`` is reached or ``stop()`` is called, and return stats."""
+        self.start()
+        self.join()
+        return self.stats
+
+    @property
+    def done(self) -> bool:
+        """True once every stage has ended."""
+        return not any(t.is_alive() for t in self._threads)
+
+    # -- stages ----------------------------------------------------------------------------------------------------
+
+    def _guard(self, stage: Callable[[], None], inbox: queue.Queue[object] | None) -> None:
+        try:
+            stage()
+        except BaseException as e:
+            # A failed stage (a device gone, a sink that cannot write, a bug) ends the run: the source stops, and
+            # this stage keeps draining its inbox so the stages before it can finish and join() can raise.
+            self._errors.append(e)
+            event(log, logging.ERROR, "pipeline stage failed", stage=stage.__name__, error=repr(e))
+            self.stop()
+            if inbox is not None:
+                self._drain(inbox)
+
+    def _drain(self, inbox: queue.Queue[object]) -> None:
+        upstream = self._threads[: 1 if inbox is self._in else 2]
+        while any(t.is_alive() for t in upstream) or not inbox.empty():
+            try:
+                if inbox.get(timeout=0.05) is _END:
+                    return
+            except queue.Empty:
+                continue
+
+    def _read(self) -> None:
+        stats = self.stats
+        put = self._in.put
+        try:
+            for item in self.source.items():
+                if self._stop.is_set():
+                    break
+                entry = (item, time.perf_counter_ns())
+                if isinstance(item, Frame):
+                    stats.frames_in += 1
+                if self._drop_oldest:
+                    while True:
+                        try:
+                            self._in.put_nowait(entry)
+                            break
+                        except queue.Full:
+                            try:
+                                self._in.get_nowait()
+                                stats.dropped += 1
+                            except queue.Empty:
+                                pass
+                else:
+                    put(entry)
+        finally:
+            put(_END)
+
+    def _infer(self) -> None:
+        get, put = self._in.get, self._out.put
+        buf, kwargs, run = self._input, self._kwargs, self.model.run
+        clock = time.perf_counter_ns
+        stats = self.stats
+        done = 0
+        try:
+            while True:
+                entry = get()
+                if entry is _END:
+                    break
+                item, acquired = entry  # type: ignore[misc]
+                if isinstance(item, Reading):
+                    put(item)
+                    continue
+                t0 = clock()
+                try:
+                    preprocess_image(item.data, pixel_format=item.pixel_format, out=buf, **kwargs)
+                except (ValueError, TypeError) as e:
+                    self._reject(type(e).__name__, item, e)
+                    continue
+                t1 = clock()
+                output = run(buf)
+                t2 = clock()
+                put(_Inferred(item, output, acquired, t1 - t0, t2 - t1))
+                done += 1
+                if done == self._max_frames:
+                    self.stop()
+                    break
+        finally:
+            put(_END)
+
+    def _reject(self, reason: str, frame: Frame, error: Exception) -> None:
+        counts = self.stats.rejected
+        n = counts.get(reason, 0) + 1
+        counts[reason] = n
+        if n <= 10 or n % 1000 == 0:  # the first few in full, then a heartbeat: a flood must not flood the log
+            event(log, logging.WARNING, "frame rejected", seq=frame.seq, reason=reason, error=str(error), count=n)
+
+    def _emit(self) -> None:
+        get, get_nowait = self._out.get, self._out.get_nowait
+        model = self.model
+        stats = self.stats
+        kind = model.output_kind
+        batch: list[Record] = []
+        finished = False
+        while not finished:
+            item = get()
+            while True:
+                if item is _END:
+                    finished = True
+                    break
+                if isinstance(item, Reading):
+                    batch.append(ReadingRecord(item.channel, item.value, item.timestamp))
+                    stats.readings += 1
+                else:
+                    assert isinstance(item, _Inferred)
+                    batch.append(self._record(item, kind))
+                if len(batch) >= _EMIT_BATCH:
+                    break
+                try:
+                    item = get_nowait()
+                except queue.Empty:
+                    break
+            if batch:
+                self.sink.write(batch)
+                batch = []
+                stats.last_progress = time.monotonic()
+
+    def _record(self, r: _Inferred, kind: str) -> InferenceRecord:
+        stats = self.stats
+        frame = r.frame
+        if kind == "score":
+            ranked: tuple[tuple[int, float], ...] = ()
+            score: float | None = scalar_score(r.output)
+        else:
+            ranked = tuple(topk(r.output, self._top_k, kind=kind))
+            score = None
+        digest = hashlib.sha256(np.ascontiguousarray(frame.data).data).hexdigest()
+        latency = (time.perf_counter_ns() - r.acquired_ns) // 1000
+        stats.inferences += 1
+        stats.latencies_us.append(latency)
+        if frame.label is not None and ranked:
+            stats.labelled += 1
+            stats.correct += ranked[0][0] == frame.label
+        return InferenceRecord(
+            seq=frame.seq,
+            timestamp=frame.timestamp,
+            model_id=self.model.model_id,
+            model_sha256=self.model.sha256,
+            input_sha256=digest,
+            pixel_format=str(frame.pixel_format),
+            top_k=ranked,
+            score=score,
+            label=frame.label,
+            preprocess_us=r.preprocess_ns // 1000,
+            inference_us=r.inference_ns // 1000,
+            latency_us=latency,
+            backend=self.backend,
+        )
+

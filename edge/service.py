@@ -1,0 +1,112 @@
+"""``edge run``: the long-running service. Builds the pipeline from the configuration and runs it until the source
+ends, ``--frames`` inferences are done, or SIGTERM/SIGINT asks for a clean shutdown.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from dataclasses import asdict
+from importlib import resources
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from edge import __version__
+from edge.config import Config
+from edge.inference.model import Model
+from edge.log import configure, event
+from edge.pipeline import Pipeline, PipelineStats
+from edge.sensing.sources import open_source
+from edge.sinks import JsonLinesSink
+
+__all__ = ["FACTORY_MODEL", "run_service", "summary"]
+
+log = logging.getLogger("edge.service")
+
+FACTORY_MODEL = "digits-int8.onnx"
+
+
+def factory_model_path() -> Path:
+    """The model shipped with the package, used when the configuration names none."""
+    return Path(str(resources.files("edge") / "models" / FACTORY_MODEL))
+
+
+def summary(stats: PipelineStats, elapsed: float) -> dict[str, Any]:
+    """The figures an operator wants after a run: counts, rates, latency percentiles, accuracy where labelled."""
+    p50, p99 = stats.latency_percentiles(50, 99)
+    out: dict[str, Any] = {
+        "frames_in": stats.frames_in,
+        "inferences": stats.inferences,
+        "readings": stats.readings,
+        "rejected": stats.rejected_total,
+        "rejected_by_reason": dict(stats.rejected),
+        "dropped": stats.dropped,
+        "elapsed_s": round(elapsed, 3),
+        "fps": round(stats.inferences / elapsed, 1) if elapsed > 0 else 0.0,
+        "latency_p50_us": round(p50),
+        "latency_p99_us": round(p99),
+    }
+    if stats.labelled:
+        out["accuracy"] = round(stats.correct / stats.labelled, 4)
+    return out
+
+
+def run_service(cfg: Config, *, max_frames: int = 0) -> PipelineStats:
+    """Run the pipeline the configuration describes; returns its statistics after a clean shutdown.
+
+    Args:
+        cfg: the validated configuration.
+        max_frames: stop after this many inferences (0: run until the source ends or a signal arrives).
+    """
+    started = time.monotonic()
+    configure(cfg.log.level, cfg.log.format)
+    model_path = cfg.model.path or factory_model_path()
+    model = Model(model_path, threads=cfg.model.threads, spinning=cfg.model.spinning, warmup=cfg.model.warmup)
+    source = open_source(cfg.source)
+    sink = JsonLinesSink(cfg.sink.path)
+    overrides = {k: v for k, v in asdict(cfg.preprocess).items() if v is not None}
+    pipeline = Pipeline(
+        source,
+        model,
+        sink,
+        top_k=cfg.model.top_k,
+        queue_size=cfg.pipeline.queue_size,
+        on_full=cfg.pipeline.on_full,
+        max_frames=max_frames,
+        preprocess=overrides,
+    )
+    event(
+        log,
+        logging.INFO,
+        "service starting",
+        version=__version__,
+        device=cfg.device.id,
+        model=model.model_id,
+        model_sha256=model.sha256,
+        model_path=str(model_path),
+        input=f"{model.input_spec.dtype}{list(model.input_spec.shape)}",
+        backend=pipeline.backend,
+        source=cfg.source.kind,
+        pixel_format=str(cfg.source.pixel_format),
+        startup_ms=round((time.monotonic() - started) * 1000),
+    )
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        event(log, logging.INFO, "shutdown requested", signal=signal.Signals(signum).name)
+        pipeline.stop()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    t0 = time.monotonic()
+    try:
+        pipeline.start()
+        # Short joins keep the main thread responsive to signals.
+        while not pipeline.join(timeout=0.5):
+            pass
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        sink.close()
+    event(log, logging.INFO, "service stopped", **summary(pipeline.stats, time.monotonic() - t0))
+    return pipeline.stats

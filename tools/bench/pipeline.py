@@ -1,0 +1,147 @@
+"""Benchmark of `edge run`'s pipeline against its own parts, measured side by side in one run.
+
+Prints, for the bundled digits model and the MobileNetV2-shaped int8 model:
+- steady-state time per frame of the pipeline (three stages, bounded queues, records to a JSON-lines sink),
+- the same frames through `preprocess_image` + `Model.run` alone in one loop (the floor),
+- their ratio (target: at most 1.10x),
+and for the service process with the MobileNetV2-shaped int8 model: peak RSS (target 110 MB) and the time from
+process start to its first record (target 1 s).
+
+Usage: python tools/bench/pipeline.py [--frames N] [--repeats R] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from edge.inference.model import Model  # noqa: E402
+from edge.inference.preprocess import backend, preprocess_image  # noqa: E402
+from edge.pipeline import Pipeline  # noqa: E402
+from edge.sensing.frames import PixelFormat  # noqa: E402
+from edge.sensing.sources import ArraySource  # noqa: E402
+from edge.sensing.synthetic import render_test_frames  # noqa: E402
+from edge.sinks import JsonLinesSink  # noqa: E402
+
+CACHE = ROOT / ".cache" / "bench-models"
+
+
+def mobilenet_int8() -> Path:
+    """The MobileNetV2-shaped int8 model, generated once into the cache (not committed: 14 MB of random weights)."""
+    path = CACHE / "mobilenetv2-int8.onnx"
+    if not path.exists():
+        subprocess.run([sys.executable, str(ROOT / "tools/models/make_mobilenetv2.py"), str(CACHE)], check=True)
+    return path
+
+
+def floor_per_frame(model: Model, frames: list[np.ndarray], fmt: PixelFormat, n: int) -> float:
+    """Seconds per frame of preprocess + run alone, in one tight loop."""
+    kw = model.preprocess_kwargs()
+    buf = model.new_input()
+    run = model.run
+    t0 = time.perf_counter()
+    for i in range(n):
+        preprocess_image(frames[i % len(frames)], pixel_format=fmt, out=buf, **kw)
+        run(buf)
+    return (time.perf_counter() - t0) / n
+
+
+def pipeline_per_frame(model: Model, frames: list[np.ndarray], fmt: PixelFormat, n: int) -> float:
+    """Seconds per frame of the full pipeline in steady state."""
+    sink = JsonLinesSink(os.devnull)
+    p = Pipeline(ArraySource(frames, fmt, count=n), model, sink)
+    t0 = time.perf_counter()
+    stats = p.run()
+    elapsed = time.perf_counter() - t0
+    sink.close()
+    assert stats.inferences == n, stats
+    return elapsed / n
+
+
+def compare(name: str, model: Model, frames: list[np.ndarray], fmt: PixelFormat, n: int, repeats: int) -> dict[str, float]:
+    floor_per_frame(model, frames, fmt, max(10, n // 10))  # warm caches
+    floors, pipes = [], []
+    for _ in range(repeats):  # interleaved, so drift on a shared machine hits both alike
+        floors.append(floor_per_frame(model, frames, fmt, n))
+        pipes.append(pipeline_per_frame(model, frames, fmt, n))
+    f, p = statistics.median(floors), statistics.median(pipes)
+    ratio = p / f
+    print(
+        f"{name:28} floor {f * 1e6:8.1f} us/frame   pipeline {p * 1e6:8.1f} us/frame   "
+        f"ratio {ratio:5.2f}x  (target <= 1.10x: {'PASS' if ratio <= 1.10 else 'MISS'})"
+    )
+    return {"floor_us": f * 1e6, "pipeline_us": p * 1e6, "ratio": ratio}
+
+
+def service_footprint(model_path: Path, frames: int) -> dict[str, float]:
+    """Peak RSS and time to the first record of a real `edge run` process on the given model."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = Path(tmp) / "edge.toml"
+        cfg.write_text(
+            f'[model]\npath = "{model_path}"\n[source]\nkind = "synthetic"\npixel_format = "YUYV"\ncount = {frames}\n'
+            f'[sink]\npath = "-"\n[log]\nlevel = "warning"\n',
+            encoding="utf-8",
+        )
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "edge", "run", "--config", str(cfg)], cwd=ROOT, stdout=subprocess.PIPE, text=True
+        )
+        assert proc.stdout is not None
+        first = proc.stdout.readline()
+        first_s = time.perf_counter() - t0
+        assert first.startswith("{"), first
+        for _ in proc.stdout:
+            pass
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        assert proc.returncode == 0, proc.returncode
+    rss_mb = usage.ru_maxrss / 1024  # Linux reports KiB
+    return {"first_record_s": first_s, "peak_rss_mb": rss_mb}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--frames", type=int, default=3000, help="frames per measurement on the digits model")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    print(f"preprocessing backend: {backend()}; cpus: {os.cpu_count()}; model threads: 1")
+    results: dict[str, dict[str, float]] = {}
+
+    digits = Model(ROOT / "edge/models/digits-int8.onnx")
+    frames = [f for f, _ in render_test_frames(PixelFormat.YUYV, count=64)]
+    results["digits-int8"] = compare("digits int8, YUYV 160x120", digits, frames, PixelFormat.YUYV, args.frames, args.repeats)
+
+    mnet_path = mobilenet_int8()
+    mnet = Model(mnet_path)
+    rng = np.random.default_rng(0)
+    big = [rng.integers(0, 256, size=(480, 640, 2), dtype=np.uint8) for _ in range(8)]
+    n_big = max(50, args.frames // 20)
+    results["mobilenetv2-int8"] = compare("mobilenetv2 int8, YUYV 640x480", mnet, big, PixelFormat.YUYV, n_big, args.repeats)
+
+    fp = service_footprint(mnet_path, 200)
+    results["service"] = fp
+    print(
+        f"service (mobilenetv2 int8)   peak RSS {fp['peak_rss_mb']:6.1f} MB (target <= 110: "
+        f"{'PASS' if fp['peak_rss_mb'] <= 110 else 'MISS'})   start to first record {fp['first_record_s']:.2f} s "
+        f"(target <= 1.0: {'PASS' if fp['first_record_s'] <= 1.0 else 'MISS'})"
+    )
+    if args.json:
+        print(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
