@@ -24,13 +24,13 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import numpy as np
 import numpy.typing as npt
 
 from edge.inference.model import Model
-from edge.inference.postprocess import scalar_score, topk
+from edge.inference.postprocess import Kind, scalar_score, topk
 from edge.inference.preprocess import backend as preprocess_backend
 from edge.inference.preprocess import preprocess_image
 from edge.log import event
@@ -44,6 +44,7 @@ __all__ = ["Pipeline", "PipelineStats"]
 log = logging.getLogger("edge.pipeline")
 
 _END: Final = object()  # queue sentinel: no more items
+_Entry = tuple[Frame | Reading, int]  # an item and the perf_counter_ns when its source handed it over
 _EMIT_BATCH: Final = 64
 _LATENCY_WINDOW: Final = 10_000
 
@@ -217,14 +218,13 @@ class Pipeline:
         get, put = self._in.get, self._out.put
         buf, kwargs, run = self._input, self._kwargs, self.model.run
         clock = time.perf_counter_ns
-        stats = self.stats
         done = 0
         try:
             while True:
                 entry = get()
                 if entry is _END:
                     break
-                item, acquired = entry  # type: ignore[misc]
+                item, acquired = cast(_Entry, entry)
                 if isinstance(item, Reading):
                     put(item)
                     continue
@@ -282,7 +282,7 @@ class Pipeline:
                 batch = []
                 stats.last_progress = time.monotonic()
 
-    def _record(self, r: _Inferred, kind: str) -> InferenceRecord:
+    def _record(self, r: _Inferred, kind: Kind) -> InferenceRecord:
         stats = self.stats
         frame = r.frame
         if kind == "score":
@@ -313,4 +313,3 @@ class Pipeline:
             latency_us=latency,
             backend=self.backend,
         )
-

@@ -46,8 +46,28 @@ def edge_cli() -> Callable[..., subprocess.CompletedProcess[str]]:
             capture_output=True,
             text=True,
             timeout=timeout,
+            check=False,
             cwd=ROOT,
             env={**os.environ, **(env or {})},
         )
 
     return run
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory):
+    """The test fleet's PKI (an Ed25519 CA; client certificates issued on demand)."""
+    from mqtt_broker import TestPKI
+
+    return TestPKI(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture
+def broker(tmp_path: Path, pki):
+    """A real mosquitto on a free loopback port with TLS, client certificates and per-device ACLs."""
+    from mqtt_broker import Broker
+
+    b = Broker(tmp_path / "broker", pki)
+    b.start()
+    yield b
+    b.stop()

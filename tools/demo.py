@@ -46,7 +46,10 @@ format = "text"
 """,
             encoding="utf-8",
         )
-        print(f"demo: edge run on the bundled digits model, {count} held-out frames as 160x120 YUYV at 100 fps\n", flush=True)
+        print(
+            f"demo: edge run on the bundled digits model, {count} held-out frames as 160x120 YUYV at 100 fps\n",
+            flush=True,
+        )
         t0 = time.monotonic()
         proc = subprocess.run(
             [sys.executable, "-m", "edge", "run", "--config", str(config)],

@@ -70,7 +70,9 @@ def pipeline_per_frame(model: Model, frames: list[np.ndarray], fmt: PixelFormat,
     return elapsed / n
 
 
-def compare(name: str, model: Model, frames: list[np.ndarray], fmt: PixelFormat, n: int, repeats: int) -> dict[str, float]:
+def compare(
+    name: str, model: Model, frames: list[np.ndarray], fmt: PixelFormat, n: int, repeats: int
+) -> dict[str, float]:
     floor_per_frame(model, frames, fmt, max(10, n // 10))  # warm caches
     floors, pipes = [], []
     for _ in range(repeats):  # interleaved, so drift on a shared machine hits both alike
@@ -122,14 +124,18 @@ def main() -> int:
 
     digits = Model(ROOT / "edge/models/digits-int8.onnx")
     frames = [f for f, _ in render_test_frames(PixelFormat.YUYV, count=64)]
-    results["digits-int8"] = compare("digits int8, YUYV 160x120", digits, frames, PixelFormat.YUYV, args.frames, args.repeats)
+    results["digits-int8"] = compare(
+        "digits int8, YUYV 160x120", digits, frames, PixelFormat.YUYV, args.frames, args.repeats
+    )
 
     mnet_path = mobilenet_int8()
     mnet = Model(mnet_path)
     rng = np.random.default_rng(0)
     big = [rng.integers(0, 256, size=(480, 640, 2), dtype=np.uint8) for _ in range(8)]
     n_big = max(50, args.frames // 20)
-    results["mobilenetv2-int8"] = compare("mobilenetv2 int8, YUYV 640x480", mnet, big, PixelFormat.YUYV, n_big, args.repeats)
+    results["mobilenetv2-int8"] = compare(
+        "mobilenetv2 int8, YUYV 640x480", mnet, big, PixelFormat.YUYV, n_big, args.repeats
+    )
 
     fp = service_footprint(mnet_path, 200)
     results["service"] = fp

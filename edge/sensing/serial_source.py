@@ -1,0 +1,174 @@
+"""A frame and reading source reading a serial sensor board (the I/O shell around ``serial_protocol``).
+
+Invariants:
+
+- This module only moves bytes: all parsing, validation and limits live in the sans-IO ``PacketDecoder`` and
+  ``FrameAssembler``; it supplies them with bytes, a monotonic ``now`` and a wall-clock receive time.
+- Bad input never raises: it is rejected and counted by reason in ``rejects``; each reason is logged on its first
+  occurrence and then at most once per ``log_every`` occurrences, so a noisy line cannot flood the log.
+- A port that fails or disappears (including the peer closing a pty) raises ``TransportError`` from ``items()``:
+  a device failure, not bad input. A serial line has no end-of-stream, so ``items()`` ends cleanly only after
+  ``close()``.
+- ``close()`` is idempotent, may be called from another thread, and makes ``items()`` return within about
+  ``read_timeout`` (sooner where pyserial can cancel a blocked read).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from types import MappingProxyType
+from typing import Any
+
+import serial
+
+from edge.errors import TransportError
+from edge.sensing.frames import Frame, Reading
+from edge.sensing.serial_protocol import FrameAssembler, Hello, PacketDecoder, SerialLimits
+
+__all__ = ["SerialSource"]
+
+_log = logging.getLogger("edge.sensing.serial")
+
+# Upper bound of one read call; larger backlogs are drained over several iterations.
+_MAX_READ = 64 * 1024
+
+
+class SerialSource:
+    """Frames and readings from a sensor board speaking the protocol of ``docs/serial-protocol.md``.
+
+    Implements the service's ``Source`` protocol: ``items()``, ``close()`` and ``rejected``.
+    """
+
+    def __init__(
+        self,
+        port: str,
+        *,
+        baudrate: int = 921600,
+        limits: SerialLimits | None = None,
+        read_timeout: float = 0.1,
+        log_every: int = 100,
+    ) -> None:
+        """Open the port.
+
+        Args:
+            port: a device path (``/dev/ttyUSB0``, a pty slave) or a pyserial URL.
+            baudrate: line speed.
+            limits: protocol limits; defaults to ``SerialLimits()``.
+            read_timeout: seconds one read may block; bounds how long ``close()`` can take to take effect.
+            log_every: log each reject reason on its first occurrence, then once per this many occurrences.
+
+        Raises:
+            TransportError: the port cannot be opened.
+            ValueError: ``read_timeout`` or ``log_every`` is not positive.
+        """
+        if read_timeout <= 0:
+            raise ValueError(f"read_timeout must be positive, got {read_timeout!r}")
+        if log_every < 1:
+            raise ValueError(f"log_every must be at least 1, got {log_every!r}")
+        limits = limits if limits is not None else SerialLimits()
+        self._port_name = port
+        self._decoder = PacketDecoder(limits)
+        self._assembler = FrameAssembler(limits)
+        self._log_every = log_every
+        self._logged_at: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+        self._in_read = False
+        try:
+            self._serial: Any = serial.serial_for_url(port, baudrate=baudrate, timeout=read_timeout)
+        except (serial.SerialException, OSError, ValueError) as e:
+            raise TransportError(f"cannot open serial port {port!r}: {e}") from e
+
+    @property
+    def rejected(self) -> int:
+        """Malformed packets and dropped partial frames so far (decoder and assembler together)."""
+        return self._decoder.rejected + self._assembler.rejected
+
+    @property
+    def rejects(self) -> Mapping[str, int]:
+        """Rejects by reason (a snapshot); the reason names are listed in ``serial_protocol``."""
+        merged = dict(self._decoder.rejects)
+        for reason, count in self._assembler.rejects.items():
+            merged[reason] = merged.get(reason, 0) + count
+        return MappingProxyType(merged)
+
+    @property
+    def hello(self) -> Hello | None:
+        """The board's last HELLO, if one arrived."""
+        return self._assembler.hello
+
+    def items(self) -> Iterator[Frame | Reading]:
+        """Yield frames and readings as they arrive, until ``close()``.
+
+        Returns:
+            An iterator of ``Frame`` (``seq`` counts accepted frames from 0) and ``Reading`` values.
+
+        Raises:
+            TransportError: the port failed or disappeared.
+        """
+        try:
+            while not self._closed:
+                data = self._read()
+                now, wall = time.monotonic(), time.time()
+                packets = self._decoder.feed(data) if data else []
+                for packet in packets:
+                    item = self._assembler.push(packet, now, received_at=wall)
+                    if item is not None:
+                        yield item
+                if not packets:
+                    # A silent line must still age out partial frames whose board went quiet.
+                    self._assembler.expire(now)
+                self._log_rejects()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Stop ``items()`` and release the port. Idempotent; safe from another thread.
+
+        A read blocked in another thread is cancelled and that thread closes the port when the read returns;
+        otherwise the port is closed here. The fd is never closed under a running ``select()``.
+        """
+        with self._lock:
+            self._closed = True
+            if self._in_read:
+                cancel = getattr(self._serial, "cancel_read", None)
+                if cancel is not None:
+                    cancel()
+            else:
+                self._close_port()
+
+    def _read(self) -> bytes:
+        with self._lock:
+            if self._closed:
+                return b""
+            self._in_read = True
+        try:
+            waiting = self._serial.in_waiting
+            data: bytes = self._serial.read(min(max(1, waiting), _MAX_READ))
+        except (serial.SerialException, OSError) as e:
+            if self._closed:
+                return b""
+            raise TransportError(f"serial port {self._port_name!r} failed: {e}") from e
+        finally:
+            with self._lock:
+                self._in_read = False
+                if self._closed:
+                    self._close_port()
+        return data
+
+    def _close_port(self) -> None:
+        try:
+            self._serial.close()
+        except (serial.SerialException, OSError) as e:
+            # Closing is best effort: the port may already be gone, which is what a close is for anyway.
+            _log.debug("closing %s: %s", self._port_name, e)
+
+    def _log_rejects(self) -> None:
+        for reason, count in self.rejects.items():
+            last = self._logged_at.get(reason, 0)
+            if count > last and (last == 0 or count - last >= self._log_every):
+                self._logged_at[reason] = count
+                _log.warning("serial %s: rejected %s (%d so far)", self._port_name, reason, count)
