@@ -9,17 +9,20 @@ VENV=${VENV:-.venv}
 
 need=()
 command -v "$PY" >/dev/null 2>&1 || need+=(python3)
-command -v gcc >/dev/null 2>&1 || need+=(gcc)
+command -v gcc >/dev/null 2>&1 || need+=(gcc libc6-dev)
 command -v make >/dev/null 2>&1 || need+=(make)
 if command -v "$PY" >/dev/null 2>&1; then
     "$PY" -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
     inc=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
     [ -f "$inc/Python.h" ] || need+=(python3-dev)
 fi
+have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || [ -x "/sbin/$1" ]; }
+# The tests start their own mosquitto (TLS, ACLs) on a free loopback port: the broker must be installed.
+have mosquitto || need+=(mosquitto)
 for extra in "$@"; do
-    # Extra requirements come as "command:package" pairs (for example mosquitto:mosquitto).
+    # Extra requirements come as "command:package" pairs.
     cmd=${extra%%:*}; pkg=${extra#*:}
-    command -v "$cmd" >/dev/null 2>&1 || need+=("$pkg")
+    have "$cmd" || need+=("$pkg")
 done
 
 if [ ${#need[@]} -gt 0 ]; then

@@ -1,0 +1,204 @@
+"""A real mosquitto for tests: its own PKI, config, port and persistence directory.
+
+The test PKI mirrors the fleet's: an Ed25519 CA, a server certificate for 127.0.0.1/localhost, and per-device
+client certificates whose subject CN is the device id. mosquitto takes the identity from the certificate
+(`use_identity_as_username`) and an ACL pattern confines each device to `devices/<its id>/#`; the identity
+"gateway" may read and write everything under `devices/`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.x509.oid import NameOID
+
+GATEWAY_ID = "gateway"
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def _pem_key(key: ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+@dataclass(frozen=True)
+class ClientCreds:
+    """Paths a client needs for mutual TLS."""
+
+    device_id: str
+    ca: Path
+    cert: Path
+    key: Path
+
+
+class TestPKI:
+    """An Ed25519 CA that issues the broker's server certificate and client certificates on demand."""
+
+    __test__ = False  # not a test class, whatever its name
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._ca_key = ed25519.Ed25519PrivateKey.generate()
+        now = datetime.datetime.now(datetime.UTC)
+        self._now = now
+        self._ca = (
+            x509.CertificateBuilder()
+            .subject_name(_name("test-fleet-ca"))
+            .issuer_name(_name("test-fleet-ca"))
+            .public_key(self._ca_key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=2))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .sign(self._ca_key, None)
+        )
+        self.ca = self.dir / "ca.pem"
+        self.ca.write_bytes(self._ca.public_bytes(serialization.Encoding.PEM))
+        server_key = ec.generate_private_key(ec.SECP256R1())
+        san = x509.SubjectAlternativeName(
+            [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
+        )
+        self.server_cert = self.dir / "server.pem"
+        self.server_key = self.dir / "server.key"
+        self.server_cert.write_bytes(
+            self._issue("localhost", server_key.public_key(), san).public_bytes(serialization.Encoding.PEM)
+        )
+        self.server_key.write_bytes(_pem_key(server_key))
+
+    def _issue(
+        self,
+        cn: str,
+        public_key: ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey,
+        san: x509.SubjectAlternativeName | None = None,
+    ) -> x509.Certificate:
+        b = (
+            x509.CertificateBuilder()
+            .subject_name(_name(cn))
+            .issuer_name(self._ca.subject)
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(self._now - datetime.timedelta(minutes=5))
+            .not_valid_after(self._now + datetime.timedelta(days=2))
+        )
+        if san is not None:
+            b = b.add_extension(san, critical=False)
+        return b.sign(self._ca_key, None)
+
+    def client(self, device_id: str, key: ed25519.Ed25519PrivateKey | None = None) -> ClientCreds:
+        """Issue (or reuse) a client certificate with CN = ``device_id`` for ``key`` (a new key by default)."""
+        cert, key_path = self.dir / f"{device_id}.pem", self.dir / f"{device_id}.key"
+        if key is not None or not cert.exists():
+            key = key or ed25519.Ed25519PrivateKey.generate()
+            cert.write_bytes(self._issue(device_id, key.public_key()).public_bytes(serialization.Encoding.PEM))
+            key_path.write_bytes(_pem_key(key))
+            key_path.chmod(0o600)
+        return ClientCreds(device_id, self.ca, cert, key_path)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Broker:
+    """One mosquitto process with TLS, client certificates, ACLs and persistence, on a loopback port of its own."""
+
+    def __init__(self, directory: Path, pki: TestPKI, *, port: int | None = None) -> None:
+        exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        if not Path(exe).exists():
+            raise RuntimeError("mosquitto is not installed: `make test` installs it with apt-get")
+        self.exe = exe
+        self.dir = directory
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.pki = pki
+        self.host = "127.0.0.1"
+        self.port = port or free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        acl = self.dir / "acl"
+        acl.write_text(f"user {GATEWAY_ID}\ntopic readwrite devices/#\n\npattern readwrite devices/%u/#\n")
+        self.log = self.dir / "mosquitto.log"
+        self.conf = self.dir / "mosquitto.conf"
+        run_as = (
+            "user root\n" if os.geteuid() == 0 else ""
+        )  # as root mosquitto would switch to a user that cannot read tmp
+        self.conf.write_text(
+            f"""{run_as}per_listener_settings false
+allow_anonymous false
+persistence true
+persistence_location {self.dir}/
+autosave_interval 1
+max_inflight_messages 0
+max_queued_messages 0
+log_dest file {self.log}
+log_type error
+log_type warning
+log_type notice
+listener {self.port} 127.0.0.1
+cafile {pki.ca}
+certfile {pki.server_cert}
+keyfile {pki.server_key}
+require_certificate true
+use_identity_as_username true
+acl_file {acl}
+"""
+        )
+
+    def start(self, timeout: float = 10.0) -> None:
+        """Start mosquitto and wait until it accepts TCP connections."""
+        assert self.proc is None or self.proc.poll() is not None, "already running"
+        self.proc = subprocess.Popen(
+            [self.exe, "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"mosquitto exited with {self.proc.returncode}: {self.log.read_text(errors='replace')}"
+                )
+            try:
+                with socket.create_connection((self.host, self.port), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"mosquitto did not listen on {self.port} within {timeout} s")
+
+    def stop(self, *, kill: bool = False) -> None:
+        """Stop mosquitto: SIGTERM (it saves its persistence) or SIGKILL (a crash)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def restart(self, *, kill: bool = False, down_for: float = 0.0) -> None:
+        """Stop, stay down for ``down_for`` seconds, start again on the same port."""
+        self.stop(kill=kill)
+        time.sleep(down_for)
+        self.start()
+
+    @property
+    def running(self) -> bool:
+        """True while the process lives."""
+        return self.proc is not None and self.proc.poll() is None

@@ -1,0 +1,52 @@
+"""Print the worked example of docs/telemetry.md: a deterministic envelope (Ed25519 signatures are deterministic).
+
+Run from the repository root: ``PYTHONPATH=. python tools/telemetry_example.py``.
+tests/test_envelope.py checks that the document shows this output.
+"""
+
+from __future__ import annotations
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from edge.records import InferenceRecord, ReadingRecord
+from edge.telemetry import GENESIS_PREV, envelope_hash, seal_envelope
+
+# RFC 8032 section 7.1 TEST 1 secret key: public, never a device key.
+EXAMPLE_SEED = bytes.fromhex("9d61b19deffd5a60ba844af492ec2cc44449c5697b326919703bac031cae7f60")
+
+
+def example_envelope() -> bytes:
+    """The example envelope: device ``box-1``, counter 1, one inference and one reading."""
+    key = Ed25519PrivateKey.from_private_bytes(EXAMPLE_SEED)
+    records = [
+        InferenceRecord(
+            seq=7,
+            timestamp=1700000000.5,
+            model_id="digits@1",
+            model_sha256="11" * 32,
+            input_sha256="22" * 32,
+            pixel_format="GRAY8",
+            top_k=((3, 0.75), (8, 0.125)),
+            score=None,
+            label=3,
+            preprocess_us=120,
+            inference_us=340,
+            latency_us=900,
+            backend="neon",
+        ),
+        ReadingRecord(channel=2, value=21.5, timestamp=1700000001.0),
+    ]
+    return seal_envelope("box-1", 1, GENESIS_PREV, records, 1700000002.0, key)
+
+
+def main() -> None:
+    """Print the envelope hex (64 digits a line) and its hash."""
+    data = example_envelope()
+    h = data.hex()
+    for i in range(0, len(h), 64):
+        print(h[i : i + 64])
+    print(f"sha256: {envelope_hash(data).hex()}")
+
+
+if __name__ == "__main__":
+    main()
