@@ -106,7 +106,7 @@ def test_malformed_frames_are_rejected_counted_and_the_rest_still_run(model, yuy
     sink = ListSink()
     stats = Pipeline(ScriptedSource(items), model, sink).run()
     assert stats.rejected_total == 4
-    assert set(stats.rejected) <= {"ValueError", "TypeError"}
+    assert set(stats.rejected) <= {"FrameError", "ValueError", "TypeError"}
     assert [r.seq for r in inference_records(sink)] == [0, 2, 4, 6, 8, 9]
 
 
