@@ -31,14 +31,16 @@ __all__ = [
     "PreprocessConfig",
     "SinkConfig",
     "SourceConfig",
+    "TelemetryConfig",
     "load_config",
+    "data_path",
     "parse_config",
 ]
 
 DEFAULT_CONFIG_PATH = Path("/etc/edge/edge.toml")
 
 SOURCE_KINDS = ("synthetic", "npz", "directory", "serial")
-SINK_KINDS = ("jsonl",)
+SINK_KINDS = ("jsonl", "telemetry")
 ON_FULL = ("block", "drop_oldest")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("json", "text")
@@ -97,10 +99,33 @@ class PipelineConfig:
 
 @dataclass(frozen=True, slots=True)
 class SinkConfig:
-    """Where records go until the telemetry outbox takes over."""
+    """Where records go: JSON lines (a file or stdout), or signed telemetry to the fleet (``[telemetry]``)."""
 
     kind: str = "jsonl"
-    path: str = "-"  # "-" is standard output
+    path: str = "-"  # jsonl: "-" is standard output
+
+
+@dataclass(frozen=True, slots=True)
+class TelemetryConfig:
+    """Signed telemetry to the fleet broker (used when ``sink.kind = "telemetry"``).
+
+    Relative paths are inside ``device.data_dir``.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8883
+    ca: Path = Path("keys/fleet-ca.pem")
+    cert: Path = Path("keys/device.pem")
+    key: Path = Path("keys/device.key")
+    outbox: Path = Path("outbox.sqlite")
+    batch_records: int = 100
+    batch_age_s: float = 1.0
+    outbox_max_mb: float = 64.0
+    outbox_max_envelopes: int = 100_000
+    window: int = 0  # in-flight envelopes; 0 = the transport's measured default
+    keepalive_s: int = 30
+    session_expiry_s: int = 3600
+    drain_timeout_s: float = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +146,7 @@ class Config:
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     sink: SinkConfig = field(default_factory=SinkConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
 
@@ -189,6 +215,12 @@ def _choice(options: tuple[str, ...]) -> Callable[[str, Any], str]:
         return str(v)
 
     return convert
+
+
+def _port(key: str, v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 65535:
+        raise ConfigError(key, v, "a TCP port number 1..65535")
+    return v
 
 
 def _path(key: str, v: Any) -> Path:
@@ -294,6 +326,25 @@ def parse_config(data: Mapping[str, Any]) -> Config:
     s = tables["sink"]
     sink = SinkConfig(kind=s.get("kind", dk.kind, _choice(SINK_KINDS)), path=s.get("path", "-", _str))
 
+    s = tables["telemetry"]
+    dt = TelemetryConfig()
+    telemetry = TelemetryConfig(
+        host=s.get("host", dt.host, _str),
+        port=s.get("port", dt.port, _port),
+        ca=s.get("ca", dt.ca, _path),
+        cert=s.get("cert", dt.cert, _path),
+        key=s.get("key", dt.key, _path),
+        outbox=s.get("outbox", dt.outbox, _path),
+        batch_records=s.get("batch_records", dt.batch_records, _int_at_least(1)),
+        batch_age_s=s.get("batch_age_s", dt.batch_age_s, _float_at_least(0.001)),
+        outbox_max_mb=s.get("outbox_max_mb", dt.outbox_max_mb, _float_at_least(0.01)),
+        outbox_max_envelopes=s.get("outbox_max_envelopes", dt.outbox_max_envelopes, _int_at_least(2)),
+        window=s.get("window", dt.window, _int_at_least(0)),
+        keepalive_s=s.get("keepalive_s", dt.keepalive_s, _int_at_least(5)),
+        session_expiry_s=s.get("session_expiry_s", dt.session_expiry_s, _int_at_least(0)),
+        drain_timeout_s=s.get("drain_timeout_s", dt.drain_timeout_s, _float_at_least(0.0)),
+    )
+
     s = tables["log"]
     log = LogConfig(
         level=s.get("level", dl.level, _choice(LOG_LEVELS)),
@@ -301,7 +352,16 @@ def parse_config(data: Mapping[str, Any]) -> Config:
     )
     for section in tables.values():
         section.finish()
-    return Config(device=device, model=model, source=source, preprocess=preprocess, pipeline=pipeline, sink=sink, log=log)
+    return Config(
+        device=device,
+        model=model,
+        source=source,
+        preprocess=preprocess,
+        pipeline=pipeline,
+        sink=sink,
+        telemetry=telemetry,
+        log=log,
+    )
 
 
 def load_config(path: str | os.PathLike[str] = DEFAULT_CONFIG_PATH) -> Config:
@@ -333,3 +393,8 @@ def load_config(path: str | os.PathLike[str] = DEFAULT_CONFIG_PATH) -> Config:
         model=replace(cfg.model, path=rebase(cfg.model.path)),
         source=replace(cfg.source, path=rebase(cfg.source.path)),
     )
+
+
+def data_path(cfg: Config, p: Path) -> Path:
+    """A state path from the configuration: relative ones live in ``device.data_dir``."""
+    return p if p.is_absolute() else cfg.device.data_dir / p

@@ -241,6 +241,8 @@ class Pipeline:
                 done += 1
                 if done == self._max_frames:
                     self.stop()
+                    # Frames already read stay unprocessed; the reader may be blocked on a full queue: unblock it.
+                    self._drain(self._in)
                     break
         finally:
             put(_END)

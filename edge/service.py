@@ -11,15 +11,19 @@ from dataclasses import asdict
 from importlib import resources
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edge import __version__
 from edge.config import Config
 from edge.inference.model import Model
+from edge.inference.preprocess import backend
 from edge.log import configure, event
 from edge.pipeline import Pipeline, PipelineStats
 from edge.sensing.sources import open_source
-from edge.sinks import JsonLinesSink
+from edge.sinks import JsonLinesSink, Sink
+
+if TYPE_CHECKING:
+    from edge.telemetry.device import DeviceTelemetry
 
 __all__ = ["FACTORY_MODEL", "run_service", "summary"]
 
@@ -65,7 +69,15 @@ def run_service(cfg: Config, *, max_frames: int = 0) -> PipelineStats:
     model_path = cfg.model.path or factory_model_path()
     model = Model(model_path, threads=cfg.model.threads, spinning=cfg.model.spinning, warmup=cfg.model.warmup)
     source = open_source(cfg.source)
-    sink = JsonLinesSink(cfg.sink.path)
+    telemetry: DeviceTelemetry | None = None
+    sink: Sink
+    if cfg.sink.kind == "telemetry":
+        from edge.telemetry.device import DeviceTelemetry  # noqa: PLC0415 (paho, cryptography: only when used)
+
+        telemetry = DeviceTelemetry(cfg, model_id=model.model_id, model_sha256=model.sha256, backend=backend())
+        sink = telemetry.sink
+    else:
+        sink = JsonLinesSink(cfg.sink.path)
     overrides = {k: v for k, v in asdict(cfg.preprocess).items() if v is not None}
     pipeline = Pipeline(
         source,
@@ -99,7 +111,10 @@ def run_service(cfg: Config, *, max_frames: int = 0) -> PipelineStats:
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     t0 = time.monotonic()
+    closing: dict[str, Any] = {}
     try:
+        if telemetry is not None:
+            telemetry.start()
         pipeline.start()
         # Short joins keep the main thread responsive to signals.
         while not pipeline.join(timeout=0.5):
@@ -107,6 +122,9 @@ def run_service(cfg: Config, *, max_frames: int = 0) -> PipelineStats:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-        sink.close()
-    event(log, logging.INFO, "service stopped", **summary(pipeline.stats, time.monotonic() - t0))
+        if telemetry is not None:
+            closing = telemetry.close()
+        else:
+            sink.close()
+    event(log, logging.INFO, "service stopped", **summary(pipeline.stats, time.monotonic() - t0), **closing)
     return pipeline.stats

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from mqtt_broker import Broker, TestPKI
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "edge" / "models"
@@ -57,16 +58,12 @@ def edge_cli() -> Callable[..., subprocess.CompletedProcess[str]]:
 @pytest.fixture(scope="session")
 def pki(tmp_path_factory: pytest.TempPathFactory):
     """The test fleet's PKI (an Ed25519 CA; client certificates issued on demand)."""
-    from mqtt_broker import TestPKI
-
     return TestPKI(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture
 def broker(tmp_path: Path, pki):
     """A real mosquitto on a free loopback port with TLS, client certificates and per-device ACLs."""
-    from mqtt_broker import Broker
-
     b = Broker(tmp_path / "broker", pki)
     b.start()
     yield b

@@ -45,7 +45,14 @@ std = 255
 queue_size = 2
 on_full = "drop_oldest"
 [sink]
-path = "out.jsonl"
+kind = "telemetry"
+[telemetry]
+host = "broker.fleet"
+port = 18883
+batch_records = 50
+batch_age_s = 0.25
+outbox_max_mb = 8
+window = 64
 [log]
 level = "debug"
 format = "text"
@@ -61,6 +68,16 @@ format = "text"
     assert cfg.preprocess.mean == (1.0, 2.0, 3.0) and cfg.preprocess.std == (255.0,)
     assert cfg.pipeline.on_full == "drop_oldest" and cfg.pipeline.queue_size == 2
     assert cfg.log.level == "debug" and cfg.log.format == "text"
+    assert cfg.sink.kind == "telemetry"
+    t = cfg.telemetry
+    assert (t.host, t.port, t.batch_records, t.batch_age_s, t.outbox_max_mb, t.window) == (
+        "broker.fleet",
+        18883,
+        50,
+        0.25,
+        8.0,
+        64,
+    )
 
 
 @pytest.mark.parametrize(
@@ -85,6 +102,10 @@ format = "text"
         ({"pipeline": {"on_full": "drop"}}, "pipeline.on_full", "one of"),
         ({"log": {"level": "loud"}}, "log.level", "one of"),
         ({"model": 3}, "model", "a table"),
+        ({"telemetry": {"port": 70000}}, "telemetry.port", "TCP port"),
+        ({"telemetry": {"batch_records": 0}}, "telemetry.batch_records", ">= 1"),
+        ({"telemetry": {"hots": "x"}}, "telemetry.hots", "no such key"),
+        ({"sink": {"kind": "mqtt"}}, "sink.kind", "one of"),
     ],
 )
 def test_invalid_value_names_key_value_and_expectation(doc, key, expected) -> None:

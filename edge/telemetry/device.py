@@ -1,0 +1,147 @@
+"""The box's telemetry, assembled: device key, outbox, MQTT transport, publisher and the pipeline's sink.
+
+Topics (``<id>`` is the device id, also the CN of its certificate, so the broker's ACL confines it there):
+
+- ``devices/<id>/telemetry``: signed envelopes, QoS 1, in counter order.
+- ``devices/<id>/status``: retained JSON. A birth message on every (re)connect (state "online", model, versions,
+  did:key, outbox backlog), the Last Will (state "offline", reason "lost") if the connection dies, and state
+  "offline", reason "shutdown" on a clean stop. Sparkplug-style: the gateway derives online/offline from it.
+- ``devices/<id>/commands``: subscribed at QoS 1. Commands must be signed by the fleet; until the gateway issue
+  defines that format, every command is rejected, counted and logged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import time
+from typing import Any
+
+from edge import __version__
+from edge.config import Config, data_path
+from edge.identity.did import did_key_from_public
+from edge.identity.keys import load_private_key
+from edge.log import event
+from edge.telemetry.outbox import Outbox
+from edge.telemetry.publisher import Publisher
+from edge.telemetry.schema import DEFAULT_LIMITS
+from edge.telemetry.sink import TelemetrySink
+from edge.telemetry.transport import MqttSettings, MqttTransport
+
+__all__ = ["DeviceTelemetry", "topics"]
+
+log = logging.getLogger("edge.telemetry")
+
+
+def topics(device_id: str) -> dict[str, str]:
+    """The device's three topics by role."""
+    base = f"devices/{device_id}"
+    return {"telemetry": f"{base}/telemetry", "status": f"{base}/status", "commands": f"{base}/commands"}
+
+
+def _versions() -> dict[str, str]:
+    import numpy  # noqa: PLC0415 (already loaded by the pipeline; imported here for its version only)
+    import onnxruntime  # noqa: PLC0415
+
+    return {
+        "edge": __version__,
+        "onnxruntime": str(onnxruntime.__version__),
+        "numpy": str(numpy.__version__),
+        "python": platform.python_version(),
+    }
+
+
+class DeviceTelemetry:
+    """Owns the telemetry parts of a running service; ``sink`` is what the pipeline writes to.
+
+    Args:
+        cfg: the validated configuration (``[telemetry]`` and ``[device]``).
+        model_id, model_sha256, backend: facts for the birth message.
+
+    Raises:
+        ConfigError: the device key, certificate or CA cannot be loaded.
+        OutboxError: the outbox cannot be opened.
+    """
+
+    def __init__(self, cfg: Config, *, model_id: str, model_sha256: str, backend: str) -> None:
+        tc = cfg.telemetry
+        self.device_id = cfg.device.id
+        key = load_private_key(data_path(cfg, tc.key))
+        self.did = did_key_from_public(key.public_key())
+        self.topics = topics(self.device_id)
+        outbox_path = data_path(cfg, tc.outbox)
+        outbox_path.parent.mkdir(parents=True, exist_ok=True)
+        self.outbox = Outbox(
+            outbox_path,
+            device_id=self.device_id,
+            key=key,
+            limits=DEFAULT_LIMITS,
+            max_bytes=int(tc.outbox_max_mb * 2**20),
+            max_envelopes=tc.outbox_max_envelopes,
+        )
+        self.commands_rejected = 0
+        self._facts = {"model": model_id, "model_sha256": model_sha256, "backend": backend, "versions": _versions()}
+        settings = MqttSettings(
+            host=tc.host,
+            port=tc.port,
+            ca=data_path(cfg, tc.ca),
+            cert=data_path(cfg, tc.cert),
+            key=data_path(cfg, tc.key),
+            client_id=self.device_id,
+            keepalive=tc.keepalive_s,
+            session_expiry=tc.session_expiry_s,
+        )
+        will = (self.topics["status"], self._status("offline", reason="lost"), True)
+        self.transport = MqttTransport(
+            settings,
+            will=will,
+            birth=lambda: (self.topics["status"], self._status("online")),
+            on_message=self._on_command,
+            subscriptions=[self.topics["commands"]],
+        )
+        window = {"window": tc.window} if tc.window else {}
+        self.publisher = Publisher(self.outbox, self.transport, self.topics["telemetry"], **window)
+        self.sink = TelemetrySink(
+            self.outbox, wake=self.publisher.wake, batch_records=tc.batch_records, batch_age_s=tc.batch_age_s
+        )
+        self._drain_timeout = tc.drain_timeout_s
+
+    def _status(self, state: str, **extra: Any) -> bytes:
+        body: dict[str, Any] = {"state": state, "device": self.device_id, "did": self.did, "ts": time.time()}
+        if state == "online":
+            body.update(self._facts)
+            body["outbox_backlog"] = self.outbox.stats().backlog_envelopes
+        body.update(extra)
+        return json.dumps(body, separators=(",", ":")).encode()
+
+    def _on_command(self, topic: str, payload: bytes) -> None:
+        # Commands are accepted only when signed by the fleet key (the gateway issue); nothing else is obeyed.
+        self.commands_rejected += 1
+        event(log, logging.WARNING, "command rejected", topic=topic, bytes=len(payload), reason="unsigned")
+
+    def start(self) -> None:
+        """Connect (in the background) and start publishing the outbox."""
+        self.transport.start()
+        self.publisher.start()
+
+    def close(self) -> dict[str, Any]:
+        """Seal what is waiting, publish what the drain timeout allows, say goodbye, close. Returns final stats."""
+        self.sink.close()
+        self.publisher.stop(drain_timeout=self._drain_timeout)
+        if self.transport.connected:
+            self.transport.publish(self.topics["status"], self._status("offline", reason="shutdown"), retain=True).wait(
+                2
+            )
+        self.transport.stop()
+        stats = self.outbox.stats()
+        self.outbox.close()
+        p = self.publisher.stats()
+        return {
+            "envelopes_sealed": self.sink.stats.envelopes,
+            "records_rejected": self.sink.stats.rejected_records,
+            "published": p.published,
+            "acked": p.acked,
+            "outbox_backlog": stats.backlog_envelopes,
+            "outbox_dropped": stats.dropped_envelopes,
+        }

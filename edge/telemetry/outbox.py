@@ -1,0 +1,852 @@
+"""The durable outbox: every signed envelope from the moment it is sealed until the broker acknowledged it.
+
+One SQLite database (stdlib ``sqlite3``) on the data partition. It also owns the device's chain head (the next
+counter and the hash of the last envelope), so sealing an envelope and advancing the head are one transaction.
+
+Invariants:
+- A counter is issued at most once, even across kill -9 and power loss: the counter, the chain head and the envelope
+  are committed together (``BEGIN IMMEDIATE`` ... ``COMMIT``) with ``synchronous=FULL``. In WAL mode,
+  ``synchronous=NORMAL`` does not fsync the WAL at commit, so a power cut can roll back the last commits after their
+  envelopes were published; the device would then issue those counters again with different bytes, which the
+  gateway sees as a fork. The head is read inside every write transaction, never cached, so even two processes on
+  one file cannot issue the same counter; the primary key on ``counter`` refuses a head that fell behind.
+- The chain: envelope ``n`` has ``prev = envelope_hash(envelope n-1)``; the head's hash is that of the last envelope
+  sealed, whether it is still here, acknowledged or dropped.
+- Bounded: the backlog never exceeds ``max_envelopes`` envelopes or ``max_bytes`` envelope bytes. To seal past a
+  bound (or on a full disk) the oldest envelopes are deleted in the same transaction, and the envelope being sealed
+  starts with a loss notice naming them; if a dropped envelope carried a loss notice itself, its counts and range
+  are carried into the new one, so every gap the gateway sees stays explained by an envelope that is delivered or
+  still here. Loss is never silent: it is announced, counted (``dropped_*``) and logged.
+- A row whose bytes no longer verify under our own key (bit rot) is never published: ``pending`` deletes it, counts
+  it (``corrupt_rows``), logs it and announces it as loss in the next envelope sealed.
+- Nothing is half-written: every failure rolls its transaction back; a full disk that dropping cannot fix raises
+  ``OutboxFullError`` with the outbox unchanged, and the caller keeps its records.
+- State lives only in this database, changed only by transactions (no side files).
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+import cbor2
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from edge.errors import EdgeError, InputError
+from edge.identity.keys import validate_device_id
+from edge.log import event
+from edge.telemetry._cbor import DECODE_ERRORS
+from edge.telemetry.envelope import GENESIS_PREV, envelope_hash, parse_envelope, seal_envelope
+from edge.telemetry.schema import (
+    TYPE_LOSS,
+    LossNotice,
+    TelemetryLimits,
+    TelemetryRecord,
+    encode_record,
+    record_from_item,
+)
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "EnvelopeTooLargeError",
+    "ForeignOutboxError",
+    "Outbox",
+    "OutboxError",
+    "OutboxFormatError",
+    "OutboxFullError",
+    "OutboxStats",
+    "Sealed",
+]
+
+log = logging.getLogger("edge.telemetry.outbox")
+
+SCHEMA_VERSION: Final = 1  # PRAGMA user_version of an outbox of this schema
+_APPLICATION_ID: Final = 0x65646F62  # "edob": marks the file as an edge outbox (PRAGMA application_id)
+
+# The largest canonical loss notice (map head, 6 keys, a float64 and four 9-byte uints: 53 bytes) plus the growth of
+# the record array head and of the payload's byte-string head when it is prepended (2 + 2 bytes), rounded up: an
+# envelope is accepted only if it fits with this much room, so a notice can always be added after dropping.
+_NOTICE_SLACK: Final = 64
+_DROP_CHUNK: Final = 64  # rows read per step while choosing the oldest envelopes to drop
+_BUSY_TIMEOUT_S: Final = 5.0
+# A checkpoint truncates the WAL back to this size, so the file a burst left behind does not hold disk space.
+_WAL_SIZE_LIMIT: Final = 4 * 1024 * 1024
+
+_SCHEMA: Final = (
+    """CREATE TABLE envelopes (
+        counter INTEGER PRIMARY KEY,
+        data BLOB NOT NULL,
+        records INTEGER NOT NULL,
+        bytes INTEGER NOT NULL,
+        created REAL NOT NULL
+    )""",
+    # One row (id 0). backlog_* mirror the envelopes table so bounds are checked without scanning it (its blobs sit
+    # before the small columns, so any aggregate would read every overflow page). unannounced_* is loss (corrupt
+    # rows) that the next sealed envelope must report.
+    """CREATE TABLE head (
+        id INTEGER PRIMARY KEY CHECK (id = 0),
+        device_id TEXT NOT NULL,
+        public_key BLOB NOT NULL,
+        next_counter INTEGER NOT NULL,
+        last_hash BLOB NOT NULL,
+        backlog_envelopes INTEGER NOT NULL,
+        backlog_bytes INTEGER NOT NULL,
+        backlog_records INTEGER NOT NULL,
+        dropped_envelopes INTEGER NOT NULL,
+        dropped_records INTEGER NOT NULL,
+        corrupt_rows INTEGER NOT NULL,
+        unannounced_envelopes INTEGER NOT NULL,
+        unannounced_records INTEGER NOT NULL,
+        unannounced_first INTEGER NOT NULL,
+        unannounced_last INTEGER NOT NULL
+    )""",
+)
+_ENVELOPE_COLUMNS: Final = ("counter", "data", "records", "bytes", "created")
+_HEAD_COLUMNS: Final = (
+    "id",
+    "device_id",
+    "public_key",
+    "next_counter",
+    "last_hash",
+    "backlog_envelopes",
+    "backlog_bytes",
+    "backlog_records",
+    "dropped_envelopes",
+    "dropped_records",
+    "corrupt_rows",
+    "unannounced_envelopes",
+    "unannounced_records",
+    "unannounced_first",
+    "unannounced_last",
+)
+_HEAD_STATE: Final = _HEAD_COLUMNS[3:]  # what a transaction may change
+
+
+class OutboxError(EdgeError):
+    """The outbox cannot do what was asked (cannot be opened, closed, or an SQLite failure); the message names it."""
+
+
+class OutboxFormatError(OutboxError):
+    """The file is not an outbox of this schema (another database, another version, or an inconsistent head)."""
+
+
+class ForeignOutboxError(OutboxFormatError):
+    """The outbox belongs to another device id or another key: its chain is not ours to continue."""
+
+
+class OutboxFullError(OutboxError):
+    """The disk is full even after dropping the oldest envelopes; nothing was written, retry later."""
+
+
+class EnvelopeTooLargeError(OutboxError, ValueError):
+    """One batch can never be sealed: too many records, or larger than the outbox or the wire allows on its own."""
+
+
+@dataclass(frozen=True, slots=True)
+class Sealed:
+    """An envelope committed to the outbox.
+
+    Attributes:
+        counter: its counter.
+        hash: ``envelope_hash`` of its bytes (the next envelope's ``prev``).
+        nbytes: its size in bytes.
+        records: how many of the caller's records it holds (a prepended loss notice is not counted).
+        loss: the loss notice it starts with, or None.
+    """
+
+    counter: int
+    hash: bytes
+    nbytes: int
+    records: int
+    loss: LossNotice | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxStats:
+    """Counters of the outbox, read in one transaction (they add up).
+
+    Attributes:
+        backlog_envelopes: envelopes waiting for an acknowledgement.
+        backlog_bytes: their total size.
+        backlog_records: the caller's records they hold.
+        next_counter: the counter the next envelope will get.
+        dropped_envelopes: envelopes deleted unsent by policy (bounds or full disk), ever.
+        dropped_records: the caller's records they held.
+        corrupt_rows: rows deleted because their bytes no longer verified, ever.
+    """
+
+    backlog_envelopes: int
+    backlog_bytes: int
+    backlog_records: int
+    next_counter: int
+    dropped_envelopes: int
+    dropped_records: int
+    corrupt_rows: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Loss:
+    """Envelopes gone unsent that the next envelope must announce (disjoint sets of counters merge)."""
+
+    envelopes: int
+    records: int
+    first: int
+    last: int
+
+    def merge(self, other: _Loss | None) -> _Loss:
+        if other is None:
+            return self
+        return _Loss(
+            self.envelopes + other.envelopes,
+            self.records + other.records,
+            min(self.first, other.first),
+            max(self.last, other.last),
+        )
+
+    def notice(self, now: float) -> LossNotice:
+        return LossNotice(now, self.envelopes, self.records, self.first, self.last)
+
+
+def _merge(a: _Loss | None, b: _Loss | None) -> _Loss | None:
+    return b if a is None else a.merge(b)
+
+
+@dataclass
+class _Head:
+    """The head row as one transaction sees and changes it."""
+
+    next_counter: int
+    last_hash: bytes
+    backlog_envelopes: int
+    backlog_bytes: int
+    backlog_records: int
+    dropped_envelopes: int
+    dropped_records: int
+    corrupt_rows: int
+    unannounced_envelopes: int
+    unannounced_records: int
+    unannounced_first: int
+    unannounced_last: int
+
+    def unannounced(self) -> _Loss | None:
+        if self.unannounced_envelopes == 0:
+            return None
+        return _Loss(
+            self.unannounced_envelopes, self.unannounced_records, self.unannounced_first, self.unannounced_last
+        )
+
+    def set_unannounced(self, loss: _Loss | None) -> None:
+        loss = loss or _Loss(0, 0, 0, 0)
+        self.unannounced_envelopes, self.unannounced_records = loss.envelopes, loss.records
+        self.unannounced_first, self.unannounced_last = loss.first, loss.last
+
+
+@dataclass
+class _Txn:
+    """One sealing transaction: the head it changes, its clock reading, what it sealed and dropped so far."""
+
+    head: _Head
+    now: float
+    attempted_bytes: int = 0
+    attempted: int = 0
+    dropped: list[_Loss] = field(default_factory=list)
+
+
+class _DiskFullError(Exception):
+    """SQLITE_FULL inside a write transaction (already rolled back); ``attempted`` is the bytes sealed until then."""
+
+    def __init__(self, attempted: int, batches: int) -> None:
+        super().__init__(f"database or disk is full after sealing {batches} envelopes ({attempted} bytes)")
+        self.attempted = attempted
+        self.batches = batches
+
+
+def _is_full(e: sqlite3.Error) -> bool:
+    # The error code is the contract; the message is SQLite's fixed text for it, kept for errors raised without one.
+    return getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "database or disk is full" in str(e)
+
+
+class Outbox:
+    """The durable, bounded store of sealed envelopes and owner of the chain head; thread-safe.
+
+    One connection, guarded by a lock: the sealer thread (``seal``/``seal_many``) and the publisher thread
+    (``pending``/``ack``) share it. Signatures of rows are verified outside the lock.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        device_id: str,
+        key: Ed25519PrivateKey,
+        limits: TelemetryLimits,
+        max_bytes: int = 64 * 1024 * 1024,
+        max_envelopes: int = 100_000,
+        clock: Callable[[], float] = time.time,
+        verify_rows: bool = True,
+        max_pages: int | None = None,
+    ) -> None:
+        """Open the outbox at ``path``, creating it on first use.
+
+        Args:
+            path: the database file on the data partition (its directory must exist).
+            device_id: this device's id; an existing outbox must belong to it.
+            key: the device's private key (it signs envelopes; its public half checks rows before publication).
+            limits: the limits the gateway applies; no envelope is sealed that it would refuse.
+            max_bytes: the most envelope bytes the backlog may hold (the file is larger by SQLite's page overhead,
+                ~10 %, plus a WAL of up to a few MiB).
+            max_envelopes: the most envelopes the backlog may hold.
+            clock: epoch seconds for ``created`` and loss notices (injectable for tests).
+            verify_rows: check each row's signature in ``pending`` (bit rot); ~0.2 ms per envelope.
+            max_pages: cap the database at this many pages (``PRAGMA max_page_count``): simulates a full disk.
+
+        Raises:
+            ValueError: a bound is not positive.
+            InvalidDeviceIdError: ``device_id`` is not a valid device id.
+            OutboxFormatError: the file is not an outbox of this schema.
+            ForeignOutboxError: the outbox belongs to another device id or key.
+            OutboxError: the database cannot be opened (the message names the path).
+        """
+        if max_bytes < 1 or max_envelopes < 1:
+            raise ValueError(
+                f"outbox bounds must be positive, got max_bytes={max_bytes}, max_envelopes={max_envelopes}"
+            )
+        self.path = Path(path)
+        self.device_id = validate_device_id(device_id)
+        self.limits = limits
+        self.max_bytes = max_bytes
+        self.max_envelopes = max_envelopes
+        self.verify_rows = verify_rows
+        self._key = key
+        self._public = key.public_key()
+        self._public_raw = self._public.public_bytes(Encoding.Raw, PublicFormat.Raw)
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._payload_prefix = b"\xa6\x01\x01\x02" + cbor2.dumps(self.device_id) + b"\x03"
+        try:
+            # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE takes the write lock up front, so a
+            # transaction never fails half-way on a lock upgrade). timeout is SQLite's busy_timeout.
+            self._conn: sqlite3.Connection | None = sqlite3.connect(
+                self.path, timeout=_BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
+            )
+        except sqlite3.Error as e:
+            raise OutboxError(f"cannot open outbox {self.path}: {e}") from e
+        try:
+            self._configure(max_pages)
+            self._open_schema()
+        except sqlite3.DatabaseError as e:
+            self._conn.close()
+            if isinstance(e, sqlite3.OperationalError):
+                raise OutboxError(f"cannot open outbox {self.path}: {e}") from e
+            raise OutboxFormatError(f"{self.path} is not an outbox: {e}") from e
+        except BaseException:
+            self._conn.close()
+            raise
+
+    # ------------------------------------------------------------------------------------------------- opening
+
+    def _configure(self, max_pages: int | None) -> None:
+        conn = self._db()
+        mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise OutboxError(f"cannot open outbox {self.path}: journal_mode is {mode!r}, WAL is required")
+        # FULL, not NORMAL: in WAL mode NORMAL skips the fsync at commit, so a power cut could undo the last commits
+        # after their envelopes were published, and their counters would be issued again (a fork at the gateway).
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute(f"PRAGMA journal_size_limit={_WAL_SIZE_LIMIT}")
+        if max_pages is not None:
+            conn.execute(f"PRAGMA max_page_count={int(max_pages)}")
+
+    def _open_schema(self) -> None:
+        conn = self._db()
+        conn.execute("BEGIN IMMEDIATE")  # a concurrent first open must not create the schema twice
+        try:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            created = version == 0 and not tables
+            if created:
+                self._create()
+            else:
+                self._check_schema(version, tables)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        if created:
+            event(log, logging.INFO, "outbox created", path=str(self.path), device=self.device_id)
+
+    def _create(self) -> None:
+        conn = self._db()
+        for statement in _SCHEMA:
+            conn.execute(statement)
+        placeholders = ", ".join("?" * len(_HEAD_COLUMNS))
+        conn.execute(
+            f"INSERT INTO head ({', '.join(_HEAD_COLUMNS)}) VALUES ({placeholders})",  # noqa: S608 -- constants
+            (0, self.device_id, self._public_raw, 1, GENESIS_PREV, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0),
+        )
+        conn.execute(f"PRAGMA application_id={_APPLICATION_ID}")
+        conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    def _check_schema(self, version: int, tables: set[str]) -> None:
+        conn = self._db()
+        app = conn.execute("PRAGMA application_id").fetchone()[0]
+        if app != _APPLICATION_ID or version != SCHEMA_VERSION or not {"envelopes", "head"} <= tables:
+            raise OutboxFormatError(
+                f"{self.path} is not an outbox of schema {SCHEMA_VERSION}"
+                f" (application_id {app:#x}, user_version {version}, tables {sorted(tables)})"
+            )
+        for table, expected in (("envelopes", _ENVELOPE_COLUMNS), ("head", _HEAD_COLUMNS)):
+            columns = tuple(r[1] for r in conn.execute(f"PRAGMA table_info({table})"))
+            if columns != expected:
+                raise OutboxFormatError(f"{self.path}: table {table} has columns {columns}, expected {expected}")
+        row = conn.execute("SELECT device_id, public_key FROM head WHERE id = 0").fetchone()
+        if row is None:
+            raise OutboxFormatError(f"{self.path}: the head row is missing")
+        if row[0] != self.device_id:
+            raise ForeignOutboxError(f"{self.path} belongs to device {row[0]!r}, not {self.device_id!r}")
+        if row[1] != self._public_raw:
+            # Continuing another key's chain would also turn its whole backlog into "corrupt" rows.
+            raise ForeignOutboxError(f"{self.path} was sealed with another key of device {self.device_id!r}")
+        head = self._read_head()
+        top = conn.execute("SELECT MAX(counter) FROM envelopes").fetchone()[0]
+        if top is not None and top >= head.next_counter:
+            raise OutboxFormatError(f"{self.path}: envelope {top} is at or past the head's next counter")
+        count = conn.execute("SELECT COUNT(*) FROM envelopes").fetchone()[0]
+        if count != head.backlog_envelopes:
+            # Only an edit from outside can cause this; the scan reads every row once, at start-up only.
+            n, nbytes, records = conn.execute(
+                "SELECT COUNT(*), COALESCE(SUM(bytes), 0), COALESCE(SUM(records), 0) FROM envelopes"
+            ).fetchone()
+            event(log, logging.WARNING, "outbox backlog totals repaired", path=str(self.path), rows=n, head=count)
+            head.backlog_envelopes, head.backlog_bytes, head.backlog_records = n, nbytes, records
+            self._write_head(head)
+
+    # ------------------------------------------------------------------------------------------------- helpers
+
+    def _db(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise OutboxError(f"outbox {self.path} is closed")
+        return self._conn
+
+    def _read_head(self) -> _Head:
+        row = self._db().execute(f"SELECT {', '.join(_HEAD_STATE)} FROM head WHERE id = 0").fetchone()  # noqa: S608
+        if row is None:
+            raise OutboxFormatError(f"{self.path}: the head row is missing")
+        return _Head(*row)
+
+    def _write_head(self, head: _Head) -> None:
+        assignments = ", ".join(f"{c} = ?" for c in _HEAD_STATE)
+        values = [getattr(head, c) for c in _HEAD_STATE]
+        self._db().execute(f"UPDATE head SET {assignments} WHERE id = 0", values)  # noqa: S608 -- constants
+
+    def _rollback(self) -> None:
+        conn = self._db()
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+
+    def _sqlite_error(self, what: str, e: sqlite3.Error) -> OutboxError:
+        if _is_full(e):
+            return OutboxFullError(f"outbox {self.path}: {what}: {e}")
+        return OutboxError(f"outbox {self.path}: {what}: {e}")
+
+    # ------------------------------------------------------------------------------------------------- sealing
+
+    def seal(self, records: Sequence[TelemetryRecord]) -> Sealed:
+        """Seal one envelope and commit it with the advanced chain head (one fsync).
+
+        Args:
+            records: the batch, at most ``limits.max_records - 1`` records (one slot is kept for a loss notice).
+
+        Returns:
+            What was committed.
+
+        Raises:
+            EnvelopeTooLargeError: the batch can never fit (see ``seal_many``); nothing written.
+            OutboxFullError: the disk is full even after dropping the oldest envelopes; nothing written.
+            MalformedRecordError: a record violates the schema or ``limits``; nothing written.
+            MalformedEnvelopeError: the envelope exceeds ``limits.max_envelope_bytes`` or the clock is out of range.
+            OutboxError: the outbox is closed or SQLite failed; nothing written.
+        """
+        return self.seal_many([records])[0]
+
+    def seal_many(self, batches: Sequence[Sequence[TelemetryRecord]]) -> list[Sealed]:
+        """Seal several envelopes, in order, in one transaction (group commit: one fsync for all).
+
+        Bounds are enforced per envelope before it is inserted: the oldest envelopes are deleted until it fits, and
+        it starts with a loss notice naming them (merged with any loss not yet announced). On a full disk the oldest
+        envelopes are dropped the same way to make room and the transaction is retried once.
+
+        Args:
+            batches: the batches, each at most ``limits.max_records - 1`` records.
+
+        Returns:
+            One ``Sealed`` per batch, in order, all committed.
+
+        Raises:
+            EnvelopeTooLargeError: a batch has too many records, or its envelope plus a worst-case loss notice
+                exceeds ``max_bytes`` or ``limits.max_envelope_bytes``; nothing written.
+            OutboxFullError: the disk is full even after dropping; nothing written (keep the records, retry later).
+            MalformedRecordError: a record violates the schema or ``limits``; nothing written.
+            MalformedEnvelopeError: an envelope exceeds ``limits.max_envelope_bytes`` or the clock is out of range.
+            OutboxError: the outbox is closed or SQLite failed; nothing written.
+        """
+        for records in batches:
+            if len(records) >= self.limits.max_records:
+                raise EnvelopeTooLargeError(
+                    f"batch of {len(records)} records: at most {self.limits.max_records - 1}"
+                    " (one slot is kept for a loss notice)"
+                )
+        if not batches:
+            return []
+        with self._lock:
+            try:
+                try:
+                    return self._seal_transaction(batches, reserve=0)
+                except _DiskFullError as first:
+                    # Room for what failed to fit, twice over: SQLite needs pages for the b-tree besides the blobs.
+                    estimate = first.attempted * len(batches) // max(first.batches, 1)
+                    reserve = 2 * estimate + 4 * self._page_size()
+                self._checkpoint()
+                try:
+                    return self._seal_transaction(batches, reserve=reserve)
+                except _DiskFullError as e:
+                    raise OutboxFullError(
+                        f"outbox {self.path}: disk full even after dropping the oldest envelopes;"
+                        f" {len(batches)} batches not sealed"
+                    ) from e
+            except sqlite3.Error as e:
+                raise self._sqlite_error("seal", e) from e
+
+    def _seal_transaction(self, batches: Sequence[Sequence[TelemetryRecord]], reserve: int) -> list[Sealed]:
+        conn = self._db()
+        tx: _Txn | None = None
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            tx = _Txn(self._read_head(), self._clock())
+            loss = tx.head.unannounced()
+            if reserve > 0 and tx.head.backlog_envelopes > 0:
+                loss = _merge(loss, self._drop_oldest(tx, min_envelopes=1, min_bytes=reserve))
+            out = []
+            for records in batches:
+                out.append(self._seal_one(tx, records, loss))
+                loss = None  # announced by the envelope just sealed
+            tx.head.set_unannounced(None)
+            self._write_head(tx.head)
+            conn.execute("COMMIT")
+        except sqlite3.Error as e:
+            self._rollback()
+            if _is_full(e):
+                raise _DiskFullError(tx.attempted_bytes if tx else 0, max(tx.attempted if tx else 0, 1)) from e
+            raise
+        except BaseException:
+            self._rollback()
+            raise
+        for d in tx.dropped:
+            event(
+                log,
+                logging.WARNING,
+                "outbox dropped the oldest envelopes unsent",
+                envelopes=d.envelopes,
+                records=d.records,
+                first=d.first,
+                last=d.last,
+            )
+        return out
+
+    def _seal_one(self, tx: _Txn, records: Sequence[TelemetryRecord], loss: _Loss | None) -> Sealed:
+        # Sealed optimistically with what is known to be unannounced; re-sealed (signed again, rarely) only when a
+        # bound forces a drop, because the notice must be inside the signed envelope that follows the drop.
+        head, now = tx.head, tx.now
+        data = self._seal_bytes(tx, records, loss)
+        tx.attempted_bytes += len(data)
+        tx.attempted += 1
+        own = len(data) - (len(encode_record(loss.notice(now), self.limits)) if loss else 0)
+        cap = min(self.max_bytes, self.limits.max_envelope_bytes)
+        if own + _NOTICE_SLACK > cap:
+            raise EnvelopeTooLargeError(
+                f"envelope of {len(records)} records is {own} bytes; with room for a loss notice it must fit {cap}"
+            )
+        while head.backlog_envelopes + 1 > self.max_envelopes or head.backlog_bytes + len(data) > self.max_bytes:
+            if head.backlog_envelopes == 0:  # cannot happen after the size check above; never loop forever
+                raise EnvelopeTooLargeError(f"envelope of {len(data)} bytes does not fit an empty outbox")
+            freed = self._drop_oldest(
+                tx,
+                min_envelopes=head.backlog_envelopes + 1 - self.max_envelopes,
+                min_bytes=head.backlog_bytes + len(data) + _NOTICE_SLACK - self.max_bytes,
+            )
+            loss = _merge(loss, freed)
+            data = self._seal_bytes(tx, records, loss)
+        digest = envelope_hash(data)
+        try:
+            self._db().execute(
+                "INSERT INTO envelopes (counter, data, records, bytes, created) VALUES (?, ?, ?, ?, ?)",
+                (head.next_counter, data, len(records), len(data), now),
+            )
+        except sqlite3.IntegrityError as e:
+            raise OutboxFormatError(f"{self.path}: counter {head.next_counter} exists: the head is behind") from e
+        sealed = Sealed(head.next_counter, digest, len(data), len(records), loss.notice(now) if loss else None)
+        head.next_counter += 1
+        head.last_hash = digest
+        head.backlog_envelopes += 1
+        head.backlog_bytes += len(data)
+        head.backlog_records += len(records)
+        return sealed
+
+    def _seal_bytes(self, tx: _Txn, records: Sequence[TelemetryRecord], loss: _Loss | None) -> bytes:
+        batch: Sequence[TelemetryRecord] = records if loss is None else [loss.notice(tx.now), *records]
+        head = tx.head
+        return seal_envelope(
+            self.device_id, head.next_counter, head.last_hash, batch, tx.now, self._key, limits=self.limits
+        )
+
+    def _drop_oldest(self, tx: _Txn, *, min_envelopes: int, min_bytes: int) -> _Loss:
+        """Delete the oldest envelopes until at least ``min_envelopes`` and ``min_bytes`` are freed (or none is left).
+
+        Returns the loss to announce: the envelopes deleted, merged with the notices they carried.
+        """
+        conn, head = self._db(), tx.head
+        count = nbytes = nrecords = 0
+        first = last = 0
+        carried: _Loss | None = None
+        after = 0
+        while count < max(min_envelopes, 1) or nbytes < min_bytes:
+            rows = conn.execute(
+                "SELECT counter, data, records, bytes FROM envelopes WHERE counter > ? ORDER BY counter LIMIT ?",
+                (after, _DROP_CHUNK),
+            ).fetchall()
+            if not rows:
+                break
+            for counter, data, records, size in rows:
+                first = first or counter
+                last = after = counter
+                count += 1
+                nbytes += size
+                nrecords += records
+                carried = _merge(carried, self._carried_loss(data))
+                if count >= max(min_envelopes, 1) and nbytes >= min_bytes:
+                    break
+        if count == 0:  # the head counted a backlog the table does not hold: only an edit from outside does this
+            raise OutboxFormatError(f"{self.path}: head counts {head.backlog_envelopes} envelopes, the table none")
+        conn.execute("DELETE FROM envelopes WHERE counter BETWEEN ? AND ?", (first, last))
+        head.backlog_envelopes -= count
+        head.backlog_bytes -= nbytes
+        head.backlog_records -= nrecords
+        head.dropped_envelopes += count
+        head.dropped_records += nrecords
+        tx.dropped.append(_Loss(count, nrecords, first, last))
+        return tx.dropped[-1].merge(carried)
+
+    def _carried_loss(self, data: bytes) -> _Loss | None:
+        # A dropped envelope may itself announce earlier loss (its first record); that announcement must survive, or
+        # the gap it explained would become unexplained at the gateway. Our own canonical bytes: a notice, if any, is
+        # the first record. A row too damaged to read carries nothing we could forward.
+        try:
+            _, msg = parse_envelope(data, self.limits)
+            payload = cbor2.loads(msg.payload)
+            first = payload[6][0] if payload[6] else None
+            if not isinstance(first, dict) or first.get(0) != TYPE_LOSS:
+                return None
+            notice = record_from_item(first)
+        except (InputError, *DECODE_ERRORS) as e:
+            log.debug("dropped row unreadable, no loss notice carried: %s", e)
+            return None
+        assert isinstance(notice, LossNotice)
+        return _Loss(notice.envelopes_dropped, notice.records_dropped, notice.first_counter, notice.last_counter)
+
+    def _page_size(self) -> int:
+        return int(self._db().execute("PRAGMA page_size").fetchone()[0])
+
+    def _checkpoint(self) -> None:
+        # On a real full disk the WAL holds space; moving it into the database and truncating it frees some.
+        try:
+            self._db().execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as e:
+            event(log, logging.WARNING, "outbox checkpoint failed", path=str(self.path), error=str(e))
+
+    # ---------------------------------------------------------------------------------------------- publishing
+
+    def pending(self, after: int = 0, limit: int = 1000) -> list[tuple[int, bytes]]:
+        """Unacknowledged envelopes with a counter above ``after``, in counter order.
+
+        With ``verify_rows``, each row is checked first (our own signature, device and counter): a row that fails is
+        deleted, counted as ``corrupt_rows``, logged and announced as loss in the next envelope, never returned.
+
+        Args:
+            after: return counters greater than this (the last one the publisher has in flight).
+            limit: the most envelopes to return.
+
+        Returns:
+            (counter, envelope bytes) pairs.
+
+        Raises:
+            OutboxError: the outbox is closed or SQLite failed.
+        """
+        out: list[tuple[int, bytes]] = []
+        while len(out) < limit:
+            want = limit - len(out)
+            with self._lock:
+                try:
+                    rows: list[tuple[int, bytes]] = (
+                        self._db()
+                        .execute(
+                            "SELECT counter, data FROM envelopes WHERE counter > ? ORDER BY counter LIMIT ?",
+                            (after, want),
+                        )
+                        .fetchall()
+                    )
+                except sqlite3.Error as e:
+                    raise self._sqlite_error("read pending", e) from e
+            if not rows:
+                break
+            # Verified outside the lock: ~0.2 ms per row must not stall the sealer.
+            bad = [(c, d, why) for c, d in rows if (why := self._row_fault(c, d)) is not None]
+            bad_counters = {c for c, _, _ in bad}
+            out.extend((c, d) for c, d in rows if c not in bad_counters)
+            after = rows[-1][0]
+            if bad:
+                self._remove_corrupt(bad)
+            if len(rows) < want or not bad:
+                break
+        return out
+
+    def _row_fault(self, counter: int, data: bytes) -> str | None:
+        if not self.verify_rows:
+            return None
+        try:
+            device, msg = parse_envelope(data, self.limits)
+            msg.verify(self._public)
+        except InputError as e:
+            return f"{type(e).__name__}: {e}"
+        # The signature covers the payload; this checks the row holds the envelope for its own key, without decoding
+        # the records (a canonical payload starts {1: 1, 2: device, 3: counter, ...}).
+        if device != self.device_id or not msg.payload.startswith(self._payload_prefix + cbor2.dumps(counter)):
+            return "a valid envelope, but not the one for this counter"
+        return None
+
+    def _remove_corrupt(self, bad: list[tuple[int, bytes, str]]) -> None:
+        with self._lock:
+            conn = self._db()
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                head = self._read_head()
+                removed: list[tuple[int, int, str]] = []
+                for counter, data, why in bad:
+                    # data = ?: a row acked (deleted) or rewritten since it was read is left alone.
+                    row = conn.execute(
+                        "DELETE FROM envelopes WHERE counter = ? AND data = ? RETURNING records, bytes",
+                        (counter, data),
+                    ).fetchone()
+                    if row is None:
+                        continue
+                    records, size = max(int(row[0]), 0), int(row[1])
+                    head.backlog_envelopes -= 1
+                    head.backlog_bytes -= size
+                    head.backlog_records -= records
+                    head.corrupt_rows += 1
+                    head.set_unannounced(_merge(head.unannounced(), _Loss(1, records, counter, counter)))
+                    removed.append((counter, records, why))
+                self._write_head(head)
+                conn.execute("COMMIT")
+            except sqlite3.Error as e:
+                self._rollback()
+                if not _is_full(e):
+                    raise self._sqlite_error("remove corrupt rows", e) from e
+                # They are not returned either way; removal is retried on the next pending().
+                event(log, logging.ERROR, "outbox cannot remove corrupt rows: disk full", rows=len(bad))
+                return
+            except BaseException:
+                self._rollback()
+                raise
+        for counter, records, why in removed:
+            event(log, logging.ERROR, "outbox row corrupt: removed unsent", counter=counter, records=records, why=why)
+
+    def ack(self, counters: Iterable[int]) -> int:
+        """Delete acknowledged envelopes, all in one transaction.
+
+        Args:
+            counters: counters the broker acknowledged; unknown or already deleted ones are ignored.
+
+        Returns:
+            How many envelopes were deleted.
+
+        Raises:
+            OutboxFullError: the disk is too full even to record the deletion (retry later; nothing changed).
+            OutboxError: the outbox is closed or SQLite failed; nothing changed.
+        """
+        wanted = sorted(set(counters))
+        if not wanted:
+            return 0
+        with self._lock:
+            conn = self._db()
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                head = self._read_head()
+                deleted = 0
+                for counter in wanted:
+                    row = conn.execute(
+                        "DELETE FROM envelopes WHERE counter = ? RETURNING records, bytes", (counter,)
+                    ).fetchone()
+                    if row is not None:
+                        deleted += 1
+                        head.backlog_envelopes -= 1
+                        head.backlog_records -= row[0]
+                        head.backlog_bytes -= row[1]
+                if deleted:
+                    self._write_head(head)
+                conn.execute("COMMIT")
+            except sqlite3.Error as e:
+                self._rollback()
+                raise self._sqlite_error("ack", e) from e
+            except BaseException:
+                self._rollback()
+                raise
+        return deleted
+
+    # ------------------------------------------------------------------------------------------------ the rest
+
+    def stats(self) -> OutboxStats:
+        """The outbox's counters, consistent with each other.
+
+        Returns:
+            The counters.
+
+        Raises:
+            OutboxError: the outbox is closed or SQLite failed.
+        """
+        with self._lock:
+            try:
+                head = self._read_head()
+            except sqlite3.Error as e:
+                raise self._sqlite_error("stats", e) from e
+        return OutboxStats(
+            backlog_envelopes=head.backlog_envelopes,
+            backlog_bytes=head.backlog_bytes,
+            backlog_records=head.backlog_records,
+            next_counter=head.next_counter,
+            dropped_envelopes=head.dropped_envelopes,
+            dropped_records=head.dropped_records,
+            corrupt_rows=head.corrupt_rows,
+        )
+
+    def close(self) -> None:
+        """Close the database (idempotent); later calls raise ``OutboxError``."""
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    def __enter__(self) -> Outbox:
+        """The outbox itself."""
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Close it."""
+        self.close()

@@ -1,0 +1,408 @@
+"""The publisher: drains the durable outbox to the broker in counter order, at most ``window`` envelopes in flight.
+
+Invariants:
+- An envelope leaves the outbox only after the broker acknowledged it with a success reason code: ``ack`` is called
+  only with counters whose ``Delivery`` is ``ok``. Nothing else deletes, so a crash, a disconnect, a refusal or a
+  failed ``ack`` can cause a republication but never a loss (the gateway deduplicates by counter and hash).
+- Envelopes are published in counter order from the oldest unacknowledged one; after a disconnect (a delivery failed
+  with ``TransportError`` or the transport reports itself disconnected) everything that was in flight is forgotten
+  and publishing restarts from the oldest unacknowledged envelope once the transport is connected again.
+- A refusal (a PUBACK with a failure reason, e.g. "Not authorized" or "Quota exceeded") is counted and logged; the
+  envelope stays in the outbox and publishing restarts from the oldest unacknowledged envelope after
+  ``refusal_pause`` seconds. A permanently refused envelope is thus retried until the outbox's bounds drop it, which
+  the outbox announces as loss: never silently.
+- Acknowledgements are committed in groups by a second thread (group commit: one outbox transaction as soon as
+  ``ack_batch`` acknowledgements wait or the oldest has waited ``ack_interval`` seconds; a group holds everything
+  collected by then). The commit's fsync thus overlaps publishing instead of stalling it (it was half of the time
+  per envelope when done inline). Before the outbox is read from the start again, the waiting acknowledgements are
+  committed (``_flush_acks``), so what was acknowledged is not published again.
+- At most ``min(window, transport.receive_maximum)`` envelopes are in flight.
+- While offline the thread keeps running: it polls at most every ``_IDLE_S`` seconds, and ``wake()`` (called by the
+  sealer after each seal) starts publishing at once.
+
+Only ``transport.py`` knows MQTT; this module sees ``publish`` returning a ``Delivery``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import partial
+from typing import Final, Protocol
+
+from edge.errors import TransportError
+from edge.log import event
+from edge.telemetry.transport import Delivery
+
+__all__ = ["DEFAULT_WINDOW", "OutboxReader", "Publisher", "PublisherStats", "Transport"]
+
+log = logging.getLogger("edge.telemetry.publisher")
+
+# Measured with tools/bench/telemetry.py (figures in transport.py's docstring): throughput rises up to ~500 in flight
+# and is flat beyond (500 and 1000 within noise); 500 envelopes of ~2 KB are ~1 MB of paho's memory. The broker's
+# Receive Maximum caps it further.
+DEFAULT_WINDOW: Final = 500
+_IDLE_S: Final = 0.05  # the longest a new envelope waits when wake() was not called
+_ERROR_PAUSE_S: Final = 0.5  # after an outbox failure: do not spin on a broken database
+
+
+class OutboxReader(Protocol):
+    """What the publisher needs of the outbox (``edge.telemetry.outbox.Outbox`` implements it)."""
+
+    def pending(self, after: int = 0, limit: int = 1000) -> list[tuple[int, bytes]]:
+        """Unacknowledged envelopes with counter > ``after``, in counter order, at most ``limit``."""
+        ...
+
+    def ack(self, counters: Iterable[int]) -> object:
+        """Delete the acknowledged envelopes in one transaction; unknown counters are no-ops."""
+        ...
+
+
+class Transport(Protocol):
+    """What the publisher needs of the transport (``MqttTransport`` implements it)."""
+
+    @property
+    def connected(self) -> bool:
+        """True while a session is up."""
+        ...
+
+    @property
+    def receive_maximum(self) -> int:
+        """The broker's limit on messages in flight."""
+        ...
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1) -> Delivery:
+        """Send one message; raises ``TransportError`` when not connected."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class PublisherStats:
+    """Counters of the publisher (a snapshot).
+
+    Attributes:
+        published: envelopes handed to the transport, republications included.
+        acked: envelopes acknowledged by the broker and committed to the outbox.
+        republished: publications of a counter that had been published before (after a disconnect or a refusal).
+        refused: PUBACKs with a failure reason.
+        failures: refusals, transport failures of deliveries and outbox errors, all together.
+        resets: restarts from the oldest unacknowledged envelope.
+        in_flight: envelopes published and not yet resolved.
+        backlog: envelopes read from the outbox and not yet acknowledged (in flight or about to be published): a
+            lower bound of the outbox's backlog, exact right after the outbox was read to its end.
+    """
+
+    published: int
+    acked: int
+    republished: int
+    refused: int
+    failures: int
+    resets: int
+    in_flight: int
+    backlog: int
+
+
+class Publisher:
+    """A thread that publishes the outbox's envelopes and deletes them once acknowledged."""
+
+    def __init__(
+        self,
+        outbox: OutboxReader,
+        transport: Transport,
+        topic: str,
+        *,
+        window: int = DEFAULT_WINDOW,
+        ack_batch: int = 64,
+        ack_interval: float = 0.005,
+        refusal_pause: float = 1.0,
+    ) -> None:
+        """Create a publisher (``start`` starts its thread).
+
+        Args:
+            outbox: the durable outbox.
+            transport: the connection to the broker (started and stopped by the caller).
+            topic: where envelopes go (``devices/<id>/telemetry``).
+            window: the most envelopes in flight (also capped by the broker's Receive Maximum).
+            ack_batch: commit as soon as this many acknowledgements wait.
+            ack_interval: the longest an acknowledgement waits for its group, in seconds.
+            refusal_pause: seconds before republishing after the broker refused an envelope.
+
+        Raises:
+            ValueError: ``window`` or ``ack_batch`` < 1, or a negative interval.
+        """
+        if window < 1 or ack_batch < 1 or ack_interval < 0 or refusal_pause < 0:
+            raise ValueError(
+                f"window={window}, ack_batch={ack_batch} must be >= 1; ack_interval={ack_interval}, "
+                f"refusal_pause={refusal_pause} must be >= 0"
+            )
+        self._outbox = outbox
+        self._transport = transport
+        self.topic = topic
+        self.window = window
+        self.ack_batch = ack_batch
+        self.ack_interval = ack_interval
+        self.refusal_pause = refusal_pause
+        self._wake = threading.Event()
+        self._more = True  # the outbox may hold envelopes we have not read: set by wake() and by the idle poll
+        self._stop_at: float | None = None  # monotonic drain deadline once stop() was called
+        self._thread: threading.Thread | None = None
+        # Resolved deliveries, appended by the transport's network thread (deque appends and pops are atomic).
+        self._done: deque[tuple[int, int, Delivery]] = deque()
+        # The rest belongs to the publisher thread.
+        self._epoch = 0  # increments on every reset: deliveries of an older epoch no longer steer the window
+        self._queue: deque[tuple[int, bytes]] = deque()  # read from the outbox, not yet published
+        self._inflight: dict[int, Delivery] = {}
+        self._cursor = 0  # the highest counter read from the outbox since the last reset
+        self._high = 0  # the highest counter ever published: below it, a publication is a republication
+        # Acknowledged counters waiting for their group commit, shared with the acker thread under _ack_cv.
+        self._ack_cv = threading.Condition()
+        self._ack_q: list[int] = []
+        self._ack_due = 0.0
+        self._ack_busy = False  # the acker is inside outbox.ack
+        self._ack_now = False  # commit what waits without waiting for the group (flush, stop)
+        self._ack_exit = False
+        self._acker: threading.Thread | None = None
+        self._resume_at = 0.0  # after a refusal: not before this monotonic time
+        self._refill_at = 1  # resolved deliveries that wake the publisher: a quarter of the window
+        self._published = self._acked = self._republished = self._refused = self._failures = self._resets = 0
+
+    # -- public -------------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the publishing thread.
+
+        Raises:
+            RuntimeError: already started.
+        """
+        if self._thread is not None:
+            raise RuntimeError("publisher already started")
+        self._acker = threading.Thread(target=self._run_acker, name="publisher-acks", daemon=True)
+        self._acker.start()
+        self._thread = threading.Thread(target=self._run, name="publisher", daemon=True)
+        self._thread.start()
+
+    def wake(self) -> None:
+        """Tell the publisher that the outbox has new envelopes (the sealer calls it after each seal)."""
+        self._more = True
+        self._wake.set()
+
+    def stop(self, drain_timeout: float = 5.0) -> None:
+        """Publish what is pending for up to ``drain_timeout`` seconds, commit the acknowledgements, stop.
+
+        What is not acknowledged by then stays in the outbox for the next start.
+
+        Args:
+            drain_timeout: seconds to keep draining (0: stop after committing what is acknowledged).
+        """
+        self._stop_at = time.monotonic() + drain_timeout
+        self.wake()
+        if self._thread is not None:
+            self._thread.join(drain_timeout + 5.0)
+
+    @property
+    def running(self) -> bool:
+        """Whether the thread is alive."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def stats(self) -> PublisherStats:
+        """A snapshot of the counters.
+
+        Returns:
+            The counters (read without a lock: each is exact, the set approximately simultaneous).
+        """
+        in_flight = len(self._inflight)
+        return PublisherStats(
+            published=self._published,
+            acked=self._acked,
+            republished=self._republished,
+            refused=self._refused,
+            failures=self._failures,
+            resets=self._resets,
+            in_flight=in_flight,
+            backlog=len(self._queue) + in_flight + len(self._ack_q),
+        )
+
+    # -- the thread ---------------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            try:
+                if self._step():
+                    break
+            except Exception:  # the outbox or a bug: logged with its traceback, counted, retried; never fatal
+                log.exception("publisher step failed")
+                self._failures += 1
+                self._reset(flush=False)  # the outbox may be what failed: do not wait on it here
+                if self._stopping_expired():
+                    break
+                self._wake.wait(_ERROR_PAUSE_S)
+        with self._ack_cv:
+            self._ack_exit = self._ack_now = True  # the acker commits what waits, then ends
+            self._ack_cv.notify_all()
+        if self._acker is not None:
+            self._acker.join(5.0)
+        event(log, logging.INFO, "publisher stopped", **_asdict(self.stats()))
+
+    def _stopping_expired(self) -> bool:
+        return self._stop_at is not None and time.monotonic() >= self._stop_at
+
+    def _step(self) -> bool:
+        """One round: collect acknowledgements, commit, publish up to the window, wait. True when finished."""
+        self._wake.clear()
+        must_reset = self._collect()
+        connected = self._transport.connected
+        if must_reset or not connected:
+            if self._inflight or self._queue or self._cursor:
+                self._reset()
+        elif time.monotonic() >= self._resume_at:
+            self._fill()
+        if self._stop_at is not None:
+            drained = not (self._inflight or self._queue or self._more)
+            if drained or self._stopping_expired():
+                return True
+        self._wait(connected)
+        return False
+
+    def _collect(self) -> bool:
+        """Move resolved deliveries out of the window. Returns whether the window must restart from the oldest."""
+        must_reset = False
+        done = self._done
+        while done:
+            epoch, counter, d = done.popleft()
+            if d.ok:
+                # An acknowledgement is one even from a connection since lost: the broker has the envelope.
+                self._ack_later(counter)
+            else:
+                self._failures += 1
+                if d.error is None:
+                    self._refused += 1
+                    event(log, logging.WARNING, "envelope refused by the broker", counter=counter, reason=d.reason)
+                    if epoch == self._epoch:
+                        self._resume_at = time.monotonic() + self.refusal_pause
+                must_reset = must_reset or epoch == self._epoch
+            if epoch == self._epoch:
+                self._inflight.pop(counter, None)
+        return must_reset
+
+    def _ack_later(self, counter: int) -> None:
+        with self._ack_cv:
+            if not self._ack_q:
+                self._ack_due = time.monotonic() + self.ack_interval
+                self._ack_cv.notify()  # the acker sleeps without a deadline while nothing waits
+            self._ack_q.append(counter)
+            if len(self._ack_q) == self.ack_batch:
+                self._ack_cv.notify()
+
+    def _run_acker(self) -> None:
+        """The group-commit thread: waits for a full or old enough group, deletes it from the outbox."""
+        while True:
+            with self._ack_cv:
+                while not (
+                    self._ack_q
+                    and (self._ack_now or len(self._ack_q) >= self.ack_batch or time.monotonic() >= self._ack_due)
+                ):
+                    if self._ack_exit and not self._ack_q:
+                        return
+                    timeout = max(0.0, self._ack_due - time.monotonic()) if self._ack_q else None
+                    self._ack_cv.wait(timeout)
+                batch, self._ack_q = self._ack_q, []
+                self._ack_busy = True
+            committed = False
+            try:
+                self._outbox.ack(batch)
+                committed = True
+            except Exception:  # the outbox changed nothing: the group waits and is retried; logged and counted
+                log.exception("acknowledgement commit failed (%d envelopes; retried)", len(batch))
+                self._failures += 1
+            finally:
+                with self._ack_cv:
+                    self._ack_busy = False
+                    if committed:
+                        self._acked += len(batch)
+                    else:
+                        self._ack_q[:0] = batch
+                        self._ack_due = time.monotonic() + _ERROR_PAUSE_S
+                    self._ack_cv.notify_all()
+            if not committed and self._ack_exit:
+                return  # stopping with a broken outbox: the envelopes stay and are republished after a restart
+
+    def _flush_acks(self, timeout: float = 2.0) -> None:
+        """Commit the waiting acknowledgements now and wait for it (bounded: a failing outbox must not hang us)."""
+        with self._ack_cv:
+            if not self._ack_q and not self._ack_busy:
+                return
+            self._ack_now = True
+            self._ack_cv.notify_all()
+            self._ack_cv.wait_for(lambda: not self._ack_q and not self._ack_busy, timeout)
+            self._ack_now = self._ack_exit
+
+    def _reset(self, *, flush: bool = True) -> None:
+        """Forget the window; the next fill reads the outbox from its oldest unacknowledged envelope."""
+        if self._inflight:
+            event(
+                log, logging.INFO, "restarting from the oldest unacknowledged envelope", in_flight=len(self._inflight)
+            )
+        self._epoch += 1
+        self._inflight.clear()
+        self._queue.clear()
+        self._cursor = 0
+        self._more = True
+        self._resets += 1
+        if flush:
+            self._flush_acks()  # before re-reading: what is acknowledged must not be published again
+
+    def _fill(self) -> None:
+        window = max(1, min(self.window, self._transport.receive_maximum))
+        self._refill_at = max(1, window // 4)
+        while len(self._inflight) < window:
+            if not self._queue:
+                if not self._more:
+                    return
+                limit = max(window, 256)
+                rows = self._outbox.pending(after=self._cursor, limit=limit)
+                if len(rows) < limit:
+                    self._more = False  # read to its end: wait for wake() or the idle poll
+                if not rows:
+                    return
+                self._queue.extend(rows)
+                self._cursor = rows[-1][0]
+            counter, data = self._queue[0]
+            try:
+                d = self._transport.publish(self.topic, data)
+            except TransportError:
+                self._reset()  # lost the connection between the check and the publish
+                return
+            self._queue.popleft()
+            self._inflight[counter] = d
+            self._published += 1
+            if counter <= self._high:
+                self._republished += 1
+            else:
+                self._high = counter
+            d.add_done_callback(partial(self._resolved, self._epoch, counter))
+
+    def _resolved(self, epoch: int, counter: int, d: Delivery) -> None:
+        """A delivery resolved (on the transport's network thread): hand it to the publisher thread."""
+        done = self._done
+        done.append((epoch, counter, d))
+        # Wake the publisher per quarter window, not per PUBACK: it then refills in a burst. Waking it for every
+        # acknowledgement made the two threads trade the GIL per message and halved the throughput.
+        if not d.ok or len(done) >= min(self._refill_at, len(self._inflight)):
+            self._wake.set()
+
+    def _wait(self, connected: bool) -> None:
+        timeout = _IDLE_S
+        if connected and self._resume_at > time.monotonic():
+            timeout = min(timeout, self._resume_at - time.monotonic())
+        if self._stop_at is not None:
+            timeout = min(timeout, max(0.0, self._stop_at - time.monotonic()))
+        if not self._wake.wait(timeout):
+            self._more = True  # the idle poll: read the outbox again even without wake()
+
+
+def _asdict(s: PublisherStats) -> dict[str, int]:
+    return {name: getattr(s, name) for name in PublisherStats.__slots__}
