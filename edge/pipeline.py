@@ -4,7 +4,8 @@ Three threads joined by bounded queues, so the stages overlap on a multi-core bo
 instead of growing memory:
 
 - ``read``: pulls items from the source into the input queue (blocking when full, or dropping the oldest frame
-  when ``on_full="drop_oldest"``, counted).
+  when ``on_full="drop_oldest"``, counted), and takes each frame's SHA-256 as the sensor delivered it (hashing
+  releases the GIL and this stage is otherwise idle, so the digest costs the inference stage nothing).
 - ``infer``: preprocesses each frame into one reused input buffer and runs the model. Only native code runs here
   between two queue operations (both release the GIL), so this stage is the time the model and the C preprocessing
   take and little more.
@@ -44,7 +45,8 @@ __all__ = ["Pipeline", "PipelineStats"]
 log = logging.getLogger("edge.pipeline")
 
 _END: Final = object()  # queue sentinel: no more items
-_Entry = tuple[Frame | Reading, int]  # an item and the perf_counter_ns when its source handed it over
+# An item, the perf_counter_ns when its source handed it over, and for a frame the hex SHA-256 of its bytes.
+_Entry = tuple[Frame | Reading, int, str]
 _EMIT_BATCH: Final = 64
 _LATENCY_WINDOW: Final = 10_000
 
@@ -78,10 +80,18 @@ class PipelineStats:
 @dataclass(frozen=True, slots=True)
 class _Inferred:
     frame: Frame
+    digest: str
     output: npt.NDArray[Any]
     acquired_ns: int
     preprocess_ns: int
     inference_ns: int
+
+
+def _digest(frame: Frame) -> str:
+    try:
+        return hashlib.sha256(np.ascontiguousarray(frame.data).data).hexdigest()
+    except (TypeError, ValueError):
+        return ""  # not an array at all: the preprocessing rejects it with a proper reason
 
 
 class Pipeline:
@@ -195,9 +205,12 @@ class Pipeline:
             for item in self.source.items():
                 if self._stop.is_set():
                     break
-                entry = (item, time.perf_counter_ns())
+                acquired = time.perf_counter_ns()
+                digest = ""
                 if isinstance(item, Frame):
                     stats.frames_in += 1
+                    digest = _digest(item)
+                entry = (item, acquired, digest)
                 if self._drop_oldest:
                     while True:
                         try:
@@ -224,7 +237,7 @@ class Pipeline:
                 entry = get()
                 if entry is _END:
                     break
-                item, acquired = cast(_Entry, entry)
+                item, acquired, digest = cast(_Entry, entry)
                 if isinstance(item, Reading):
                     put(item)
                     continue
@@ -237,7 +250,7 @@ class Pipeline:
                 t1 = clock()
                 output = run(buf)
                 t2 = clock()
-                put(_Inferred(item, output, acquired, t1 - t0, t2 - t1))
+                put(_Inferred(item, digest, output, acquired, t1 - t0, t2 - t1))
                 done += 1
                 if done == self._max_frames:
                     self.stop()
@@ -273,6 +286,9 @@ class Pipeline:
                 else:
                     assert isinstance(item, _Inferred)
                     batch.append(self._record(item, kind))
+                    # Hand the GIL over at once if the infer stage is back from native code and waiting for it;
+                    # otherwise it would wait out the interpreter's 5 ms switch interval (a convoy).
+                    time.sleep(0)
                 if len(batch) >= _EMIT_BATCH:
                     break
                 try:
@@ -293,7 +309,6 @@ class Pipeline:
         else:
             ranked = tuple(topk(r.output, self._top_k, kind=kind))
             score = None
-        digest = hashlib.sha256(np.ascontiguousarray(frame.data).data).hexdigest()
         latency = (time.perf_counter_ns() - r.acquired_ns) // 1000
         stats.inferences += 1
         stats.latencies_us.append(latency)
@@ -305,7 +320,7 @@ class Pipeline:
             timestamp=frame.timestamp,
             model_id=self.model.model_id,
             model_sha256=self.model.sha256,
-            input_sha256=digest,
+            input_sha256=r.digest,
             pixel_format=str(frame.pixel_format),
             top_k=ranked,
             score=score,
