@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -29,7 +30,9 @@ from edge.telemetry import (
     envelope_hash,
     open_envelope,
 )
+from edge.telemetry.envelope import seal_envelope
 from edge.telemetry.outbox import (
+    SCHEMA_VERSION,
     EnvelopeTooLargeError,
     ForeignOutboxError,
     Outbox,
@@ -150,6 +153,22 @@ def test_ack_deletes_exactly_those(make: MakeOutbox) -> None:
     assert st_.backlog_bytes == sum(len(d) for _, d in ob.pending())
 
 
+def test_ack_of_a_large_group_keeps_totals_exact(make: MakeOutbox) -> None:
+    # More counters than one DELETE takes (chunks), with duplicates, unknown and already deleted ones.
+    ob = make()
+    for start in range(0, 1200, 400):
+        ob.seal_many([batch(1 + (start + i) % 3, start + i) for i in range(400)])
+    rows = ob.pending(limit=10**6)
+    assert ob.ack([5, 6]) == 2
+    chosen = [c for c, _ in rows if c % 7 != 0 and c not in (5, 6)]
+    assert ob.ack([*chosen, *chosen[:50], 5, 6, 0, 10**9]) == len(chosen)
+    left = ob.pending(limit=10**6)
+    assert [c for c, _ in left] == [c for c, _ in rows if c % 7 == 0]
+    st_ = ob.stats()
+    assert (st_.backlog_envelopes, st_.backlog_bytes) == (len(left), sum(len(d) for _, d in left))
+    assert st_.backlog_records == sum(1 + (c - 1) % 3 for c, _ in left)
+
+
 def test_seal_many_is_all_or_nothing(make: MakeOutbox) -> None:
     ob = make()
     ob.seal(batch(1))
@@ -267,9 +286,110 @@ def test_other_sqlite_database_refused(make: MakeOutbox, tmp_path: Path) -> None
 def test_newer_schema_version_refused(make: MakeOutbox, tmp_path: Path) -> None:
     make().close()
     with sqlite3.connect(tmp_path / "outbox.db") as db:
-        db.execute("PRAGMA user_version = 2")
-    with pytest.raises(OutboxFormatError, match="user_version 2"):
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    with pytest.raises(OutboxFormatError, match=f"user_version {SCHEMA_VERSION + 1}"):
         make()
+
+
+# Schema 1 exactly as it was shipped (no row digests, the blob before the small columns): files of it are migrated.
+V1_SCHEMA = (
+    """CREATE TABLE envelopes (
+        counter INTEGER PRIMARY KEY, data BLOB NOT NULL, records INTEGER NOT NULL, bytes INTEGER NOT NULL,
+        created REAL NOT NULL)""",
+    """CREATE TABLE head (
+        id INTEGER PRIMARY KEY CHECK (id = 0), device_id TEXT NOT NULL, public_key BLOB NOT NULL,
+        next_counter INTEGER NOT NULL, last_hash BLOB NOT NULL, backlog_envelopes INTEGER NOT NULL,
+        backlog_bytes INTEGER NOT NULL, backlog_records INTEGER NOT NULL, dropped_envelopes INTEGER NOT NULL,
+        dropped_records INTEGER NOT NULL, corrupt_rows INTEGER NOT NULL, unannounced_envelopes INTEGER NOT NULL,
+        unannounced_records INTEGER NOT NULL, unannounced_first INTEGER NOT NULL, unannounced_last INTEGER NOT NULL)""",
+)
+
+
+def write_v1_outbox(path: Path, sizes: list[int], *, first: int = 1, dropped: int = 0) -> list[bytes]:
+    """A schema-1 outbox holding envelopes ``first``.. of ``sizes`` records (``dropped`` earlier ones acked/dropped)."""
+    envelopes, prev = [], GENESIS_PREV
+    for i in range(1, first + len(sizes)):
+        n = sizes[i - first] if i >= first else 1
+        data = seal_envelope(DEVICE, i, prev, batch(n, 10 * i), 1_700_000_000.0 + i, KEY, limits=LIMITS)
+        prev = envelope_hash(data)
+        if i >= first:
+            envelopes.append(data)
+    raw_key = PUB.public_bytes(Encoding.Raw, PublicFormat.Raw)
+    with sqlite3.connect(path) as db:
+        for statement in V1_SCHEMA:
+            db.execute(statement)
+        db.executemany(
+            "INSERT INTO envelopes VALUES (?, ?, ?, ?, ?)",
+            [(first + i, d, n, len(d), 1_700_000_000.0) for i, (d, n) in enumerate(zip(envelopes, sizes, strict=True))],
+        )
+        db.execute(
+            "INSERT INTO head VALUES (0, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, 0, 0, 0, 0)",
+            (
+                DEVICE,
+                raw_key,
+                first + len(sizes),
+                prev,
+                len(envelopes),
+                sum(map(len, envelopes)),
+                sum(sizes),
+                dropped,
+                dropped,
+            ),
+        )
+        db.execute("PRAGMA application_id = 0x65646F62")
+        db.execute("PRAGMA user_version = 1")
+    return envelopes
+
+
+def test_schema_1_outbox_is_migrated_with_digests(make: MakeOutbox, tmp_path: Path) -> None:
+    path = tmp_path / "outbox.db"
+    envelopes = write_v1_outbox(path, [3, 4, 5], first=3, dropped=2)
+    ob = make()
+    assert ob.pending() == [(3, envelopes[0]), (4, envelopes[1]), (5, envelopes[2])]
+    st_ = ob.stats()
+    assert (st_.backlog_envelopes, st_.backlog_records, st_.next_counter, st_.corrupt_rows) == (3, 12, 6, 0)
+    assert st_.backlog_bytes == sum(map(len, envelopes))
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+        digests = dict(db.execute("SELECT counter, hash FROM envelopes"))
+    assert digests == {c: envelope_hash(d) for c, d in zip((3, 4, 5), envelopes, strict=True)}
+    s = ob.seal(batch(1))  # the chain goes on from the migrated head
+    assert s.counter == 6 and s.loss is None
+    assert open_envelope(ob.pending(after=5)[0][1], PUB).prev == envelope_hash(envelopes[-1])
+    rows = ob.pending()
+    ob.close()
+    assert make().pending() == rows  # reopened as schema 2, nothing changed
+
+
+def test_schema_1_rotten_row_is_not_blessed_by_the_migration(
+    make: MakeOutbox, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A digest computed over bytes that already rotted would make the rot look intact: each row is verified first.
+    path = tmp_path / "outbox.db"
+    envelopes = write_v1_outbox(path, [3, 4, 5])
+    with sqlite3.connect(path) as db:
+        db.execute(
+            "UPDATE envelopes SET data = ? WHERE counter = 2", (envelopes[1][:200] + b"\x00" + envelopes[1][201:],)
+        )
+    with caplog.at_level(logging.ERROR, logger="edge.telemetry.outbox"):
+        ob = make()
+    assert any("corrupt" in r.getMessage() for r in caplog.records)
+    assert [c for c, _ in ob.pending()] == [1, 3]
+    st_ = ob.stats()
+    assert (st_.corrupt_rows, st_.backlog_envelopes, st_.backlog_records, st_.dropped_envelopes) == (1, 2, 8, 0)
+    s = ob.seal(batch(1))
+    assert s.loss == LossNotice(s.loss.timestamp, 1, 4, 2, 2) if s.loss else pytest.fail("no loss notice")
+
+
+def test_schema_1_outbox_of_another_key_is_refused_not_migrated(make: MakeOutbox, tmp_path: Path) -> None:
+    # Migrating first would verify every row under the wrong key and delete the whole backlog as corrupt.
+    path = tmp_path / "outbox.db"
+    write_v1_outbox(path, [1, 1])
+    with pytest.raises(ForeignOutboxError, match="another key"):
+        make(key=Ed25519PrivateKey.generate())
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone() == (1,)
+        assert db.execute("SELECT COUNT(*) FROM envelopes").fetchone() == (2,)
 
 
 def test_garbage_file_refused(make: MakeOutbox, tmp_path: Path) -> None:
@@ -325,6 +445,66 @@ def test_row_holding_another_counters_envelope_is_corrupt(make: MakeOutbox, tmp_
     ob.close()
     with sqlite3.connect(tmp_path / "outbox.db") as db:  # a validly signed envelope, but the wrong one
         db.execute("UPDATE envelopes SET data = (SELECT data FROM envelopes WHERE counter = 1) WHERE counter = 2")
+    ob = make()
+    assert [c for c, _ in ob.pending()] == [1]
+    assert ob.stats().corrupt_rows == 1
+
+
+def flip_digest_byte(path: Path, counter: int, offset: int) -> None:
+    """Corrupt one byte of the digest stored beside a row (bit rot in the check value itself)."""
+    with sqlite3.connect(path) as db:
+        (digest,) = db.execute("SELECT hash FROM envelopes WHERE counter = ?", (counter,)).fetchone()
+        rotten = bytearray(digest)
+        rotten[offset % len(rotten)] ^= 0x01
+        db.execute("UPDATE envelopes SET hash = ? WHERE counter = ?", (bytes(rotten), counter))
+
+
+def test_rotten_digest_is_caught_like_a_rotten_row(make: MakeOutbox, tmp_path: Path) -> None:
+    ob = make()
+    ob.seal_many([batch(3, 0), batch(4, 10), batch(5, 20)])
+    ob.close()
+    flip_digest_byte(tmp_path / "outbox.db", 3, 31)
+    ob = make()
+    assert [c for c, _ in ob.pending()] == [1, 2]
+    st_ = ob.stats()
+    assert (st_.corrupt_rows, st_.backlog_envelopes, st_.backlog_records) == (1, 2, 7)
+    s = ob.seal(batch(1))
+    assert s.loss == LossNotice(s.loss.timestamp, 1, 5, 3, 3) if s.loss else pytest.fail("no loss notice")
+
+
+@pytest.mark.parametrize("offset", [0, 1, 20, 200, -70, -1])
+def test_any_flipped_byte_of_a_row_is_caught(make: MakeOutbox, tmp_path: Path, offset: int) -> None:
+    # Header, kid, payload head, records, signature head, signature: the digest covers every byte.
+    ob = make()
+    ob.seal_many([batch(2), batch(2)])
+    ob.close()
+    flip_byte(tmp_path / "outbox.db", 2, offset)
+    ob = make()
+    assert [c for c, _ in ob.pending()] == [1]
+    assert ob.stats().corrupt_rows == 1
+
+
+def test_row_moved_with_its_digest_to_another_counter_is_corrupt(make: MakeOutbox, tmp_path: Path) -> None:
+    # The digest matches its bytes, but they are counter 1's envelope: the counter check catches it.
+    ob = make()
+    ob.seal_many([batch(1), batch(1)])
+    ob.close()
+    with sqlite3.connect(tmp_path / "outbox.db") as db:
+        db.execute(
+            "UPDATE envelopes SET (data, hash) = (SELECT data, hash FROM envelopes WHERE counter = 1) WHERE counter = 2"
+        )
+    ob = make()
+    assert [c for c, _ in ob.pending()] == [1]
+    assert ob.stats().corrupt_rows == 1
+
+
+def test_row_of_another_device_with_its_digest_is_corrupt(make: MakeOutbox, tmp_path: Path) -> None:
+    ob = make()
+    ob.seal_many([batch(1), batch(1)])
+    ob.close()
+    other = seal_envelope("box-8", 2, bytes(range(32)), batch(1), 1_700_000_000.0, KEY, limits=LIMITS)
+    with sqlite3.connect(tmp_path / "outbox.db") as db:
+        db.execute("UPDATE envelopes SET data = ?, hash = ? WHERE counter = 2", (other, envelope_hash(other)))
     ob = make()
     assert [c for c, _ in ob.pending()] == [1]
     assert ob.stats().corrupt_rows == 1

@@ -9,7 +9,9 @@ Invariants:
 - When the outbox cannot take a batch (disk full after it dropped what policy allows) the batch stays in memory,
   the failure is counted and logged, and sealing is retried on the next write or tick: the service keeps running.
   Memory for such batches is bounded (``max_held_batches``); past it the oldest held batch is dropped, counted
-  and logged, because by then the box has a full disk and an operator must act.
+  and logged, because by then the box has a full disk and an operator must act. Those records never got a
+  counter, so the first envelope sealed afterwards starts with a signed ``telemetry.records_dropped`` event that
+  says how many: loss is announced, never silent.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from edge.log import event
 from edge.records import Record
 from edge.telemetry.envelope import Batcher
 from edge.telemetry.outbox import EnvelopeTooLargeError, Outbox, OutboxError
-from edge.telemetry.schema import DEFAULT_LIMITS, TelemetryLimits, TelemetryRecord, encode_record
+from edge.telemetry.schema import DEFAULT_LIMITS, EventRecord, TelemetryLimits, TelemetryRecord, encode_record
 
 __all__ = ["SinkStats", "TelemetrySink"]
 
@@ -76,6 +78,7 @@ class TelemetrySink:
         self._batcher: Batcher[TelemetryRecord] = Batcher(batch_records, batch_age_s)
         self._held: deque[list[TelemetryRecord]] = deque()
         self._max_held = max_held_batches
+        self._unannounced = 0  # records dropped from memory that no sealed event has reported yet
         self._clock = clock
         self._lock = threading.Lock()
         self._closed = threading.Event()
@@ -128,8 +131,12 @@ class TelemetrySink:
         # Called with the lock held. Each retry makes the held batches strictly smaller, so this ends.
         filtered = False
         while self._held:
+            batches = list(self._held)
+            if self._unannounced:
+                notice = EventRecord(time.time(), "telemetry.records_dropped", {"records": self._unannounced})
+                batches.insert(0, [notice])
             try:
-                sealed = self.outbox.seal_many(list(self._held))
+                sealed = self.outbox.seal_many(batches)
             except EnvelopeTooLargeError as e:
                 if all(len(b) == 1 for b in self._held):
                     self._hold_after_failure(e)  # cannot happen with valid records; kept bounded all the same
@@ -150,6 +157,7 @@ class TelemetrySink:
                 self._hold_after_failure(e)
                 return
             self._held.clear()
+            self._unannounced = 0
             self.stats.held_batches = 0
             self.stats.envelopes += len(sealed)
             self._wake()
@@ -172,6 +180,7 @@ class TelemetrySink:
         for lost in self._held:
             self.stats.dropped_batches += 1
             self.stats.dropped_records += len(lost)
+            self._unannounced += len(lost)
         self._held.clear()
         self.stats.held_batches = 0
         event(log, logging.ERROR, "telemetry batch dropped", error=str(e))
@@ -182,6 +191,7 @@ class TelemetrySink:
             lost = self._held.popleft()
             self.stats.dropped_batches += 1
             self.stats.dropped_records += len(lost)
+            self._unannounced += len(lost)
         self.stats.held_batches = len(self._held)
         n = self.stats.seal_failures
         if n <= 10 or n % 100 == 0:
