@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import os
 import signal
 import subprocess
 import sys
 import time
+import tty
 from pathlib import Path
 
 import numpy as np
@@ -119,3 +123,52 @@ def test_forced_numpy_backend_says_so_in_the_log(edge_cli, write_config, tmp_pat
     start = next(e for e in log_lines(proc.stderr) if e["msg"] == "service starting")
     assert start["backend"] == "numpy"
     assert all(json.loads(line)["backend"] == "numpy" for line in out.read_text().splitlines())
+
+
+def test_serial_sensor_board_over_a_pty(write_config, tmp_path) -> None:
+    # The board emulator writes to the master side of a real pseudo-terminal; edge run opens the slave's path as it
+    # would /dev/ttyUSB0, decodes frames and readings, and infers on every frame, in order, bytes intact.
+    pairs = list(render_test_frames(PixelFormat.YUYV, count=8))
+    npz = tmp_path / "board.npz"
+    frames = np.stack([f for f, _ in pairs])
+    np.savez(npz, frames=frames)
+    master, slave = os.openpty()
+    tty.setraw(master)
+    tty.setraw(slave)
+    out = tmp_path / "records.jsonl"
+    cfg = write_config(
+        f'[source]\nkind = "serial"\nport = "{os.ttyname(slave)}"\npixel_format = "YUYV"\n[sink]\npath = "{out}"\n'
+    )
+    service = subprocess.Popen(
+        [sys.executable, "-m", "edge", "run", "--config", str(cfg), "--frames", "8"],
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        # Opening a serial port flushes what was buffered before: start the board once the service has its port.
+        assert service.stderr is not None
+        for line in service.stderr:
+            if "service starting" in line:
+                break
+        sim = [sys.executable, str(ROOT / "tools/sim/serial_sensor.py"), "--fd", str(master), "--from-npz", str(npz)]
+        board = subprocess.run(
+            [*sim, "--format", "YUYV", "--readings", "1", "--fps", "50"],
+            pass_fds=(master,),
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+        assert board.returncode == 0, board.stderr
+        _, stderr = service.communicate(timeout=60)
+    finally:
+        if service.poll() is None:
+            service.kill()
+        for fd in (master, slave):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+    assert service.returncode == 0, stderr
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    inferences = [r for r in records if r["type"] == "inference"]
+    assert [r["input_sha256"] for r in inferences] == [hashlib.sha256(f.tobytes()).hexdigest() for f in frames]
+    assert any(r["type"] == "reading" for r in records)
