@@ -133,14 +133,14 @@ def test_kill_9_at_random_moments_loses_nothing(device) -> None:
     kills = 0
     for _ in range(20):
         proc = start_device(cfg)
-        time.sleep(rng.uniform(0.4, 1.6))  # some kills land during start-up, most while publishing
+        time.sleep(rng.uniform(0.5, 2.0))  # some kills land during start-up (~0.7 s), most while publishing
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
         kills += 1
     drain(cfg)
     counts = check_zero_loss(sub, data, key_path)
     assert kills == 20
-    assert counts["sealed"] > 50, counts  # the runs did real work between kills
+    assert counts["sealed"] > 40, counts  # the runs did real work between kills
 
 
 @pytest.mark.slow
