@@ -21,6 +21,7 @@ from edge.log import configure, event
 from edge.pipeline import Pipeline, PipelineStats
 from edge.sensing.sources import open_source
 from edge.sinks import JsonLinesSink, Sink
+from edge.systemd import Notifier, WatchdogPolicy
 
 if TYPE_CHECKING:
     from edge.telemetry.device import DeviceTelemetry
@@ -55,6 +56,23 @@ def summary(stats: PipelineStats, elapsed: float) -> dict[str, Any]:
     if stats.labelled:
         out["accuracy"] = round(stats.correct / stats.labelled, 4)
     return out
+
+
+def _supervise(pipeline: Pipeline, notifier: Notifier) -> None:
+    """Wait for the pipeline while feeding systemd: watchdog pings only on progress, a status line every 5 s."""
+    interval = notifier.watchdog_interval
+    policy = WatchdogPolicy(interval, time.monotonic()) if interval else None
+    # Short joins keep the main thread responsive to signals and the watchdog on time.
+    step = min(0.5, interval / 2) if interval else 0.5
+    next_status = time.monotonic() + 5.0
+    while not pipeline.join(timeout=step):
+        now = time.monotonic()
+        if policy is not None and policy.due(now, pipeline.stats.last_progress):
+            notifier.send(WATCHDOG=1)
+        if now >= next_status:
+            st = pipeline.stats
+            notifier.send(STATUS=f"{st.inferences} inferences, {st.rejected_total} rejected, {st.dropped} dropped")
+            next_status = now + 5.0
 
 
 def run_service(cfg: Config, *, max_frames: int = 0) -> PipelineStats:
@@ -112,14 +130,16 @@ def run_service(cfg: Config, *, max_frames: int = 0) -> PipelineStats:
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     t0 = time.monotonic()
     closing: dict[str, Any] = {}
+    notifier = Notifier()
     try:
         if telemetry is not None:
             telemetry.start()
         pipeline.start()
-        # Short joins keep the main thread responsive to signals.
-        while not pipeline.join(timeout=0.5):
-            pass
+        notifier.send(READY=1, STATUS=f"running {model.model_id} on {pipeline.backend}")
+        _supervise(pipeline, notifier)
     finally:
+        notifier.send(STOPPING=1, STATUS="stopping")
+        notifier.close()
         for s, handler in previous.items():
             signal.signal(s, handler)
         if telemetry is not None:
