@@ -19,6 +19,8 @@ fi
 have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || [ -x "/sbin/$1" ]; }
 # The tests start their own mosquitto (TLS, ACLs) on a free loopback port: the broker must be installed.
 have mosquitto || need+=(mosquitto)
+# Gateway storage tests run against a real PostgreSQL: the one the machine runs, or one the fixture starts with initdb.
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
 # The unit file is checked with systemd-analyze verify.
 have systemd-analyze || need+=(systemd)
 for extra in "$@"; do
