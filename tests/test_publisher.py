@@ -402,7 +402,9 @@ def test_zero_loss_across_five_broker_restarts(device, broker) -> None:
         assert missing == lost_by_broker, f"missing outside a broker crash window: {sorted(missing - lost_by_broker)}"
         check_zero_loss(outbox, publisher, gateway, 2000, "5 restarts", lost_by_broker=len(missing))
         print(f"device reconnects: {transport.connects - 1}, gateway reconnects: {gateway.transport.connects - 1}")
-        assert transport.connects == 6
+        # One connect per restart, except that a restart landing while the device is still in its reconnect
+        # backoff from the previous one (restarts are 0.4 s apart, the backoff up to 0.5 s) is absorbed by it.
+        assert 5 <= transport.connects <= 6
     finally:
         publisher.stop(0)
 

@@ -7,6 +7,9 @@ Invariants:
 - Envelopes are published in counter order from the oldest unacknowledged one; after a disconnect (a delivery failed
   with ``TransportError`` or the transport reports itself disconnected) everything that was in flight is forgotten
   and publishing restarts from the oldest unacknowledged envelope once the transport is connected again.
+- A PUBACK with "No matching subscribers" (0x10) is not a delivery: nobody received the envelope (no gateway is
+  subscribed, e.g. right after a broker restart, which forgets offline sessions' subscriptions in mosquitto 2.0).
+  The envelope is kept and treated like a refusal, so the outbox holds it until a gateway listens.
 - A refusal (a PUBACK with a failure reason, e.g. "Not authorized" or "Quota exceeded") is counted and logged; the
   envelope stays in the outbox and publishing restarts from the oldest unacknowledged envelope after
   ``refusal_pause`` seconds. A permanently refused envelope is thus retried until the outbox's bounds drop it, which
@@ -37,6 +40,9 @@ from typing import Final, Protocol
 from edge.errors import TransportError
 from edge.log import event
 from edge.telemetry.transport import Delivery
+
+# MQTT 5 reason code: the broker accepted the PUBLISH but no subscription matched it, so nobody will receive it.
+NO_MATCHING_SUBSCRIBERS: Final = 0x10
 
 __all__ = ["DEFAULT_WINDOW", "OutboxReader", "Publisher", "PublisherStats", "Transport"]
 
@@ -88,7 +94,7 @@ class PublisherStats:
         published: envelopes handed to the transport, republications included.
         acked: envelopes acknowledged by the broker and committed to the outbox.
         republished: publications of a counter that had been published before (after a disconnect or a refusal).
-        refused: PUBACKs with a failure reason.
+        refused: PUBACKs with a failure reason, or with "No matching subscribers" (nobody received it).
         failures: refusals, transport failures of deliveries and outbox errors, all together.
         resets: restarts from the oldest unacknowledged envelope.
         in_flight: envelopes published and not yet resolved.
@@ -273,16 +279,22 @@ class Publisher:
         done = self._done
         while done:
             epoch, counter, d = done.popleft()
-            if d.ok:
+            if d.ok and d.reason_code != NO_MATCHING_SUBSCRIBERS:
                 # An acknowledgement is one even from a connection since lost: the broker has the envelope.
                 self._ack_later(counter)
             else:
                 self._failures += 1
                 if d.error is None:
                     self._refused += 1
-                    event(log, logging.WARNING, "envelope refused by the broker", counter=counter, reason=d.reason)
-                    if epoch == self._epoch:
+                    # One line per pause, not per envelope: a whole window comes back refused at once.
+                    if epoch == self._epoch and time.monotonic() >= self._resume_at:
                         self._resume_at = time.monotonic() + self.refusal_pause
+                        if d.ok:
+                            event(log, logging.WARNING, "no gateway subscribed; envelopes kept", counter=counter)
+                        else:
+                            event(
+                                log, logging.WARNING, "envelope refused by the broker", counter=counter, reason=d.reason
+                            )
                 must_reset = must_reset or epoch == self._epoch
             if epoch == self._epoch:
                 self._inflight.pop(counter, None)

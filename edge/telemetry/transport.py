@@ -58,7 +58,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from edge.errors import ConfigError, TransportError
 from edge.log import event
 
-__all__ = ["Backoff", "Delivery", "MqttSettings", "MqttTransport"]
+__all__ = ["Backoff", "Delivery", "Incoming", "MqttSettings", "MqttTransport"]
 
 log = logging.getLogger("edge.telemetry.transport")
 
@@ -85,6 +85,9 @@ class MqttSettings:
         backoff_min: the first reconnect delay ceiling in seconds (doubles per failed attempt).
         backoff_max: the largest reconnect delay ceiling in seconds.
         connect_timeout: seconds for TCP + TLS + CONNACK before the attempt counts as failed.
+        receive_maximum: the most unacknowledged QoS 1 messages the broker may send us at once (MQTT 5 flow
+            control, sent in CONNECT); 0 for the protocol's default (65535). A subscriber that acknowledges only
+            after storing (the gateway) bounds its memory with it.
     """
 
     host: str
@@ -99,6 +102,7 @@ class MqttSettings:
     backoff_min: float = 0.5
     backoff_max: float = 30.0
     connect_timeout: float = 10.0
+    receive_maximum: int = 0
 
     def __post_init__(self) -> None:
         """Reject values the protocol or the reconnect loop cannot use.
@@ -120,6 +124,8 @@ class MqttSettings:
             raise ConfigError("mqtt.backoff_min", self.backoff_min, f"> 0 and <= backoff_max ({self.backoff_max})")
         if self.connect_timeout <= 0:
             raise ConfigError("mqtt.connect_timeout", self.connect_timeout, "> 0 seconds")
+        if not 0 <= self.receive_maximum <= 65535:
+            raise ConfigError("mqtt.receive_maximum", self.receive_maximum, "0..65535 (0: the protocol default)")
 
 
 class Backoff:
@@ -288,6 +294,39 @@ def _call(fn: Callable[[Delivery], None], d: Delivery) -> None:
         log.exception("delivery callback %r failed", fn)
 
 
+class Incoming:
+    """A message received with manual acknowledgement: the PUBACK goes out only when ``ack`` is called.
+
+    Attributes:
+        topic: the topic it was published on.
+        payload: its bytes.
+        duplicate: the broker's DUP flag (a redelivery, e.g. after a reconnect).
+    """
+
+    __slots__ = ("_conn", "_mid", "_qos", "duplicate", "payload", "topic")
+
+    def __init__(self, conn: _Connection, *, mid: int, qos: int, topic: str, payload: bytes, duplicate: bool) -> None:
+        self._conn = conn
+        self._mid = mid
+        self._qos = qos
+        self.topic = topic
+        self.payload = payload
+        self.duplicate = duplicate
+
+    def ack(self) -> bool:
+        """Acknowledge (PUBACK) on the connection the message came on; safe from any thread.
+
+        Returns:
+            True if the PUBACK was queued; False if that connection has ended, in which case the broker
+            redelivers the message in the resumed session (the receiver must be idempotent).
+        """
+        if self._qos == 0:
+            return True
+        if not self._conn.up:
+            return False
+        return self._conn.client.ack(self._mid, self._qos) == mqtt.MQTT_ERR_SUCCESS
+
+
 class _Connection:
     """One network connection: its paho client and the deliveries waiting for its PUBACKs."""
 
@@ -317,6 +356,7 @@ class MqttTransport:
         will: tuple[str, bytes, bool] | None = None,
         birth: tuple[str, bytes] | Callable[[], tuple[str, bytes]] | None = None,
         on_message: Callable[[str, bytes], None] | None = None,
+        on_incoming: Callable[[Incoming], None] | None = None,
         subscriptions: list[str] | None = None,
         rng: random.Random | None = None,
     ) -> None:
@@ -331,13 +371,19 @@ class MqttTransport:
                 payload can carry fresh facts.
             on_message: called as ``on_message(topic, payload)`` on the network thread for each message received on
                 ``subscriptions``; the PUBACK is sent after it returns. An exception is logged and the message acked.
+            on_incoming: instead of ``on_message``, for receivers that acknowledge only once a message is safe:
+                called with an ``Incoming`` on the network thread; nothing is acknowledged until its ``ack`` is
+                called (from any thread). Unacknowledged messages come again after a reconnect.
             subscriptions: topic filters subscribed at QoS 1 on every (re)connect.
             rng: the random source of the reconnect jitter (seeded in tests).
         """
         self.settings = settings
         self._will = will
         self._birth = birth
+        if on_message is not None and on_incoming is not None:
+            raise ValueError("give on_message or on_incoming, not both")
         self._on_message = on_message
+        self._on_incoming = on_incoming
         self._subscriptions = list(subscriptions or [])
         self.backoff = Backoff(settings.backoff_min, settings.backoff_max, rng)
         self._lock = threading.Lock()
@@ -490,6 +536,7 @@ class MqttTransport:
             client_id=s.client_id,
             protocol=mqtt.MQTTv5,
             reconnect_on_failure=False,  # reconnecting is ours: a fresh client per connection
+            manual_ack=self._on_incoming is not None,
         )
         client.suppress_exceptions = True  # our callbacks catch their own errors; never let paho's thread die
         # paho's own logger stays off: it reports every ordinary connection loss at ERROR level; our "connected" and
@@ -517,9 +564,14 @@ class MqttTransport:
         client.on_connect = lambda _c, _u, flags, rc, props: self._on_connect(conn, flags.session_present, rc, props)
         client.on_disconnect = lambda _c, _u, _f, rc, _p: self._on_disconnect(conn, rc)
         client.on_publish = lambda _c, _u, mid, rc, _p: self._on_publish(conn, mid, rc)
-        client.on_message = self._on_paho_message
+        if self._on_incoming is not None:
+            client.on_message = lambda _c, _u, msg: self._on_paho_incoming(conn, msg)
+        else:
+            client.on_message = self._on_paho_message
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]  # paho leaves it unannotated
         props.SessionExpiryInterval = s.session_expiry
+        if s.receive_maximum:
+            props.ReceiveMaximum = s.receive_maximum
         try:
             client.connect(s.host, s.port, keepalive=s.keepalive, clean_start=False, properties=props)
         except (OSError, ValueError) as e:  # ssl.SSLError and timeouts are OSErrors
@@ -647,6 +699,15 @@ class MqttTransport:
         try:
             self._on_message(msg.topic, bytes(msg.payload))
         except Exception:
+            log.exception("message handler failed for %s", msg.topic)
+
+    def _on_paho_incoming(self, conn: _Connection, msg: mqtt.MQTTMessage) -> None:
+        assert self._on_incoming is not None
+        try:
+            self._on_incoming(
+                Incoming(conn, mid=msg.mid, qos=msg.qos, topic=msg.topic, payload=bytes(msg.payload), duplicate=msg.dup)
+            )
+        except Exception:  # unacknowledged: the broker redelivers it after the next reconnect
             log.exception("message handler failed for %s", msg.topic)
 
 

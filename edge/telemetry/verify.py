@@ -9,7 +9,8 @@ Checks, in order (each stops a named attack; the first that fails decides the ve
 4. kid device = the device of the MQTT topic              -> ``wrong_topic`` (A's envelope republished on B's topic)
 5. payload and records against the schema and limits      -> ``malformed`` (a signed but invalid payload)
 6. the chain, for counter c and hash h against the device's head (last accepted counter and hash):
-   - no head yet                                -> ``first`` (accepted, any counter)
+   - no head yet                                -> ``first`` (accepted, any counter; counters 1 .. c - 1 become
+     missing, ``missing = c - 1``, so they can still arrive ``late``)
    - c = head + 1 and prev = head hash          -> ``next`` (accepted)
    - c = head + 1 and prev != head hash         -> ``forked`` (a second history or a replayed branch)
    - c > head + 1                               -> ``gap`` (accepted, ``missing = c - head - 1``; the skipped counters
@@ -96,7 +97,7 @@ class Verdict:
         device_id: the kid's device when the header could be read, else None.
         counter: the envelope counter when the payload was decoded, else None.
         envelope_hash: SHA-256 of the input when it was within the size limit, else None.
-        missing: for ``gap``, how many envelopes were skipped; else 0.
+        missing: for ``gap`` (and ``first`` above counter 1), how many envelopes were skipped; else 0.
         records: the records, only for accepted verdicts.
         envelope: the decoded envelope when the signature verified and the payload was valid, else None.
     """
@@ -262,8 +263,10 @@ class ChainVerifier:
             return Verdict(kind, reason, dev, c, h, missing, env.records if accepted else (), env if accepted else None)
 
         if head is None:
-            self._state.advance(dev, link, missing_from=None)
-            return verdict(VerdictKind.FIRST, f"first envelope seen from {dev!r} (counter {c})")
+            # Counters below the first one seen are missing, not history: with shared subscriptions counter 2 can
+            # commit before counter 1, which must then still be accepted as late.
+            self._state.advance(dev, link, missing_from=1 if c > 1 else None)
+            return verdict(VerdictKind.FIRST, f"first envelope seen from {dev!r} (counter {c})", c - 1)
         if c == head.counter + 1:
             if env.prev != head.hash:
                 return verdict(VerdictKind.FORKED, f"counter {c} follows the head but its prev is not the head's hash")
