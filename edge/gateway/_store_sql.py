@@ -1,0 +1,611 @@
+"""The store's logic, shared by both backends: ingest, the registry, status, the ledger and quarantine queries.
+
+Backends (``_store_sqlite``, ``_store_postgres``) supply the connection, the transaction, the SQL dialect and the
+error types to translate; every rule lives here, once.
+
+Ingest of one batch, in one transaction:
+1. The topic of each message names its device (``devices/<id>/telemetry``); any other topic is rejected as
+   ``wrong_topic`` without verifying anything (the device it is attributed to is the unverified kid, if readable).
+2. The registered devices among the topics are loaded with one query, and their chain rows locked with one query in
+   sorted order (created first if missing): every later read of a chain happens under that lock.
+3. Each message is verified in order by ``ChainVerifier`` over a ``BatchState``; accepted envelopes, chain heads,
+   quarantine rows and ledger increments are collected in memory.
+4. Everything is written with one ``executemany`` per table, ledger rows in sorted order.
+A database failure anywhere rolls the whole batch back and raises ``StoreError``; bad input never raises.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import dataclasses
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Final
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from edge.gateway import _sql as q
+from edge.gateway._batch import BatchState, ChainRow, DeviceKey, Hole, LedgerTally
+from edge.gateway._checks import check_day, check_device, check_time, iso, redact, topic_device, utc_day
+from edge.gateway._sql import Dialect
+from edge.gateway._status import StatusRow, merge_status, parse_status
+from edge.gateway.errors import DeviceExistsError, StoreError, UnknownDeviceError
+from edge.gateway.store import DeviceRecord, DeviceStatus, Inbound, IngestResult, LedgerRow, StoredEnvelope
+from edge.telemetry.envelope import envelope_hash, parse_envelope
+from edge.telemetry.errors import MalformedEnvelopeError
+from edge.telemetry.schema import TelemetryLimits
+from edge.telemetry.verify import ChainLink, ChainVerifier, Verdict, VerdictKind
+
+__all__ = ["QUARANTINE_PAYLOAD_BYTES", "SqlStore"]
+
+V = VerdictKind
+
+QUARANTINE_PAYLOAD_BYTES: Final = 64 * 1024
+_MAX_TOPIC_CHARS: Final = 1024
+_COUNTER_MAX: Final = (1 << 63) - 1
+_PAGE_ROWS: Final = 64  # envelopes per page when streaming: ~1 MB at 14 KB each, bounded by 64 x the size limit
+_KEY_CACHE_MAX: Final = 65536
+
+
+def _day_conditions(day_from: str | None, day_to: str | None) -> tuple[str, list[object]]:
+    sql, params = "", list[object]()
+    if check_day(day_from, "day_from") is not None:
+        sql, params = sql + " AND day >= ?", [*params, day_from]
+    if check_day(day_to, "day_to") is not None:
+        sql, params = sql + " AND day <= ?", [*params, day_to]
+    return sql, params
+
+
+class _DayCache:
+    """UTC days of receipt times, computed once per day number (a batch spans one or two days)."""
+
+    def __init__(self) -> None:
+        self._days: dict[int, str] = {}
+
+    def __call__(self, t: float) -> str:
+        n = int(t // 86400)
+        day = self._days.get(n)
+        if day is None:
+            day = self._days[n] = utc_day(t)
+        return day
+
+
+class SqlStore(abc.ABC):
+    """Everything of ``edge.gateway.store.Store`` except the connection; see the module docstring.
+
+    Not safe for concurrent use: one instance per thread.
+    """
+
+    dialect: Dialect
+
+    def __init__(self, url: str, limits: TelemetryLimits) -> None:
+        """Connect and create or check the schema.
+
+        Args:
+            url: the URL it was opened with (kept as ``url``).
+            limits: the telemetry limits for verification.
+
+        Raises:
+            StoreError: cannot connect, or the schema is newer than this code.
+        """
+        self.url = url
+        self._limits = limits
+        self._key_objects: dict[bytes, Ed25519PublicKey] = {}
+        self._sql_cache: dict[str, str] = {}
+        self._closed = False
+        with self._guard("open"):
+            self._connect()
+        try:
+            self._init_schema()
+        except BaseException:
+            self.close()
+            raise
+
+    # ---------------------------------------------------------------------------------------------- the backend
+
+    @abc.abstractmethod
+    def _connect(self) -> None:
+        """Open the connection (raises the driver's errors)."""
+
+    @abc.abstractmethod
+    def _disconnect(self) -> None:
+        """Close the connection."""
+
+    @abc.abstractmethod
+    def _driver_errors(self) -> tuple[type[BaseException], ...]:
+        """The driver's exception types, translated to ``StoreError``."""
+
+    @abc.abstractmethod
+    def _transaction(self) -> contextlib.AbstractContextManager[None]:
+        """A write transaction: committed on success, rolled back on any exception."""
+
+    @abc.abstractmethod
+    def _lock_schema(self) -> None:
+        """Serialise schema creation against other processes (inside the transaction)."""
+
+    @abc.abstractmethod
+    def _execute(self, sql: str, params: Sequence[object] = ()) -> int:
+        """Run one statement; returns its row count."""
+
+    @abc.abstractmethod
+    def _executemany(self, sql: str, rows: Sequence[Sequence[object]]) -> None:
+        """Run one statement for many parameter rows."""
+
+    @abc.abstractmethod
+    def _query(self, sql: str, params: Sequence[object] = ()) -> list[tuple[Any, ...]]:
+        """Run one query; returns all rows."""
+
+    # ----------------------------------------------------------------------------------------------- plumbing
+
+    def _sql(self, text: str) -> str:
+        out = self._sql_cache.get(text)
+        if out is None:
+            out = self._sql_cache[text] = self.dialect.sql(text)
+        return out
+
+    @contextlib.contextmanager
+    def _guard(self, operation: str) -> Iterator[None]:
+        """Translate the driver's errors into ``StoreError`` naming the backend and operation."""
+        if self._closed and operation != "open":
+            raise StoreError(f"{self.dialect.name} store {operation}: the store is closed")
+        try:
+            yield
+        except self._driver_errors() as e:
+            raise StoreError(f"{self.dialect.name} store {operation} failed: {e}") from e
+
+    def _init_schema(self) -> None:
+        with self._guard("schema check"), self._transaction():
+            self._lock_schema()
+            self._execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            (version,) = self._query("SELECT MAX(version) FROM schema_version")[0]
+            if version is None:
+                for statement in q.SCHEMA:
+                    self._execute(self._sql(statement))
+                self._execute(self._sql("INSERT INTO schema_version (version) VALUES (?)"), (q.SCHEMA_VERSION,))
+            elif version != q.SCHEMA_VERSION:
+                raise StoreError(
+                    f"{redact(self.url)}: schema version {version}, this code knows {q.SCHEMA_VERSION}"
+                    + (" (written by a newer gateway: upgrade it)" if version > q.SCHEMA_VERSION else "")
+                )
+
+    def close(self) -> None:
+        """Close the connection; idempotent."""
+        if not self._closed:
+            self._closed = True
+            with contextlib.suppress(*self._driver_errors()):
+                self._disconnect()
+
+    def __enter__(self) -> SqlStore:
+        """Use the store as a context manager that closes it."""
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Close the store."""
+        self.close()
+
+    # ------------------------------------------------------------------------------------------------ devices
+
+    def add_device(self, device: DeviceRecord) -> None:
+        """Register a device (see ``Store.add_device``)."""
+        check_device(device)
+        with self._guard("add_device"), self._transaction():
+            inserted = self._execute(
+                self._sql(q.INSERT_DEVICE),
+                dataclasses.astuple(device),
+            )
+            if not inserted:
+                raise DeviceExistsError(f"device {device.device_id!r} is already registered")
+            self._execute(
+                self._sql("INSERT INTO chains (device_id) VALUES (?) ON CONFLICT (device_id) DO NOTHING"),
+                (device.device_id,),
+            )
+
+    def device(self, device_id: str) -> DeviceRecord | None:
+        """The device with this id, or None (see ``Store.device``)."""
+        with self._guard("device"):
+            rows = self._query(self._sql(q.SELECT_DEVICES + " WHERE device_id = ?"), (device_id,))
+        return _device_record(rows[0]) if rows else None
+
+    def devices(self) -> list[DeviceRecord]:
+        """Every registered device, ordered by id (see ``Store.devices``)."""
+        with self._guard("devices"):
+            rows = self._query(q.SELECT_DEVICES)
+        # Sorted here, not by the database: PostgreSQL's collation may not order ids by code point as SQLite does.
+        return [_device_record(r) for r in sorted(rows)]
+
+    def revoke_device(self, device_id: str, at: float) -> DeviceRecord:
+        """Revoke a device from ``at`` on; idempotent (see ``Store.revoke_device``)."""
+        at = check_time(at, "revocation time")
+        with self._guard("revoke_device"), self._transaction():
+            self._execute(
+                self._sql("UPDATE devices SET revoked_at = ? WHERE device_id = ? AND revoked_at IS NULL"),
+                (at, device_id),
+            )
+            rows = self._query(self._sql(q.SELECT_DEVICES + " WHERE device_id = ?"), (device_id,))
+        if not rows:
+            raise UnknownDeviceError(f"no device {device_id!r} is registered")
+        return _device_record(rows[0])
+
+    # ------------------------------------------------------------------------------------------------- ingest
+
+    def ingest(self, batch: Sequence[Inbound]) -> list[IngestResult]:
+        """Verify and store a batch in one transaction (see ``Store.ingest`` and the module docstring).
+
+        Args:
+            batch: messages in the order received.
+
+        Returns:
+            One result per message, in order.
+
+        Raises:
+            GatewayInputError: a ``received_at`` is not epoch seconds (the caller's clock, not the device's input).
+            StoreError: the database failed; nothing was committed, so the messages must not be acknowledged.
+        """
+        for msg in batch:
+            check_time(msg.received_at, "received_at")
+        if not batch:
+            return []
+        with self._guard("ingest"), self._transaction():
+            return self._ingest(batch)
+
+    def _ingest(self, batch: Sequence[Inbound]) -> list[IngestResult]:
+        topic_devices = [topic_device(m.topic) for m in batch]
+        ids = sorted({d for d in topic_devices if d is not None})
+        devices = self._load_device_keys(ids)
+        chains = self._lock_chains([i for i in ids if devices[i] is not None])
+        tally = LedgerTally()
+        state = BatchState(self, devices, chains, tally)
+        verifier = ChainVerifier(state, state, self._limits)
+        days = _DayCache()
+        envelope_rows: list[tuple[object, ...]] = []
+        quarantine_rows: list[tuple[object, ...]] = []
+        results: list[IngestResult] = []
+        for msg, dev in zip(batch, topic_devices, strict=True):
+            t = float(msg.received_at)
+            day = days(t)
+            state.at(t, day)
+            v = verifier.verify(msg.payload, topic_device=dev) if dev is not None else self._bad_topic(msg)
+            if v.accepted:
+                env = v.envelope
+                assert env is not None  # accepted verdicts carry the envelope
+                envelope_rows.append(
+                    (env.device_id, env.counter, t, day, len(env.records), env.hash, env.prev, msg.payload)
+                )
+                tally.accepted(env.device_id, day, env.records, late=v.kind is V.LATE)
+                chain = chains[env.device_id]
+                if chain.last_accepted is None or t > chain.last_accepted:
+                    chain.last_accepted = t
+                results.append(IngestResult(v, True))
+            elif v.kind is V.DUPLICATE:
+                assert v.device_id is not None  # the chain check ran: the kid is known
+                tally.add(v.device_id, day, "duplicates")
+                results.append(IngestResult(v, True))
+            else:
+                if v.kind is V.UNKNOWN_DEVICE:
+                    v = _explain_revoked(v, state, t)
+                who = v.device_id or dev
+                if who is not None and state.device(who) is not None:
+                    tally.add(who, day, "rejects")
+                quarantine_rows.append(_quarantine_row(msg, who, v))
+                results.append(IngestResult(v, False))
+        self._write_batch(envelope_rows, chains, quarantine_rows, tally)
+        return results
+
+    def _bad_topic(self, msg: Inbound) -> Verdict:
+        """The verdict for a message on a topic that is not ``devices/<id>/telemetry``; nothing is verified."""
+        data = msg.payload
+        kid: str | None = None
+        h = None
+        if isinstance(data, bytes) and len(data) <= self._limits.max_envelope_bytes:
+            with contextlib.suppress(MalformedEnvelopeError):
+                kid = parse_envelope(data, self._limits)[0]  # unverified: used only to attribute the reject
+            h = envelope_hash(data)
+        reason = f"topic {str(msg.topic)!r:.120} is not devices/<device id>/telemetry"
+        return Verdict(V.WRONG_TOPIC, reason, kid, envelope_hash=h)
+
+    def _load_device_keys(self, ids: list[str]) -> dict[str, DeviceKey | None]:
+        found: dict[str, DeviceKey | None] = dict.fromkeys(ids)
+        if ids:
+            cond, params = self.dialect.in_list("device_id", ids)
+            for device_id, raw, revoked_at in self._query(
+                f"SELECT device_id, public_key, revoked_at FROM devices WHERE {cond}",  # noqa: S608
+                params,
+            ):
+                found[device_id] = DeviceKey(self._key_object(bytes(raw)), revoked_at)
+        return found
+
+    def _key_object(self, raw: bytes) -> Ed25519PublicKey:
+        key = self._key_objects.get(raw)
+        if key is None:
+            if len(self._key_objects) >= _KEY_CACHE_MAX:
+                self._key_objects.clear()
+            key = self._key_objects[raw] = Ed25519PublicKey.from_public_bytes(raw)
+        return key
+
+    def _lock_chains(self, ids: list[str]) -> dict[str, ChainRow]:
+        """Lock the chain rows of ``ids`` (sorted) for this transaction, creating missing ones; return them."""
+        chains = self._select_chains(ids)
+        missing = [i for i in ids if i not in chains]
+        if missing:
+            cond, params = self.dialect.in_list("device_id", missing)
+            self._execute(
+                f"INSERT INTO chains (device_id) SELECT device_id FROM devices WHERE {cond}"  # noqa: S608
+                " ORDER BY device_id ON CONFLICT (device_id) DO NOTHING",
+                params,
+            )
+            chains.update(self._select_chains(missing))
+        return chains
+
+    def _select_chains(self, ids: list[str]) -> dict[str, ChainRow]:
+        if not ids:
+            return {}
+        cond, params = self.dialect.in_list("device_id", ids)
+        rows = self._query(
+            "SELECT device_id, head_counter, head_hash, head_prev, gaps, last_accepted FROM chains"  # noqa: S608
+            f" WHERE {cond} ORDER BY device_id{self.dialect.lock_rows}",
+            params,
+        )
+        return {
+            dev: ChainRow(None if c is None else ChainLink(c, bytes(h), bytes(p)), gaps, last)
+            for dev, c, h, p, gaps, last in rows
+        }
+
+    def _write_batch(
+        self,
+        envelope_rows: list[tuple[object, ...]],
+        chains: dict[str, ChainRow],
+        quarantine_rows: list[tuple[object, ...]],
+        tally: LedgerTally,
+    ) -> None:
+        if envelope_rows:
+            self._executemany(self._sql(q.INSERT_ENVELOPE), envelope_rows)
+        chain_rows = [
+            (c.head.counter, c.head.hash, c.head.prev, c.gaps, c.last_accepted, dev)
+            for dev, c in sorted(chains.items())
+            if c.dirty and c.head is not None
+        ]
+        if chain_rows:
+            self._executemany(self._sql(q.UPDATE_CHAIN), chain_rows)
+        if quarantine_rows:
+            self._executemany(self._sql(q.INSERT_QUARANTINE), quarantine_rows)
+        ledger_rows = tally.ledger_rows()
+        if ledger_rows:
+            self._executemany(self._sql(q.UPSERT_LEDGER), ledger_rows)
+        inference_rows = tally.inference_rows()
+        if inference_rows:
+            self._executemany(self._sql(q.UPSERT_INFERENCES), inference_rows)
+
+    # Backing (for BatchState, inside the ingest transaction)
+
+    def load_device_key(self, device_id: str) -> DeviceKey | None:
+        """The device's key and revocation time, or None (``Backing``)."""
+        return self._load_device_keys([device_id])[device_id]
+
+    def stored_link(self, device_id: str, counter: int) -> ChainLink | None:
+        """The stored envelope at ``counter`` as a link, or None (``Backing``)."""
+        rows = self._query(
+            self._sql("SELECT hash, prev FROM envelopes WHERE device_id = ? AND counter = ?"), (device_id, counter)
+        )
+        return ChainLink(counter, bytes(rows[0][0]), bytes(rows[0][1])) if rows else None
+
+    def hole_at(self, device_id: str, counter: int) -> Hole | None:
+        """The open hole containing ``counter``, or None (``Backing``); holes are disjoint, keyed by ``lo``."""
+        rows = self._query(
+            self._sql("SELECT lo, hi, day FROM holes WHERE device_id = ? AND lo <= ? ORDER BY lo DESC LIMIT 1"),
+            (device_id, counter),
+        )
+        if rows and rows[0][1] >= counter:
+            return Hole(*rows[0])
+        return None
+
+    def replace_hole(self, device_id: str, old_lo: int | None, new: list[Hole]) -> None:
+        """Delete the hole at ``old_lo`` and insert ``new`` (``Backing``)."""
+        if old_lo is not None:
+            self._execute(self._sql("DELETE FROM holes WHERE device_id = ? AND lo = ?"), (device_id, old_lo))
+        if new:
+            self._executemany(
+                self._sql("INSERT INTO holes (device_id, lo, hi, day) VALUES (?, ?, ?, ?)"),
+                [(device_id, h.lo, h.hi, h.day) for h in new],
+            )
+
+    # ------------------------------------------------------------------------------------------------- status
+
+    def record_status(self, device_id: str, status: Mapping[str, Any], at: float) -> None:
+        """Store a device's latest status message (see ``Store.record_status`` and ``_status``).
+
+        Args:
+            device_id: the device id of the status topic (registered or not: strangers are kept, see ``strangers``).
+            status: the decoded JSON object.
+            at: the gateway's receipt time.
+
+        Raises:
+            GatewayInputError: invalid device id or time, not a JSON-encodable mapping, or over 64 KiB as JSON.
+            StoreError: the database failed.
+        """
+        new = parse_status(device_id, status, at)
+        with self._guard("record_status"), self._transaction():
+            if self._execute(self._sql(q.INSERT_STATUS), (device_id, *dataclasses.astuple(new))):
+                return
+            (old,) = self._query(self._sql(q.SELECT_STATUS + self.dialect.lock_rows), (device_id,))
+            row = merge_status(StatusRow(*old), new)
+            self._execute(self._sql(q.UPDATE_STATUS), (*dataclasses.astuple(row), device_id))
+
+    def statuses(self) -> list[DeviceStatus]:
+        """The status of every registered device, ordered by id (see ``Store.statuses``)."""
+        with self._guard("statuses"):
+            rows = self._query(
+                self._sql(
+                    "SELECT d.device_id, s.state, s.reason, s.since, s.last_seen, s.model, s.outbox_backlog, s.info,"
+                    " c.head_counter, c.gaps, c.last_accepted, r.rejects"
+                    " FROM devices d"
+                    " LEFT JOIN statuses s ON s.device_id = d.device_id"
+                    " LEFT JOIN chains c ON c.device_id = d.device_id"
+                    " LEFT JOIN (SELECT device_id, CAST(SUM(rejects) AS {int}) AS rejects FROM ledger"
+                    " GROUP BY device_id) r ON r.device_id = d.device_id"
+                )
+            )
+        out = []
+        for dev, state, reason, since, seen, model, backlog, info, head, gaps, accepted, rejects in sorted(rows):
+            last_seen = max((t for t in (seen, accepted) if t is not None), default=None)
+            out.append(
+                DeviceStatus(
+                    dev,
+                    state or "unknown",
+                    reason,
+                    since,
+                    last_seen,
+                    head,
+                    gaps or 0,
+                    rejects or 0,
+                    model,
+                    backlog,
+                    json.loads(info) if info else {},
+                )
+            )
+        return out
+
+    def strangers(self) -> list[DeviceStatus]:
+        """Status messages from device ids that are not registered, ordered by id (see ``Store.strangers``)."""
+        with self._guard("strangers"):
+            rows = self._query(
+                "SELECT device_id, state, reason, since, last_seen, model, outbox_backlog, info FROM statuses s"
+                " WHERE NOT EXISTS (SELECT 1 FROM devices d WHERE d.device_id = s.device_id)"
+            )
+        return [
+            DeviceStatus(dev, state, reason, since, seen, None, 0, 0, model, backlog, json.loads(info))
+            for dev, state, reason, since, seen, model, backlog, info in sorted(rows)
+        ]
+
+    # ------------------------------------------------------------------------------------------------- ledger
+
+    def ledger(
+        self, *, device_id: str | None = None, day_from: str | None = None, day_to: str | None = None
+    ) -> list[LedgerRow]:
+        """Ledger rows ordered by (device, day); day bounds inclusive (see ``Store.ledger``)."""
+        where, params = _day_conditions(day_from, day_to)
+        if device_id is not None:
+            where, params = where + " AND device_id = ?", [*params, device_id]
+        with self._guard("ledger"):
+            rows = self._query(
+                self._sql(f"SELECT device_id, day, {q.LEDGER_COLUMNS} FROM ledger WHERE 1 = 1{where}"),  # noqa: S608
+                params,
+            )
+            models = self._query(
+                self._sql(f"SELECT device_id, day, model_id, count FROM ledger_inferences WHERE 1 = 1{where}"),  # noqa: S608
+                params,
+            )
+        inferences: dict[tuple[str, str], dict[str, int]] = {}
+        for dev, day, model, n in sorted(models):
+            inferences.setdefault((dev, day), {})[model] = n
+        out = []
+        for dev, day, env, rec, readings, events, missing, late, dups, rejects, lost in sorted(rows):
+            out.append(
+                LedgerRow(
+                    device_id=dev,
+                    day=day,
+                    envelopes=env,
+                    records=rec,
+                    inferences=inferences.get((dev, day), {}),
+                    readings=readings,
+                    events=events,
+                    missing=missing,
+                    late=late,
+                    duplicates=dups,
+                    rejects=rejects,
+                    announced_lost=lost,
+                )
+            )
+        return out
+
+    def envelopes(
+        self, device_id: str, *, day_from: str | None = None, day_to: str | None = None, from_counter: int = 0
+    ) -> Iterator[StoredEnvelope]:
+        """Stored envelopes of a device in counter order, fetched in pages (see ``Store.envelopes``).
+
+        Pages are read by key (counter > the last one returned), so no cursor stays open between pages and other
+        calls on this store may interleave; an envelope filled late below the current position is not returned.
+
+        Raises:
+            GatewayInputError: a day is not ``YYYY-MM-DD`` (raised here, before iterating).
+            StoreError: the database failed (raised while iterating).
+        """
+        where, params = _day_conditions(day_from, day_to)
+        return self._envelope_pages(device_id, where, params, max(0, from_counter))
+
+    def _envelope_pages(self, device_id: str, where: str, params: list[object], start: int) -> Iterator[StoredEnvelope]:
+        stop = _COUNTER_MAX
+        if where:  # a day range: its counter bounds from the day index, then pages along the primary key
+            with self._guard("envelopes"):
+                lo, hi = self._query(
+                    self._sql(f"SELECT MIN(counter), MAX(counter) FROM envelopes WHERE device_id = ?{where}"),  # noqa: S608
+                    [device_id, *params],
+                )[0]
+            if lo is None:
+                return
+            start, stop = max(start, lo), hi
+        page = self._sql(
+            "SELECT counter, hash, prev, received_at, data FROM envelopes"  # noqa: S608
+            f" WHERE device_id = ? AND counter >= ? AND counter <= ?{where} ORDER BY counter LIMIT ?"
+        )
+        while start <= stop:
+            with self._guard("envelopes"):
+                rows = self._query(page, [device_id, start, stop, *params, _PAGE_ROWS])
+            for counter, h, prev, received_at, data in rows:
+                yield StoredEnvelope(device_id, counter, bytes(h), bytes(prev), received_at, bytes(data))
+            if len(rows) < _PAGE_ROWS:
+                return
+            start = rows[-1][0] + 1
+
+    # --------------------------------------------------------------------------------------------- quarantine
+
+    def quarantine_counts(self) -> dict[str, int]:
+        """Rejected inputs by kind (see ``Store.quarantine_counts``)."""
+        with self._guard("quarantine_counts"):
+            rows = self._query("SELECT kind, COUNT(*) FROM quarantine GROUP BY kind ORDER BY kind")
+        return {kind: int(n) for kind, n in rows}
+
+    def quarantined(self, *, limit: int = 100) -> list[dict[str, Any]]:
+        """The newest quarantined inputs first (see ``Store.quarantined``)."""
+        with self._guard("quarantined"):
+            rows = self._query(
+                self._sql(
+                    "SELECT received_at, topic, device_id, kind, reason, size, hash FROM quarantine"
+                    " ORDER BY id DESC LIMIT ?"
+                ),
+                (max(0, int(limit)),),
+            )
+        keys = ("time", "topic", "device", "kind", "reason", "size", "hash")
+        return [dict(zip(keys, (*r[:6], None if r[6] is None else bytes(r[6]).hex()), strict=True)) for r in rows]
+
+
+# --------------------------------------------------------------------------------------------------- helpers
+
+
+def _device_record(row: tuple[Any, ...]) -> DeviceRecord:
+    device_id, did, public_key, cert_pem, enrolled_at, revoked_at = row
+    return DeviceRecord(device_id, did, bytes(public_key), cert_pem, enrolled_at, revoked_at)
+
+
+def _explain_revoked(v: Verdict, state: BatchState, t: float) -> Verdict:
+    """Say "revoked" in the reason when the unknown device is a registered, revoked one."""
+    dev = state.device(v.device_id) if v.device_id is not None else None
+    if dev is None or dev.revoked_at is None:
+        return v
+    reason = f"device {v.device_id!r} was revoked at {iso(dev.revoked_at)}; envelope received at {iso(t)}"
+    return dataclasses.replace(v, reason=reason)
+
+
+def _quarantine_row(msg: Inbound, device_id: str | None, v: Verdict) -> tuple[object, ...]:
+    data = msg.payload if isinstance(msg.payload, bytes) else b""
+    topic = msg.topic if isinstance(msg.topic, str) else repr(msg.topic)
+    return (
+        float(msg.received_at),
+        topic[:_MAX_TOPIC_CHARS],
+        device_id,
+        str(v.kind),
+        v.reason,
+        len(data),
+        v.envelope_hash,
+        data[:QUARANTINE_PAYLOAD_BYTES],
+    )

@@ -1,0 +1,325 @@
+"""The gateway's storage: registered devices, verified envelopes, chain state, the work ledger, quarantine, status.
+
+One ``Store`` protocol, two backends that share every rule (``_store_sql.SqlStore``) and differ only in connection
+handling, SQL dialect and locking: SQLite (the embedded default for one gateway, WAL) and PostgreSQL (several
+gateway processes on one database). ``open_store`` picks the backend from a URL.
+
+Invariants:
+- An envelope is stored at most once per (device, counter), as the exact bytes received, and only when the verifier
+  accepted it (``first``, ``next``, ``gap``, ``late``); records are not stored one by one: their counts go to the
+  ledger, and the bytes stay re-verifiable by anyone holding the device's did:key.
+- ``ingest`` commits a whole batch or nothing. The chain head, the open holes, the envelopes and the ledger move
+  together, so a crash or a database error never leaves the chain and the ledger disagreeing; the caller acks the
+  broker only after ``ingest`` returned, so an uncommitted batch is redelivered and verified again.
+- Calls for one device serialise on its chain row (PostgreSQL ``SELECT .. FOR UPDATE``, rows locked in sorted
+  order so two workers never deadlock; SQLite ``BEGIN IMMEDIATE``), so two gateway processes fed by an MQTT shared
+  subscription never store an envelope twice nor see a false fork.
+- Days are UTC days of the gateway's ``received_at``: device clocks are not trusted for accounting.
+- Thread-safety: a ``Store`` holds one database connection and is not safe for concurrent use; give each thread
+  (or worker process) its own ``Store``. Several stores on one database are safe: that is what the locking is for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from edge.errors import ConfigError
+from edge.telemetry.schema import DEFAULT_LIMITS, TelemetryLimits
+from edge.telemetry.verify import Verdict
+
+__all__ = [
+    "DeviceRecord",
+    "DeviceStatus",
+    "Inbound",
+    "IngestResult",
+    "LedgerRow",
+    "Store",
+    "StoredEnvelope",
+    "open_store",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceRecord:
+    """A registered device.
+
+    Attributes:
+        device_id: the device id (an MQTT topic level: ``[A-Za-z0-9][A-Za-z0-9_.-]{0,63}``).
+        did: the did:key of the device's Ed25519 key.
+        public_key: the raw 32-byte Ed25519 public key (must be the key ``did`` names).
+        cert_pem: the certificate the fleet CA issued.
+        enrolled_at: when it was registered (epoch seconds).
+        revoked_at: when it was revoked, else None; its envelopes received from then on are rejected.
+    """
+
+    device_id: str
+    did: str
+    public_key: bytes
+    cert_pem: str
+    enrolled_at: float
+    revoked_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Inbound:
+    """One MQTT message as the ingest loop received it.
+
+    Attributes:
+        topic: the topic as received, e.g. ``devices/cam-1/telemetry``.
+        payload: the message bytes (an envelope, if the device behaves).
+        received_at: the gateway's clock at receipt (epoch seconds); the caller supplies it.
+    """
+
+    topic: str
+    payload: bytes
+    received_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class IngestResult:
+    """The outcome of one inbound message.
+
+    Attributes:
+        verdict: the verifier's classification (``edge.telemetry.verify.Verdict``).
+        stored: True when the envelope is in the envelopes table after the call (accepted now, or a duplicate of
+            one stored before); False for rejects, which went to quarantine.
+    """
+
+    verdict: Verdict
+    stored: bool
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerRow:
+    """The verified work of one device on one UTC day (by the gateway's ``received_at``).
+
+    Attributes:
+        device_id: the device.
+        day: ``YYYY-MM-DD``.
+        envelopes: accepted envelopes.
+        records: records in them (every type).
+        inferences: inference records by model id (``name@version``).
+        readings: reading records.
+        events: event records.
+        missing: counters skipped by gaps opened that day, minus those of them filled late since.
+        late: envelopes received that day that arrived late and filled a gap.
+        duplicates: redelivered or replayed copies of stored envelopes (not stored again).
+        rejects: quarantined inputs attributed to this device (by kid, else by topic).
+        announced_lost: envelopes the device itself reported dropped (loss notices received that day).
+    """
+
+    device_id: str
+    day: str
+    envelopes: int
+    records: int
+    inferences: dict[str, int]
+    readings: int
+    events: int
+    missing: int
+    late: int
+    duplicates: int
+    rejects: int
+    announced_lost: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceStatus:
+    """What the gateway knows about a device's liveness.
+
+    Attributes:
+        device_id: the device.
+        state: ``online`` or ``offline`` from its last status message, ``unknown`` if it never sent one.
+        reason: the offline reason from the status message (``lost``, ``shutdown``), else None.
+        since: when the state last changed (gateway clock), None if never heard.
+        last_seen: the last status message or accepted envelope (gateway clock), None if never heard.
+        last_counter: the head of its chain, None before its first accepted envelope.
+        gaps: open missing counters (skipped by gaps, not filled late).
+        rejects: quarantined inputs attributed to it, all days.
+        model: the model id from its last status that named one (the birth message), else None.
+        outbox_backlog: envelopes waiting in its outbox according to its last status, else None.
+        info: the last status payload as received (a JSON object; empty if none).
+    """
+
+    device_id: str
+    state: str
+    reason: str | None
+    since: float | None
+    last_seen: float | None
+    last_counter: int | None
+    gaps: int
+    rejects: int
+    model: str | None
+    outbox_backlog: int | None
+    info: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEnvelope:
+    """An accepted envelope as stored.
+
+    Attributes:
+        device_id: the device.
+        counter: its counter.
+        hash: SHA-256 of ``data`` (the chain hash).
+        prev: the prev hash it carried.
+        received_at: when the gateway received it.
+        data: the exact bytes received (re-verifiable with the device's key).
+    """
+
+    device_id: str
+    counter: int
+    hash: bytes
+    prev: bytes
+    received_at: float
+    data: bytes
+
+
+class Store(Protocol):
+    """The gateway's storage; both backends implement it. Not safe for concurrent use: one ``Store`` per thread."""
+
+    url: str
+
+    def add_device(self, device: DeviceRecord) -> None:
+        """Register a device.
+
+        Args:
+            device: the record; ``did`` must name ``public_key``.
+
+        Raises:
+            DeviceExistsError: a device with this id exists (revoked or not).
+            GatewayInputError: invalid id, key, did:key or times.
+            StoreError: the database failed.
+        """
+
+    def device(self, device_id: str) -> DeviceRecord | None:
+        """The device with this id (revoked ones included), or None.
+
+        Raises:
+            StoreError: the database failed.
+        """
+
+    def devices(self) -> list[DeviceRecord]:
+        """Every registered device (revoked ones included), ordered by id.
+
+        Raises:
+            StoreError: the database failed.
+        """
+
+    def revoke_device(self, device_id: str, at: float) -> DeviceRecord:
+        """Revoke a device from ``at`` on; idempotent (a second call keeps the first time).
+
+        Args:
+            device_id: the device.
+            at: the revocation time (epoch seconds, gateway clock).
+
+        Returns:
+            The device record after the call.
+
+        Raises:
+            UnknownDeviceError: no such device.
+            StoreError: the database failed.
+        """
+
+    def ingest(self, batch: Sequence[Inbound]) -> list[IngestResult]:
+        """Verify and store a batch of telemetry messages in one transaction.
+
+        Args:
+            batch: messages in the order received.
+
+        Returns:
+            One result per message, in order. Bad input never raises: it gets a reject verdict and a quarantine row.
+
+        Raises:
+            StoreError: the database failed; nothing of the batch was committed, so the caller must not acknowledge
+                the messages (the broker redelivers them and they are verified again).
+        """
+
+    def record_status(self, device_id: str, status: Mapping[str, Any], at: float) -> None:
+        """Store a device's latest status message (``devices/<id>/status``), registered or not.
+
+        Raises:
+            GatewayInputError: invalid device id, or a status that is not a JSON object of bounded size.
+            StoreError: the database failed.
+        """
+
+    def statuses(self) -> list[DeviceStatus]:
+        """The status of every registered device, ordered by id (strangers: ``strangers()``).
+
+        Raises:
+            StoreError: the database failed.
+        """
+
+    def strangers(self) -> list[DeviceStatus]:
+        """Status messages from device ids that are not registered, ordered by id.
+
+        Raises:
+            StoreError: the database failed.
+        """
+
+    def ledger(
+        self, *, device_id: str | None = None, day_from: str | None = None, day_to: str | None = None
+    ) -> list[LedgerRow]:
+        """Ledger rows, ordered by (device, day); the day bounds are inclusive.
+
+        Raises:
+            GatewayInputError: a day is not ``YYYY-MM-DD``.
+            StoreError: the database failed.
+        """
+
+    def envelopes(
+        self, device_id: str, *, day_from: str | None = None, day_to: str | None = None, from_counter: int = 0
+    ) -> Iterator[StoredEnvelope]:
+        """Stored envelopes of a device in counter order, streamed in pages.
+
+        Raises:
+            GatewayInputError: a day is not ``YYYY-MM-DD``.
+            StoreError: the database failed.
+        """
+
+    def quarantine_counts(self) -> dict[str, int]:
+        """Rejected inputs by kind (``VerdictKind`` values).
+
+        Raises:
+            StoreError: the database failed.
+        """
+
+    def quarantined(self, *, limit: int = 100) -> list[dict[str, Any]]:
+        """The newest quarantined inputs first: time, topic, device, kind, reason, size, hash (hex or None).
+
+        Raises:
+            StoreError: the database failed.
+        """
+
+    def close(self) -> None:
+        """Close the connection; idempotent."""
+
+
+def open_store(url: str, *, limits: TelemetryLimits = DEFAULT_LIMITS) -> Store:
+    """Open (and create or check the schema of) a store.
+
+    Args:
+        url: ``sqlite:///abs/path.db``, ``sqlite:relative.db`` or a bare file path for SQLite (WAL mode);
+            ``postgresql://...`` (or ``postgres://...``) for PostgreSQL.
+        limits: the telemetry limits envelopes are verified under.
+
+    Returns:
+        The store. The schema is created if missing (versioned in a ``schema_version`` table).
+
+    Raises:
+        ConfigError: the URL names no supported backend.
+        StoreError: the database cannot be opened, or its schema is newer than this code.
+    """
+    if not isinstance(url, str) or not url:
+        raise ConfigError("store url", url, "sqlite:///path.db, sqlite:path.db, a file path or postgresql://...")
+    if url.startswith(("postgresql://", "postgres://")):
+        from edge.gateway._store_postgres import PostgresStore  # noqa: PLC0415 -- psycopg is an optional extra
+
+        return PostgresStore(url, limits)
+    scheme, sep, _ = url.partition("://")
+    if sep and scheme != "sqlite":
+        raise ConfigError("store url", url, "a sqlite: or postgresql:// URL or a file path")
+    from edge.gateway._store_sqlite import SqliteStore  # noqa: PLC0415 -- keep import cost out of postgres users
+
+    return SqliteStore(url, limits)
