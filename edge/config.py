@@ -23,6 +23,7 @@ from edge.sensing.frames import PixelFormat
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
+    "LIVE_SETTINGS",
     "Config",
     "DeviceConfig",
     "LogConfig",
@@ -32,6 +33,7 @@ __all__ = [
     "SinkConfig",
     "SourceConfig",
     "TelemetryConfig",
+    "config_keys",
     "load_config",
     "data_path",
     "parse_config",
@@ -126,6 +128,7 @@ class TelemetryConfig:
     keepalive_s: int = 30
     session_expiry_s: int = 3600
     drain_timeout_s: float = 5.0
+    fleet_key: Path | None = Path("keys/fleet-commands.pub")  # None: commands disabled (every one rejected)
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,7 +167,7 @@ class _Section:
         self.used: set[str] = set()
 
     def key(self, key: str) -> str:
-        return f"{self.name}.{key}"
+        return f"{self.name}.{key}" if self.name else key
 
     def get(self, key: str, default: T, convert: Callable[[str, Any], T]) -> T:
         self.used.add(key)
@@ -231,6 +234,13 @@ def _optional_path(key: str, v: Any) -> Path | None:
     return _path(key, v)
 
 
+def _path_or_disabled(key: str, v: Any) -> Path | None:
+    # TOML has no null: the empty string switches the feature off.
+    if v == "":
+        return None
+    return _path(key, v)
+
+
 def _pixel_format(key: str, v: Any) -> PixelFormat:
     try:
         return PixelFormat(v)
@@ -261,6 +271,29 @@ def _channels(nonzero: bool) -> Callable[[str, Any], tuple[float, ...] | None]:
         return tuple(float(x) for x in v)
 
     return convert
+
+
+# Settings a running service can change (the fleet's ``set`` command, edge.telemetry.commands): the dotted key and
+# the converter that validates it, shared with ``parse_config`` so a live value obeys exactly the file's rules.
+LIVE_SETTINGS: Mapping[str, Callable[[str, Any], Any]] = {
+    "telemetry.batch_records": _int_at_least(1),
+    "telemetry.batch_age_s": _float_at_least(0.001),
+    "log.level": _choice(LOG_LEVELS),
+}
+
+
+def config_keys() -> frozenset[str]:
+    """Every dotted key the configuration file accepts (each section's dataclass fields are its keys).
+
+    Returns:
+        Keys such as ``"telemetry.batch_records"``.
+    """
+    defaults = Config()
+    return frozenset(
+        f"{section}.{key}"
+        for section in Config.__dataclass_fields__
+        for key in type(getattr(defaults, section)).__dataclass_fields__
+    )
 
 
 def parse_config(data: Mapping[str, Any]) -> Config:
@@ -335,19 +368,20 @@ def parse_config(data: Mapping[str, Any]) -> Config:
         cert=s.get("cert", dt.cert, _path),
         key=s.get("key", dt.key, _path),
         outbox=s.get("outbox", dt.outbox, _path),
-        batch_records=s.get("batch_records", dt.batch_records, _int_at_least(1)),
-        batch_age_s=s.get("batch_age_s", dt.batch_age_s, _float_at_least(0.001)),
+        batch_records=s.get("batch_records", dt.batch_records, LIVE_SETTINGS["telemetry.batch_records"]),
+        batch_age_s=s.get("batch_age_s", dt.batch_age_s, LIVE_SETTINGS["telemetry.batch_age_s"]),
         outbox_max_mb=s.get("outbox_max_mb", dt.outbox_max_mb, _float_at_least(0.01)),
         outbox_max_envelopes=s.get("outbox_max_envelopes", dt.outbox_max_envelopes, _int_at_least(2)),
         window=s.get("window", dt.window, _int_at_least(0)),
         keepalive_s=s.get("keepalive_s", dt.keepalive_s, _int_at_least(5)),
         session_expiry_s=s.get("session_expiry_s", dt.session_expiry_s, _int_at_least(0)),
         drain_timeout_s=s.get("drain_timeout_s", dt.drain_timeout_s, _float_at_least(0.0)),
+        fleet_key=s.get("fleet_key", dt.fleet_key, _path_or_disabled),
     )
 
     s = tables["log"]
     log = LogConfig(
-        level=s.get("level", dl.level, _choice(LOG_LEVELS)),
+        level=s.get("level", dl.level, LIVE_SETTINGS["log.level"]),
         format=s.get("format", dl.format, _choice(LOG_FORMATS)),
     )
     for section in tables.values():

@@ -88,7 +88,7 @@ format = "text"
         ({"model": {"threads": True}}, "model.threads", "an integer >= 1"),
         ({"model": {"spinning": "no"}}, "model.spinning", "true or false"),
         ({"model": {"thread": 1}}, "model.thread", "no such key"),
-        ({"modle": {}}, ".modle", "no such key"),
+        ({"modle": {}}, "modle", "no such key"),
         ({"source": {"kind": "camera"}}, "source.kind", "one of"),
         ({"source": {"pixel_format": "RGB"}}, "source.pixel_format", "one of RGB888"),
         ({"source": {"kind": "npz"}}, "source.path", "a path"),

@@ -6,8 +6,12 @@ Topics (``<id>`` is the device id, also the CN of its certificate, so the broker
 - ``devices/<id>/status``: retained JSON. A birth message on every (re)connect (state "online", model, versions,
   did:key, outbox backlog), the Last Will (state "offline", reason "lost") if the connection dies, and state
   "offline", reason "shutdown" on a clean stop. Sparkplug-style: the gateway derives online/offline from it.
-- ``devices/<id>/commands``: subscribed at QoS 1. Commands must be signed by the fleet; until the gateway issue
-  defines that format, every command is rejected, counted and logged.
+- ``devices/<id>/commands``: subscribed at QoS 1. A command runs only if it is signed by the fleet command key
+  (``telemetry.fleet_key``), addressed to this device, unexpired and never seen before (``edge.gateway.commands``;
+  the nonces persist in ``<data_dir>/command-nonces.cbor``). Without a provisioned key every command is rejected
+  ``unsigned``; the service runs on either way.
+- ``devices/<id>/replies``: one JSON reply per command message, QoS 1, not retained (``edge.telemetry.commands``).
+  Every rejection is also counted by reason (``commands_rejected``) and logged.
 """
 
 from __future__ import annotations
@@ -16,13 +20,26 @@ import json
 import logging
 import platform
 import time
+from collections import Counter
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 from edge import __version__
 from edge.config import Config, data_path
+from edge.errors import ConfigError, TransportError
+from edge.gateway.commands import (
+    CommandRejected,
+    CommandsUnavailable,
+    CommandUnsigned,
+    CommandVerifier,
+    FileNonceStore,
+)
 from edge.identity.did import did_key_from_public
-from edge.identity.keys import load_private_key
+from edge.identity.keys import load_private_key, load_public_key
 from edge.log import event
+from edge.telemetry.commands import COMMAND_NAMES, CommandExecutor, DeviceControls, reply_for
 from edge.telemetry.outbox import Outbox
 from edge.telemetry.publisher import Publisher
 from edge.telemetry.schema import DEFAULT_LIMITS
@@ -33,11 +50,18 @@ __all__ = ["DeviceTelemetry", "topics"]
 
 log = logging.getLogger("edge.telemetry")
 
+NONCE_FILE = "command-nonces.cbor"
+
 
 def topics(device_id: str) -> dict[str, str]:
-    """The device's three topics by role."""
+    """The device's topics by role: telemetry, status, commands, replies."""
     base = f"devices/{device_id}"
-    return {"telemetry": f"{base}/telemetry", "status": f"{base}/status", "commands": f"{base}/commands"}
+    return {
+        "telemetry": f"{base}/telemetry",
+        "status": f"{base}/status",
+        "commands": f"{base}/commands",
+        "replies": f"{base}/replies",
+    }
 
 
 def _versions() -> dict[str, str]:
@@ -80,7 +104,9 @@ class DeviceTelemetry:
             max_bytes=int(tc.outbox_max_mb * 2**20),
             max_envelopes=tc.outbox_max_envelopes,
         )
-        self.commands_rejected = 0
+        self.commands_rejected: Counter[str] = Counter()
+        self.commands_executed: Counter[str] = Counter()
+        self._verifier, self._no_commands = _open_command_verifier(cfg, self.device_id)
         self._facts = {"model": model_id, "model_sha256": model_sha256, "backend": backend, "versions": _versions()}
         settings = MqttSettings(
             host=tc.host,
@@ -106,6 +132,13 @@ class DeviceTelemetry:
             self.outbox, wake=self.publisher.wake, batch_records=tc.batch_records, batch_age_s=tc.batch_age_s
         )
         self._drain_timeout = tc.drain_timeout_s
+        self._executor = CommandExecutor(
+            DeviceControls(
+                republish_status=self._republish_status,
+                set_batching=self.sink.set_batching,
+                set_log_level=lambda level: logging.getLogger("edge").setLevel(level.upper()),
+            )
+        )
 
     def _status(self, state: str, **extra: Any) -> bytes:
         body: dict[str, Any] = {"state": state, "device": self.device_id, "did": self.did, "ts": time.time()}
@@ -115,10 +148,45 @@ class DeviceTelemetry:
         body.update(extra)
         return json.dumps(body, separators=(",", ":")).encode()
 
+    def _republish_status(self) -> dict[str, Any]:
+        body = self._status("online")
+        self.transport.publish(self.topics["status"], body, retain=True)  # TransportError: the reply says so
+        result: dict[str, Any] = json.loads(body)
+        return result
+
     def _on_command(self, topic: str, payload: bytes) -> None:
-        # Commands are accepted only when signed by the fleet key (the gateway issue); nothing else is obeyed.
-        self.commands_rejected += 1
-        event(log, logging.WARNING, "command rejected", topic=topic, bytes=len(payload), reason="unsigned")
+        # Runs on the MQTT network thread: nothing here may wait for a PUBACK (that thread delivers it).
+        now = time.time()
+        reply: dict[str, Any]
+        try:
+            if self._verifier is None:
+                raise self._no_commands()  # a fresh exception per message: a reused one would grow its traceback
+            cmd = self._verifier.verify(payload, now)
+            reply = reply_for(self._executor.execute(cmd, now), cmd)
+        except CommandRejected as e:
+            self.commands_rejected[e.reason] += 1
+            n = self.commands_rejected[e.reason]
+            if n <= 10 or n % 1000 == 0:
+                named = {} if e.command is None else {"command": e.command.name, "nonce": e.command.nonce.hex()}
+                event(
+                    log,
+                    logging.WARNING,
+                    "command rejected",
+                    topic=topic,
+                    bytes=len(payload),
+                    reason=e.reason,
+                    detail=str(e),
+                    count=n,
+                    **named,
+                )
+            reply = reply_for(e)
+        else:
+            self.commands_executed[cmd.name] += 1
+            event(log, logging.INFO, "command executed", command=cmd.name, nonce=cmd.nonce.hex(), args=dict(cmd.args))
+        try:
+            self.transport.publish(self.topics["replies"], json.dumps(reply, separators=(",", ":")).encode(), qos=1)
+        except (TransportError, ValueError) as e:
+            event(log, logging.WARNING, "command reply not sent", error=str(e))
 
     def start(self) -> None:
         """Connect (in the background) and start publishing the outbox."""
@@ -144,4 +212,28 @@ class DeviceTelemetry:
             "acked": p.acked,
             "outbox_backlog": stats.backlog_envelopes,
             "outbox_dropped": stats.dropped_envelopes,
+            "commands_executed": dict(self.commands_executed),
+            "commands_rejected": dict(self.commands_rejected),
         }
+
+
+def _open_command_verifier(cfg: Config, device_id: str) -> tuple[CommandVerifier | None, Callable[[], CommandRejected]]:
+    """The command verifier, or None and how to reject every command (the service runs on without commands)."""
+    tc = cfg.telemetry
+    if tc.fleet_key is None:
+        return None, partial(CommandUnsigned, "commands are disabled (telemetry.fleet_key is empty)")
+    path = data_path(cfg, tc.fleet_key)
+    if not path.exists() and not path.is_symlink():
+        event(log, logging.WARNING, "no fleet command key: every command will be rejected", path=str(path))
+        return None, partial(CommandUnsigned, f"no fleet key provisioned ({path})")
+    try:
+        key = load_public_key(path)
+        nonces = data_path(cfg, Path(NONCE_FILE))
+        nonces.parent.mkdir(parents=True, exist_ok=True)
+        seen = FileNonceStore(nonces)
+    except (ConfigError, OSError) as e:
+        # Local misconfiguration, but telemetry matters more than commands: run on, refuse commands, say why.
+        event(log, logging.ERROR, "commands disabled", error=str(e))
+        return None, partial(CommandsUnavailable, f"commands disabled: {e}")
+    verifier = CommandVerifier(key, device_id, seen=seen, allowed=COMMAND_NAMES)
+    return verifier, partial(CommandUnsigned, "unreachable: the verifier exists")

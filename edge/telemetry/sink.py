@@ -23,6 +23,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from edge.config import LIVE_SETTINGS
 from edge.errors import InputError
 from edge.log import event
 from edge.records import Record
@@ -94,6 +95,49 @@ class TelemetrySink:
                 if batch is not None:
                     self._held.append(batch)
             self.stats.records += len(records)
+            if self._held:
+                self._seal_held()
+
+    @property
+    def batching(self) -> tuple[int, float]:
+        """The current (batch_records, batch_age_s)."""
+        with self._lock:
+            return self._batcher.max_records, self._batcher.max_age_s
+
+    def set_batching(self, batch_records: int | None = None, batch_age_s: float | None = None) -> None:
+        """Change when batches are sealed, while records flow (the fleet's ``set`` command); thread-safe.
+
+        Both values are validated first, with the configuration's own rules, so either both change or neither.
+        A batch that the new values make due (it already holds ``batch_records`` records or is ``batch_age_s``
+        old) is sealed at once.
+
+        Args:
+            batch_records: seal at this many records (an integer >= 1); None keeps the current value.
+            batch_age_s: seal when the oldest record is this old (a finite number >= 0.001); None keeps it.
+
+        Raises:
+            ConfigError: a value is out of range; the message names the configuration key.
+        """
+        records = (
+            None
+            if batch_records is None
+            else LIVE_SETTINGS["telemetry.batch_records"]("telemetry.batch_records", batch_records)
+        )
+        age = (
+            None
+            if batch_age_s is None
+            else LIVE_SETTINGS["telemetry.batch_age_s"]("telemetry.batch_age_s", batch_age_s)
+        )
+        with self._lock:
+            if records is not None:
+                self._batcher.max_records = records
+            if age is not None:
+                self._batcher.max_age_s = age
+            batch = self._batcher.due(self._clock())
+            if batch is None and len(self._batcher) >= self._batcher.max_records:
+                batch = self._batcher.flush()
+            if batch:
+                self._held.append(batch)
             if self._held:
                 self._seal_held()
 

@@ -1,0 +1,165 @@
+"""The box's command executor: what a verified fleet command may do, and the replies it gets.
+
+Commands arrive on ``devices/<id>/commands`` as COSE_Sign1 messages signed by the fleet command key; the verifier
+(``edge.gateway.commands.CommandVerifier``) authenticates them before this module sees them. Here a verified
+command is executed; the box then replies on ``devices/<id>/replies`` (QoS 1, not retained) with JSON:
+
+- ``{"nonce": hex, "command": name, "ok": true, "result": {...}}``, or
+- ``{"ok": false, "error": reason, "detail": text}`` (plus ``nonce`` and ``command`` when the command was
+  authenticated before it was refused, so the gateway can match the reply).
+
+Commands:
+
+- ``ping``: ``{"pong": true, "ts": <box clock>}``.
+- ``status``: re-publishes the retained status message now (fresh outbox backlog) and replies with it.
+- ``set`` ``{"key": K, "value": V}``: changes a live setting. Only ``edge.config.LIVE_SETTINGS`` may change
+  (``telemetry.batch_records``, ``telemetry.batch_age_s``, ``log.level``), each validated by the very converter the
+  configuration file uses; another configuration key is ``not_live``, anything else ``unknown_key``; a bad value or
+  missing argument is ``invalid_argument``. A live change lasts until the service restarts (the file is not
+  rewritten: the configuration may be read-only).
+
+Invariants: nothing runs unless it verified; every refusal is a ``CommandRejected`` with a stable ``reason``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+from edge.config import LIVE_SETTINGS, config_keys
+from edge.errors import ConfigError
+from edge.gateway.commands import Command, CommandRejected, CommandsUnavailable, UnknownCommand
+
+__all__ = [
+    "COMMAND_NAMES",
+    "CommandExecutor",
+    "DeviceControls",
+    "InvalidArgument",
+    "SettingNotLive",
+    "UnknownSetting",
+    "reply_for",
+]
+
+COMMAND_NAMES: Final = frozenset({"ping", "status", "set"})
+
+
+class SettingNotLive(CommandRejected):
+    """``set`` named a configuration key that only a restart can change."""
+
+    reason = "not_live"
+
+
+class UnknownSetting(CommandRejected):
+    """``set`` named no configuration key at all."""
+
+    reason = "unknown_key"
+
+
+class InvalidArgument(CommandRejected):
+    """A command's arguments are missing, extra or out of range."""
+
+    reason = "invalid_argument"
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceControls:
+    """What commands may act on; the running service supplies these.
+
+    Attributes:
+        republish_status: publish the retained status message now; returns the status body it published.
+        set_batching: ``TelemetrySink.set_batching(batch_records, batch_age_s)``.
+        set_log_level: change the level of the ``edge`` loggers ("debug", "info", "warning", "error").
+    """
+
+    republish_status: Callable[[], Mapping[str, Any]]
+    set_batching: Callable[[int | None, float | None], None]
+    set_log_level: Callable[[str], None]
+
+
+class CommandExecutor:
+    """Runs verified commands against the device's controls.
+
+    Args:
+        controls: the service's hooks.
+    """
+
+    def __init__(self, controls: DeviceControls) -> None:
+        self._controls = controls
+        self._config_keys = config_keys()
+
+    def execute(self, cmd: Command, now: float) -> dict[str, Any]:
+        """Execute one verified command.
+
+        Args:
+            cmd: the command (its signature, device, lifetime and nonce were checked).
+            now: the box's clock (epoch seconds).
+
+        Returns:
+            The reply's ``result``.
+
+        Raises:
+            CommandRejected: ``unknown_command``, ``invalid_argument``, ``not_live``, ``unknown_key``, or
+                ``unavailable`` when the device could not act (e.g. the status could not be published).
+        """
+        if cmd.name == "ping":
+            self._expect_args(cmd, set())
+            return {"pong": True, "ts": now}
+        if cmd.name == "status":
+            self._expect_args(cmd, set())
+            try:
+                return dict(self._controls.republish_status())
+            except Exception as e:  # a transport failure, a closed outbox: the reply says so, the service goes on
+                raise CommandsUnavailable(f"status not published: {e}", command=cmd) from e
+        if cmd.name == "set":
+            return self._set(cmd)
+        raise UnknownCommand(f"unknown command {cmd.name!r} (known: {', '.join(sorted(COMMAND_NAMES))})", command=cmd)
+
+    @staticmethod
+    def _expect_args(cmd: Command, names: set[str]) -> None:
+        if set(cmd.args) != names:
+            want = ", ".join(sorted(names)) or "none"
+            raise InvalidArgument(f"{cmd.name} takes arguments: {want}; got {sorted(cmd.args)}", command=cmd)
+
+    def _set(self, cmd: Command) -> dict[str, Any]:
+        self._expect_args(cmd, {"key", "value"})
+        key, value = cmd.args["key"], cmd.args["value"]
+        if not isinstance(key, str):
+            raise InvalidArgument(f"set: key must be a string, got {key!r:.40}", command=cmd)
+        convert = LIVE_SETTINGS.get(key)
+        if convert is None:
+            if key in self._config_keys:
+                live = ", ".join(sorted(LIVE_SETTINGS))
+                raise SettingNotLive(f"{key} changes only with a restart (live: {live})", command=cmd)
+            raise UnknownSetting(f"no configuration key {key!r:.80}", command=cmd)
+        try:
+            checked = convert(key, value)
+            if key == "telemetry.batch_records":
+                self._controls.set_batching(checked, None)
+            elif key == "telemetry.batch_age_s":
+                self._controls.set_batching(None, checked)
+            else:
+                self._controls.set_log_level(checked)
+        except ConfigError as e:
+            raise InvalidArgument(str(e), command=cmd) from e
+        return {"key": key, "value": checked}
+
+
+def reply_for(result: Mapping[str, Any] | CommandRejected, cmd: Command | None = None) -> dict[str, Any]:
+    """The JSON body of a reply.
+
+    Args:
+        result: the executor's result, or the rejection.
+        cmd: the executed command (for a result; a rejection carries its own, if any).
+
+    Returns:
+        The reply object (see the module docstring).
+    """
+    if isinstance(result, CommandRejected):
+        body: dict[str, Any] = {"ok": False, "error": result.reason, "detail": str(result)}
+        if result.command is not None:
+            body = {"nonce": result.command.nonce.hex(), "command": result.command.name, **body}
+        return body
+    if cmd is None:
+        raise ValueError("a successful reply needs its command")
+    return {"nonce": cmd.nonce.hex(), "command": cmd.name, "ok": True, "result": dict(result)}

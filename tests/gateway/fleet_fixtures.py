@@ -1,0 +1,200 @@
+"""A fleet for tests: a real CA and registry in a fleet directory, and a real mosquitto configured only by the
+fragment the registry generates (the operator's mosquitto.conf is the two lines the docs name, plus test logging)."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+from mqtt_broker import free_port
+from paho.mqtt.reasoncodes import ReasonCode
+
+from edge._fs import atomic_write
+from edge.gateway.ca import FleetCA
+from edge.gateway.registry import BrokerListener, Registry
+from edge.gateway.store import DeviceRecord, open_store
+from edge.identity.keys import generate_device_identity
+
+
+def utcnow() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+@dataclass(frozen=True)
+class Creds:
+    """What a client needs for mutual TLS with the fleet broker."""
+
+    name: str
+    ca: Path
+    cert: Path
+    key: Path
+
+
+class Fleet:
+    """A fleet directory with its CA and a registry over a real SQLite store."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        self.ca = FleetCA.init(directory, now=utcnow())
+        self.store = open_store(f"sqlite:///{directory / 'fleet.db'}")
+        self.registry = Registry(self.store, directory)
+        self.port = free_port()
+        self.registry.set_listener(BrokerListener(port=self.port, bind="127.0.0.1"))
+        cert, key = self.ca.issue_server(["127.0.0.1", "localhost"], now=utcnow(), days=2)
+        atomic_write(directory / "broker" / "server.pem", cert)
+        atomic_write(directory / "broker" / "server.key", key, mode=0o600)
+        self.registry.write_broker_fragment(self.ca, now=utcnow())
+
+    def enroll(self, device_id: str) -> tuple[DeviceRecord, Creds]:
+        """Make a box identity (as `edge keys generate` does) and enroll its CSR; install the bundle beside it."""
+        keys = self.dir.parent / "boxes" / device_id
+        ident = generate_device_identity(keys, device_id)
+        record = self.registry.enroll(ident.csr.read_bytes(), ca=self.ca, now=utcnow())
+        bundle = self.registry.bundle_dir(device_id)
+        for f in bundle.iterdir():
+            shutil.copy(f, keys / f.name)
+        return record, Creds(device_id, keys / "fleet-ca.pem", keys / "device.pem", keys / "device.key")
+
+    def client_creds(self, name: str) -> Creds:
+        """A client certificate from the fleet CA (a gateway identity if registered as one)."""
+        out = self.dir.parent / "clients"
+        out.mkdir(exist_ok=True)
+        cert, key = self.ca.issue_client(name, now=utcnow(), days=2)
+        atomic_write(out / f"{name}.pem", cert)
+        atomic_write(out / f"{name}.key", key, mode=0o600)
+        return Creds(name, self.ca.cert_path, out / f"{name}.pem", out / f"{name}.key")
+
+    def close(self) -> None:
+        self.store.close()
+
+
+class FleetBroker:
+    """mosquitto whose whole fleet configuration is `include_dir <fleet>/broker`."""
+
+    def __init__(self, fleet: Fleet, directory: Path) -> None:
+        self.fleet = fleet
+        self.dir = directory
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.log = self.dir / "mosquitto.log"
+        self.conf = self.dir / "mosquitto.conf"
+        run_as = "user root\n" if os.geteuid() == 0 else ""  # as root it would switch to a user that cannot read tmp
+        self.conf.write_text(
+            f"{run_as}per_listener_settings false\npersistence false\nlog_dest file {self.log}\n"
+            f"log_type error\nlog_type warning\nlog_type notice\ninclude_dir {fleet.registry.broker_dir}\n"
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.host, self.port = "127.0.0.1", fleet.port
+
+    def start(self, timeout: float = 10.0) -> None:
+        self.proc = subprocess.Popen(
+            [shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(self.conf)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mosquitto exited: {self.log.read_text(errors='replace')}")
+            try:
+                with socket.create_connection((self.host, self.port), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("mosquitto did not listen")
+
+    def reload(self) -> None:
+        """What `systemctl reload mosquitto` does: SIGHUP (re-reads the ACL and the CRL)."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGHUP)
+        time.sleep(0.5)  # the reload happens in the broker's main loop; there is no acknowledgement to wait for
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+class Client:
+    """A paho MQTT 5 client over mutual TLS that records what it receives."""
+
+    def __init__(self, broker: FleetBroker, creds: Creds, client_id: str | None = None, *, timeout: float = 5) -> None:
+        self.creds = creds
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id or creds.name, protocol=mqtt.MQTTv5)
+        c.tls_set(ca_certs=str(creds.ca), certfile=str(creds.cert), keyfile=str(creds.key))
+        self.client = c
+        self.messages: list[mqtt.MQTTMessage] = []
+        self._lock = threading.Lock()
+        self._connack = threading.Event()
+        self.connect_result: str | None = None
+        c.on_connect = self._on_connect
+        c.on_message = self._on_message
+        try:
+            c.connect(broker.host, broker.port)
+        except OSError as e:
+            self.connect_result = f"refused: {e}"
+            return
+        c.loop_start()
+        if not self._connack.wait(timeout):
+            self.connect_result = self.connect_result or "no CONNACK"
+
+    @property
+    def connected(self) -> bool:
+        return self.connect_result == "Success"
+
+    def _on_connect(self, _c, _u, _f, rc: ReasonCode, _p) -> None:
+        self.connect_result = rc.getName()
+        self._connack.set()
+
+    def _on_message(self, _c, _u, msg: mqtt.MQTTMessage) -> None:
+        with self._lock:
+            self.messages.append(msg)
+
+    def received(self, topic_prefix: str = "") -> list[mqtt.MQTTMessage]:
+        with self._lock:
+            return [m for m in self.messages if m.topic.startswith(topic_prefix)]
+
+    def subscribe(self, topic: str) -> None:
+        done = threading.Event()
+        self.client.on_subscribe = lambda *_a: done.set()
+        self.client.subscribe(topic, qos=1)
+        assert done.wait(5), "no SUBACK"
+
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> str:
+        """Publish at QoS 1; returns "Success" (any success code, incl. "No matching subscribers"), the failure's
+        reason ("Not authorized"), or "no PUBACK"."""
+        done = threading.Event()
+        result: list[str] = []
+
+        def on_publish(_c, _u, _mid, rc: ReasonCode, _p) -> None:
+            result.append("Success" if not rc.is_failure else rc.getName())
+            done.set()
+
+        self.client.on_publish = on_publish
+        self.client.publish(topic, payload, qos=1, retain=retain)
+        return result[0] if done.wait(5) else "no PUBACK"
+
+    def close(self) -> None:
+        self.client.disconnect()  # first: paho's network thread then ends at once instead of on its select timeout
+        self.client.loop_stop()
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())

@@ -1,0 +1,362 @@
+"""Signed fleet commands to a running box: `edge run` in a subprocess with a provisioned fleet key, a real mosquitto
+(TLS, client certificates, ACLs), and the test as the gateway identity signing commands with the fleet CA's command
+key. Every reply is matched to its command; rejected commands never stop the service, and the counts it reports on
+exit equal the rejections the gateway saw."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import cbor2
+import paho.mqtt.client as mqtt
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from mqtt_broker import GATEWAY_ID, Broker
+
+from edge.config import parse_config
+from edge.errors import ConfigError
+from edge.gateway.ca import FleetCA
+from edge.gateway.commands import sign_command
+from edge.identity.keys import generate_device_identity, load_private_key
+from edge.records import ReadingRecord
+from edge.telemetry.device import DeviceTelemetry
+from edge.telemetry.envelope import open_envelope
+from edge.telemetry.outbox import Outbox
+from edge.telemetry.schema import DEFAULT_LIMITS
+from edge.telemetry.sink import TelemetrySink
+
+ROOT = Path(__file__).resolve().parent.parent
+DEVICE = "box-1"
+
+
+class Gateway:
+    """The test's gateway: subscribes to the box's replies, status and telemetry; publishes signed commands."""
+
+    def __init__(self, broker: Broker, pki, device_id: str = DEVICE) -> None:
+        self.device_id = device_id
+        creds = pki.client(GATEWAY_ID)
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"test-gw-{device_id}", protocol=mqtt.MQTTv5)
+        c.tls_set(ca_certs=str(creds.ca), certfile=str(creds.cert), keyfile=str(creds.key))
+        self.lock = threading.Lock()
+        self.by_topic: dict[str, list[bytes]] = {}
+        subscribed = threading.Event()
+        c.on_message = self._on_message
+        c.on_subscribe = lambda *_a: subscribed.set()
+        c.connect(broker.host, broker.port)
+        c.loop_start()
+        c.subscribe(f"devices/{device_id}/#", qos=1)
+        assert subscribed.wait(5)
+        self.client = c
+        self.error_replies: Counter[str] = Counter()
+
+    def _on_message(self, _c, _u, msg: mqtt.MQTTMessage) -> None:
+        with self.lock:
+            self.by_topic.setdefault(msg.topic.rsplit("/", 1)[1], []).append(bytes(msg.payload))
+
+    def messages(self, kind: str) -> list[bytes]:
+        with self.lock:
+            return list(self.by_topic.get(kind, []))
+
+    def wait(self, kind: str, count: int, timeout: float = 15) -> list[bytes]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            got = self.messages(kind)
+            if len(got) >= count:
+                return got
+            time.sleep(0.05)
+        raise AssertionError(f"{count} {kind} messages expected within {timeout} s, got {len(self.messages(kind))}")
+
+    def send(self, data: bytes, topic_device: str | None = None) -> dict:
+        """Publish one command message and return the reply it caused (replies come one per message, in order)."""
+        before = len(self.messages("replies"))
+        info = self.client.publish(f"devices/{topic_device or self.device_id}/commands", data, qos=1)
+        info.wait_for_publish(5)
+        reply = json.loads(self.wait("replies", before + 1)[before])
+        if not reply["ok"]:
+            self.error_replies[reply["error"]] += 1
+        return reply
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def provision(data: Path, pki, fleet: FleetCA | None, device_id: str = DEVICE) -> Ed25519PrivateKey:
+    """The box's key (as `edge keys generate` makes it), its certificate, the fleet CA and the fleet command key."""
+    keys = data / "keys"
+    generate_device_identity(keys, device_id)
+    key = load_private_key(keys / "device.key")
+    creds = pki.client(device_id, key=key)
+    shutil.copy(creds.cert, keys / "device.pem")
+    shutil.copy(creds.ca, keys / "fleet-ca.pem")
+    if fleet is not None:
+        (keys / "fleet-commands.pub").write_bytes(fleet.commands_public_pem)
+    return key
+
+
+def device_toml(data: Path, broker: Broker, *, batch_records: int) -> str:
+    return f"""
+[device]
+id = "{DEVICE}"
+data_dir = "{data}"
+[source]
+kind = "synthetic"
+fps = 50
+[sink]
+kind = "telemetry"
+[telemetry]
+host = "{broker.host}"
+port = {broker.port}
+batch_records = {batch_records}
+batch_age_s = 30
+keepalive_s = 5
+[log]
+level = "info"
+"""
+
+
+class Box:
+    """`edge run` with its stderr (JSON logs) in a file."""
+
+    def __init__(self, cfg: Path, log: Path) -> None:
+        self.log = log
+        self._err = log.open("w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "edge", "run", "--config", str(cfg)],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=self._err,
+        )
+
+    def logs(self) -> list[dict]:
+        return [json.loads(line) for line in self.log.read_text().splitlines() if line.startswith("{")]
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._err.close()
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="module")
+def rig(tmp_path_factory, pki):
+    """One broker, one fleet CA, one running box and the gateway for every test of this module (starting a box
+    costs seconds; each test matches its own replies)."""
+    tmp = tmp_path_factory.mktemp("device-commands")
+    broker = Broker(tmp / "broker", pki)
+    broker.start()
+    fleet = FleetCA.init(tmp / "fleet")
+    data = tmp / "data"
+    device_key = provision(data, pki, fleet)
+    cfg = tmp / "edge.toml"
+    cfg.write_text(device_toml(data, broker, batch_records=50))
+    gateway = Gateway(broker, pki)
+    box = Box(cfg, tmp / "box.log")
+    try:
+        gateway.wait("status", 1, timeout=60)  # the birth message: the box is connected and subscribed
+        yield {"broker": broker, "fleet": fleet, "gateway": gateway, "box": box, "device_key": device_key}
+    finally:
+        box.stop()
+        gateway.close()
+        broker.stop()
+
+
+def signed(rig, name: str, args: dict | None = None, **kw) -> bytes:
+    kw.setdefault("now", time.time())
+    return sign_command(rig["fleet"].commands_key, kw.pop("device", DEVICE), name, args or {}, **kw)
+
+
+def test_ping_gets_a_pong(rig) -> None:
+    data = signed(rig, "ping")
+    reply = rig["gateway"].send(data)
+    nonce = cbor2.loads(cbor2.loads(data).value[2])[5].hex()
+    assert reply["ok"] and reply["command"] == "ping" and reply["nonce"] == nonce
+    assert reply["result"]["pong"] is True and abs(reply["result"]["ts"] - time.time()) < 30
+
+
+def test_set_batch_records_changes_the_envelopes_the_box_seals(rig) -> None:
+    gw, key = rig["gateway"], rig["device_key"].public_key()
+
+    def sizes() -> list[int]:
+        return [len(open_envelope(m, key).records) for m in gw.messages("telemetry")]
+
+    assert gw.wait("telemetry", 2, timeout=30)
+    assert set(sizes()) == {50}
+    reply = gw.send(signed(rig, "set", {"key": "telemetry.batch_records", "value": 7}))
+    assert reply["ok"], reply
+    assert reply["result"] == {"key": "telemetry.batch_records", "value": 7}
+    mark = len(gw.messages("telemetry"))
+    gw.wait("telemetry", mark + 4, timeout=30)
+    after = sizes()[mark:]
+    # The batch waiting at the change may be sealed at once with what it had; every later one has exactly 7.
+    assert after[1:] and set(after[1:]) == {7}, after
+
+
+def test_set_of_a_bad_value_or_a_key_that_is_not_live_is_refused(rig) -> None:
+    gw = rig["gateway"]
+    bad = gw.send(signed(rig, "set", {"key": "telemetry.batch_records", "value": 0}))
+    assert not bad["ok"] and bad["error"] == "invalid_argument" and "integer >= 1" in bad["detail"]
+    not_live = gw.send(signed(rig, "set", {"key": "telemetry.host", "value": "evil.example"}))
+    assert not_live["error"] == "not_live" and not_live["command"] == "set"
+    unknown = gw.send(signed(rig, "set", {"key": "telemetry.nope", "value": 1}))
+    assert unknown["error"] == "unknown_key"
+    level = gw.send(signed(rig, "set", {"key": "log.level", "value": "debug"}))
+    assert level["ok"] and level["result"]["value"] == "debug"
+
+
+def test_status_request_republishes_the_status(rig) -> None:
+    gw = rig["gateway"]
+    before = len(gw.messages("status"))
+    reply = gw.send(signed(rig, "status"))
+    assert reply["ok"], reply
+    status = json.loads(gw.wait("status", before + 1)[before])
+    assert status["state"] == "online" and status["device"] == DEVICE
+    assert isinstance(status["outbox_backlog"], int)
+    assert reply["result"] == status  # the reply carries what was published
+
+
+def test_replayed_command_rejected(rig) -> None:
+    gw = rig["gateway"]
+    data = signed(rig, "ping")
+    assert gw.send(data)["ok"]
+    again = gw.send(data)  # the very same bytes, e.g. captured and republished
+    assert not again["ok"] and again["error"] == "replayed" and again["command"] == "ping"
+
+
+def test_expired_command_rejected(rig) -> None:
+    reply = rig["gateway"].send(signed(rig, "ping", now=time.time() - 120, ttl_s=60))
+    assert reply["error"] == "expired"
+
+
+def test_unsigned_command_rejected(rig) -> None:
+    gw = rig["gateway"]
+    good = cbor2.loads(signed(rig, "ping"))
+    stripped = cbor2.dumps(cbor2.CBORTag(18, [good.value[0], {}, good.value[2], b""]))
+    reply = gw.send(stripped)
+    assert reply == {"ok": False, "error": "unsigned", "detail": "COSE_Sign1 without a signature"}
+
+
+def test_command_for_another_device_rejected(rig) -> None:
+    reply = rig["gateway"].send(signed(rig, "ping", device="box-2"))
+    assert reply["error"] == "wrong_device"
+
+
+def test_forged_command_rejected(rig) -> None:
+    forged = sign_command(Ed25519PrivateKey.generate(), DEVICE, "set", {"key": "log.level", "value": "error"}, now=0)
+    assert rig["gateway"].send(forged)["error"] == "bad_signature"
+
+
+def test_garbage_and_unknown_commands_rejected(rig) -> None:
+    gw = rig["gateway"]
+    assert gw.send(b"\x00garbage")["error"] == "malformed"
+    assert gw.send(signed(rig, "reboot"))["error"] == "unknown_command"
+
+
+def test_box_keeps_running_and_counts_every_rejection(rig) -> None:
+    # Runs last: the box survived every command above, still publishes, and stops cleanly with the counts.
+    gw, box = rig["gateway"], rig["box"]
+    seen = len(gw.messages("telemetry"))
+    gw.wait("telemetry", seen + 2, timeout=30)
+    assert box.proc.poll() is None
+    assert box.stop() == 0
+    stopped = next(e for e in box.logs() if e["msg"] == "service stopped")
+    assert stopped["commands_rejected"] == dict(gw.error_replies)
+    assert stopped["commands_executed"].get("ping", 0) >= 1
+    logged = Counter(e["reason"] for e in box.logs() if e["msg"] == "command rejected")
+    assert logged == gw.error_replies
+
+
+def test_box_without_fleet_key_rejects_commands_and_keeps_publishing(tmp_path, pki, broker) -> None:
+    # The in-process DeviceTelemetry, provisioned without fleet-commands.pub.
+    data = tmp_path / "data"
+    key = provision(data, pki, fleet=None)
+    cfg = parse_config(
+        {
+            "device": {"id": DEVICE, "data_dir": str(data)},
+            "sink": {"kind": "telemetry"},
+            "telemetry": {"host": broker.host, "port": broker.port, "batch_records": 1},
+        }
+    )
+    telemetry = DeviceTelemetry(cfg, model_id="m@1", model_sha256="0" * 64, backend="numpy")
+    gw = Gateway(broker, pki)
+    try:
+        telemetry.start()
+        gw.wait("status", 1)
+        fleet = FleetCA.init(tmp_path / "fleet", now=datetime.datetime.now(datetime.UTC))
+        reply = gw.send(sign_command(fleet.commands_key, DEVICE, "ping", {}, now=time.time()))
+        assert reply["error"] == "unsigned" and "no fleet key provisioned" in reply["detail"]
+        telemetry.sink.write([ReadingRecord(channel=1, value=2.5, timestamp=time.time())])
+        envelope = open_envelope(gw.wait("telemetry", 1)[0], key.public_key())
+        assert envelope.records == (ReadingRecord(channel=1, value=2.5, timestamp=envelope.records[0].timestamp),)
+    finally:
+        stats = telemetry.close()
+        gw.close()
+    assert stats["commands_rejected"] == {"unsigned": 1}
+
+
+def test_live_batching_change_seals_a_batch_it_makes_full(tmp_path) -> None:
+    key = Ed25519PrivateKey.generate()
+    outbox = Outbox(tmp_path / "o.sqlite", device_id=DEVICE, key=key, limits=DEFAULT_LIMITS)
+    sink = TelemetrySink(outbox, batch_records=100, batch_age_s=60)
+    try:
+        sink.write([ReadingRecord(channel=i, value=1.0, timestamp=1_790_000_000.0) for i in range(5)])
+        assert outbox.stats().backlog_envelopes == 0
+        sink.set_batching(3, None)  # 5 waiting >= 3: sealed now, not when the next record comes
+        assert outbox.stats().backlog_envelopes == 1 and sink.batching == (3, 60.0)
+        with pytest.raises(ConfigError, match=r"telemetry\.batch_age_s"):
+            sink.set_batching(2, 0.0)  # one value invalid: neither changes
+        assert sink.batching == (3, 60.0)
+        sink.write([ReadingRecord(channel=9, value=1.0, timestamp=1_790_000_000.0)] * 3)
+        assert [c for c, _ in outbox.pending(0, 10)] == [1, 2]
+    finally:
+        sink.close()
+        outbox.close()
+
+
+def test_fleet_key_setting() -> None:
+    assert parse_config({}).telemetry.fleet_key == Path("keys/fleet-commands.pub")
+    assert parse_config({"telemetry": {"fleet_key": ""}}).telemetry.fleet_key is None
+    assert parse_config({"telemetry": {"fleet_key": "/etc/edge/k.pub"}}).telemetry.fleet_key == Path("/etc/edge/k.pub")
+    with pytest.raises(ConfigError, match=r"telemetry\.fleet_key"):
+        parse_config({"telemetry": {"fleet_key": 7}})
+
+
+def test_corrupt_nonce_file_disables_commands_instead_of_forgetting_nonces(tmp_path, pki, broker) -> None:
+    # Resetting a damaged nonce set would reopen the replay window: the box refuses commands and says why.
+    data = tmp_path / "data"
+    fleet = FleetCA.init(tmp_path / "fleet", now=datetime.datetime.now(datetime.UTC))
+    provision(data, pki, fleet)
+    (data / "command-nonces.cbor").write_bytes(b"\xbf not a nonce set")
+    cfg = parse_config(
+        {
+            "device": {"id": DEVICE, "data_dir": str(data)},
+            "sink": {"kind": "telemetry"},
+            "telemetry": {"host": broker.host, "port": broker.port},
+        }
+    )
+    telemetry = DeviceTelemetry(cfg, model_id="m@1", model_sha256="0" * 64, backend="numpy")
+    gw = Gateway(broker, pki)
+    try:
+        telemetry.start()
+        gw.wait("status", 1)
+        reply = gw.send(sign_command(fleet.commands_key, DEVICE, "ping", {}, now=time.time()))
+        assert reply["error"] == "unavailable" and "command nonce file" in reply["detail"]
+    finally:
+        stats = telemetry.close()
+        gw.close()
+    assert stats["commands_rejected"] == {"unavailable": 1}
+    assert (data / "command-nonces.cbor").read_bytes() == b"\xbf not a nonce set"  # left for an operator to inspect
