@@ -1,0 +1,368 @@
+"""``edge fleet``: the operator's tools for the fleet CA, device enrollment and revocation, and the broker's config.
+
+Global options: ``--dir DIR`` (the fleet directory; default ``$EDGE_FLEET_DIR`` or ``./fleet``; its layout is in
+``edge.gateway.registry``) and ``--store URL`` (default ``sqlite:///<dir>/fleet.db``).
+
+Each sub-subcommand is registered by one function in ``SUBCOMMANDS``; to add one (``status``, ``ledger``,
+``command``, ``models``), write ``_register_<name>(sub)`` that adds its parser and sets ``func``, and append it.
+``fleet_dir``, ``load_ca`` and ``open_registry`` give it the fleet the global options name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from edge.commands import fleet_data
+from edge.errors import ConfigError
+
+if TYPE_CHECKING:
+    from edge.gateway.ca import FleetCA
+    from edge.gateway.registry import Registry
+
+__all__ = ["SUBCOMMANDS", "fleet_dir", "load_ca", "open_registry", "register"]
+
+_MAX_CSR_FILE_BYTES = 64 * 1024
+_RELOAD_HINT = "reload the broker to apply it (systemctl reload mosquitto, or kill -HUP <pid>)"
+
+
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{n} is not >= 1")
+    return n
+
+
+# -- shared by the sub-subcommands ------------------------------------------------------------------------------------
+
+
+def fleet_dir(args: argparse.Namespace) -> Path:
+    """The fleet directory the global options name.
+
+    Args:
+        args: the parsed command line.
+
+    Returns:
+        ``--dir``, else ``$EDGE_FLEET_DIR``, else ``./fleet``, made absolute.
+    """
+    return Path(args.fleet_dir or os.environ.get("EDGE_FLEET_DIR") or "fleet").absolute()
+
+
+def load_ca(args: argparse.Namespace) -> FleetCA:
+    """Open the fleet CA of the fleet directory.
+
+    Args:
+        args: the parsed command line.
+
+    Returns:
+        The CA.
+
+    Raises:
+        KeyFileError: no CA there (run ``edge fleet ca init``) or a key file with loose permissions.
+        ConfigError: the CA certificate does not match its key.
+    """
+    from edge.gateway.ca import FleetCA  # noqa: PLC0415 -- cryptography loads only for the fleet commands
+
+    return FleetCA.load(fleet_dir(args))
+
+
+@contextlib.contextmanager
+def open_registry(args: argparse.Namespace) -> Iterator[Registry]:
+    """The registry over the store the global options name; the store is closed on exit.
+
+    Args:
+        args: the parsed command line.
+
+    Yields:
+        The registry.
+
+    Raises:
+        StoreError: the store cannot be opened.
+        ConfigError: the store URL is not supported.
+    """
+    from edge.gateway.config import default_store_url  # noqa: PLC0415
+    from edge.gateway.registry import Registry  # noqa: PLC0415
+    from edge.gateway.store import open_store  # noqa: PLC0415
+
+    directory = fleet_dir(args)
+    store = open_store(args.store or default_store_url(directory))
+    try:
+        yield Registry(store, directory)
+    finally:
+        store.close()
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+def _iso(t: float | None) -> str | None:
+    return None if t is None else datetime.datetime.fromtimestamp(t, datetime.UTC).isoformat(timespec="seconds")
+
+
+def _write_pair(out_dir: Path, name: str, cert_pem: bytes, key_pem: bytes) -> tuple[Path, Path]:
+    from edge._fs import atomic_write  # noqa: PLC0415
+
+    out_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+    cert, key = out_dir / f"{name}.pem", out_dir / f"{name}.key"
+    atomic_write(cert, cert_pem)
+    atomic_write(key, key_pem, mode=0o600)
+    return cert, key
+
+
+# -- ca ---------------------------------------------------------------------------------------------------------------
+
+
+def _register_ca(sub: Any) -> None:
+    ca = sub.add_parser("ca", help="create the fleet CA; issue the broker's and the gateways' certificates")
+    actions = ca.add_subparsers(dest="ca_command", required=True, metavar="ACTION")
+    init = actions.add_parser(
+        "init",
+        help="create the fleet CA and the fleet command key",
+        description="Write ca.key (0600), ca.pem, commands.key (0600) and commands.pub into the fleet directory, and "
+        "an initial broker fragment. Refuses to replace an existing CA unless --force is given: a new CA orphans "
+        "every certificate the old one issued, so every box must be enrolled again.",
+    )
+    init.add_argument("--name", default="edge-fleet-ca", help="the CA's common name (default: %(default)s)")
+    init.add_argument("--days", type=_positive_int, default=3650, help="validity in days (default: %(default)s)")
+    init.add_argument("--force", action="store_true", help="replace an existing CA")
+    init.set_defaults(func=_ca_init)
+
+    server = actions.add_parser(
+        "issue-server",
+        help="issue the broker's TLS server certificate",
+        description="Write server.pem and server.key (0600) into DIR (default: <fleet dir>/broker, where the "
+        "generated listener looks for them).",
+    )
+    server.add_argument("--host", action="append", required=True, metavar="H", help="host name or IP (repeatable)")
+    server.add_argument("--out-dir", metavar="DIR", help="where to write (default: <fleet dir>/broker)")
+    server.add_argument("--days", type=_positive_int, default=825, help="validity in days (default: %(default)s)")
+    server.set_defaults(func=_ca_issue_server)
+
+    client = actions.add_parser(
+        "issue-client",
+        help="issue a gateway identity's client certificate and grant it devices/# in the broker ACL",
+        description="Write NAME.pem and NAME.key (0600) into DIR (default: <fleet dir>/gateway), record NAME as a "
+        "gateway identity (broker/gateways) and rewrite the broker fragment.",
+    )
+    client.add_argument("name", metavar="NAME", help="the identity (certificate CN = broker username)")
+    client.add_argument("--out-dir", metavar="DIR", help="where to write (default: <fleet dir>/gateway)")
+    client.add_argument("--days", type=_positive_int, default=825, help="validity in days (default: %(default)s)")
+    client.set_defaults(func=_ca_issue_client)
+
+
+def _ca_init(args: argparse.Namespace) -> int:
+    from edge.gateway.ca import COMMANDS_PUBLIC_FILE, FleetCA  # noqa: PLC0415
+
+    now = _now()
+    ca = FleetCA.init(fleet_dir(args), name=args.name, days=args.days, force=args.force, now=now)
+    with open_registry(args) as registry:
+        fragment = registry.write_broker_fragment(ca, now=now)
+    print(f"fleet CA {args.name!r}: {ca.cert_path}")
+    print(f"command key: {ca.directory / COMMANDS_PUBLIC_FILE}")
+    print(f"broker fragment: {fragment}")
+    return 0
+
+
+def _ca_issue_server(args: argparse.Namespace) -> int:
+    from edge.gateway.registry import BROKER_DIR  # noqa: PLC0415
+
+    ca = load_ca(args)
+    out = Path(args.out_dir) if args.out_dir else fleet_dir(args) / BROKER_DIR
+    try:
+        cert_pem, key_pem = ca.issue_server(args.host, now=_now(), days=args.days)
+    except ValueError as e:
+        raise ConfigError("--host", args.host, str(e)) from e
+    cert, key = _write_pair(out, "server", cert_pem, key_pem)
+    print(f"server certificate: {cert}\nserver key: {key}")
+    return 0
+
+
+def _ca_issue_client(args: argparse.Namespace) -> int:
+    ca = load_ca(args)
+    now = _now()
+    out = Path(args.out_dir) if args.out_dir else fleet_dir(args) / "gateway"
+    with open_registry(args) as registry:
+        registry.add_gateway(args.name)  # refuses an enrolled device's id before anything is issued
+        cert, key = _write_pair(out, args.name, *ca.issue_client(args.name, now=now, days=args.days))
+        fragment = registry.write_broker_fragment(ca, now=now)
+    print(f"client certificate: {cert}\nclient key: {key}")
+    print(f"broker fragment: {fragment} ({_RELOAD_HINT})", file=sys.stderr)
+    return 0
+
+
+# -- enroll, devices, revoke, broker-config ------------------------------------------------------------------------
+
+
+def _register_enroll(sub: Any) -> None:
+    p = sub.add_parser(
+        "enroll",
+        help="certify a device from its CSR, register it and write its bundle",
+        description="Check the CSR (proof of possession, Ed25519, CN = a valid device id, SAN = its did:key), "
+        "issue the device certificate, register the device, write devices/<id>/ (device.pem, fleet-ca.pem, "
+        "fleet-commands.pub: copy them into the box's keys directory) and rewrite the broker fragment. Prints the "
+        "bundle's path.",
+    )
+    p.add_argument("csr", metavar="CSR", help="the device's CSR (device.csr from `edge keys generate`)")
+    p.add_argument("--days", type=_positive_int, default=825, help="certificate validity (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_enroll)
+
+
+def _enroll(args: argparse.Namespace) -> int:
+    from edge.gateway.registry import BUNDLE_CA_FILE, BUNDLE_CERT_FILE, BUNDLE_COMMANDS_FILE  # noqa: PLC0415
+
+    try:
+        with open(args.csr, "rb") as f:
+            csr = f.read(_MAX_CSR_FILE_BYTES + 1)
+    except OSError as e:
+        raise ConfigError("CSR", args.csr, f"a readable file ({e.strerror})") from e
+    ca = load_ca(args)
+    with open_registry(args) as registry:
+        record = registry.enroll(csr, ca=ca, now=_now())
+        bundle = registry.bundle_dir(record.device_id)
+    if args.json:
+        body = {
+            "device_id": record.device_id,
+            "did": record.did,
+            "enrolled_at": _iso(record.enrolled_at),
+            "bundle": str(bundle),
+            "files": [str(bundle / n) for n in (BUNDLE_CERT_FILE, BUNDLE_CA_FILE, BUNDLE_COMMANDS_FILE)],
+        }
+        print(json.dumps(body, indent=2))
+    else:
+        print(bundle)
+    print(f"enrolled {record.device_id} ({record.did}); {_RELOAD_HINT}", file=sys.stderr)
+    return 0
+
+
+def _register_devices(sub: Any) -> None:
+    p = sub.add_parser("devices", help="list enrolled devices (revoked ones included)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_devices)
+
+
+def _devices(args: argparse.Namespace) -> int:
+    with open_registry(args) as registry:
+        devices = registry.store.devices()
+    rows = [
+        {
+            "device_id": d.device_id,
+            "did": d.did,
+            "state": "revoked" if d.revoked_at is not None else "active",
+            "enrolled_at": _iso(d.enrolled_at),
+            "revoked_at": _iso(d.revoked_at),
+        }
+        for d in devices
+    ]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    width = max([len("DEVICE"), *(len(d.device_id) for d in devices)])
+    print(f"{'DEVICE':<{width}}  STATE    ENROLLED                   DID")
+    for r in rows:
+        print(f"{r['device_id']:<{width}}  {r['state']:<7}  {r['enrolled_at']!s:<25}  {r['did']}")
+    return 0
+
+
+def _register_revoke(sub: Any) -> None:
+    p = sub.add_parser(
+        "revoke",
+        help="revoke a device: out of the broker ACL, into the CRL, its telemetry refused",
+        description="Mark the device revoked (idempotent), then rewrite the broker ACL without it and the CRL with "
+        "its certificate. Reload the broker afterwards.",
+    )
+    p.add_argument("device_id", metavar="ID", help="the device id")
+    p.set_defaults(func=_revoke)
+
+
+def _revoke(args: argparse.Namespace) -> int:
+    ca = load_ca(args)
+    with open_registry(args) as registry:
+        record = registry.revoke(args.device_id, ca=ca, now=_now())
+    print(f"revoked {record.device_id} at {_iso(record.revoked_at)}; {_RELOAD_HINT}")
+    return 0
+
+
+def _register_broker_config(sub: Any) -> None:
+    p = sub.add_parser(
+        "broker-config",
+        help="rewrite the mosquitto fragment (listener, ACL, CRL) from the registry",
+        description="Rewrite broker/edge-fleet.conf, broker/acl and broker/crl.pem. Listener options given here "
+        "are kept (broker/listener.json) for every later rewrite. Include the fragment from mosquitto.conf with "
+        "`include_dir <fleet dir>/broker`.",
+    )
+    p.add_argument("--port", type=_positive_int, help="the listener's TCP port (default 8883)")
+    p.add_argument("--bind", metavar="ADDR", help="the address to listen on (default: every interface)")
+    p.add_argument("--certfile", metavar="FILE", help="the broker's certificate (default: broker/server.pem)")
+    p.add_argument("--keyfile", metavar="FILE", help="the broker's key (default: broker/server.key)")
+    p.set_defaults(func=_broker_config)
+
+
+def _broker_config(args: argparse.Namespace) -> int:
+    from edge.gateway.registry import BrokerListener  # noqa: PLC0415
+
+    ca = load_ca(args)
+    with open_registry(args) as registry:
+        if any(v is not None for v in (args.port, args.bind, args.certfile, args.keyfile)):
+            old = registry.listener()
+            registry.set_listener(
+                BrokerListener(
+                    port=args.port if args.port is not None else old.port,
+                    bind=args.bind if args.bind is not None else old.bind,
+                    certfile=Path(args.certfile).absolute() if args.certfile else old.certfile,
+                    keyfile=Path(args.keyfile).absolute() if args.keyfile else old.keyfile,
+                )
+            )
+        fragment = registry.write_broker_fragment(ca, now=_now())
+    print(fragment)
+    return 0
+
+
+# -- registration -----------------------------------------------------------------------------------------------------
+
+# The sub-subcommands of `edge fleet`, in help order; each adds its parser(s) to the `edge fleet` subparsers.
+SUBCOMMANDS: list[Callable[[Any], None]] = [
+    _register_ca,
+    _register_enroll,
+    _register_devices,
+    _register_revoke,
+    _register_broker_config,
+    fleet_data.register_status,
+    fleet_data.register_ledger,
+    fleet_data.register_ledger_verify,
+    fleet_data.register_command,
+]
+
+
+def register(subparsers: Any) -> None:
+    """Add ``edge fleet`` and its sub-subcommands (``SUBCOMMANDS``) to the ``edge`` parser.
+
+    Args:
+        subparsers: the object ``argparse.ArgumentParser.add_subparsers`` returned.
+    """
+    parser = subparsers.add_parser(
+        "fleet",
+        help="fleet CA, device enrollment and revocation, broker configuration",
+        description="Operate the fleet: its CA and command key, enrolled devices, and the broker's access rules.",
+    )
+    parser.add_argument(
+        "--dir",
+        dest="fleet_dir",
+        metavar="DIR",
+        help="the fleet directory (default: $EDGE_FLEET_DIR or ./fleet)",
+    )
+    parser.add_argument("--store", metavar="URL", help="the store (default: sqlite:///<fleet dir>/fleet.db)")
+    sub = parser.add_subparsers(dest="fleet_command", required=True, metavar="ACTION")
+    for add in SUBCOMMANDS:
+        add(sub)

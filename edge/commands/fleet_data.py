@@ -1,0 +1,276 @@
+"""``edge fleet status|ledger|ledger-verify|command``: what the fleet did, proof of it, and commands to boxes.
+
+Registered into ``edge fleet`` through ``edge.commands.fleet.SUBCOMMANDS``; the global options (``--dir``,
+``--store``) come from there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import threading
+import time
+from typing import Any
+
+from edge.errors import ConfigError
+
+__all__ = ["register_command", "register_ledger", "register_ledger_verify", "register_status"]
+
+
+def _iso(t: float | None) -> str | None:
+    return None if t is None else datetime.datetime.fromtimestamp(t, datetime.UTC).isoformat(timespec="seconds")
+
+
+def _day(text: str) -> str:
+    try:
+        datetime.date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a day (YYYY-MM-DD)") from None
+    return text
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
+    lines = ["  ".join(str(x).ljust(w) for x, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows]]
+    return "\n".join(lines)
+
+
+def _store(args: argparse.Namespace) -> Any:
+    from edge.commands.fleet import fleet_dir  # noqa: PLC0415
+    from edge.gateway.config import default_store_url  # noqa: PLC0415
+    from edge.gateway.store import open_store  # noqa: PLC0415
+
+    return open_store(args.store or default_store_url(fleet_dir(args)))
+
+
+# -- status -----------------------------------------------------------------------------------------------------------
+
+
+def register_status(sub: Any) -> None:
+    """Add ``edge fleet status [--json]``."""
+    p = sub.add_parser(
+        "status",
+        help="devices online/offline, chain heads, gaps, rejects, models, outbox backlogs",
+        description="Each enrolled device's state from its birth/death messages, the head of its verified chain, "
+        "open gaps, rejected inputs, the model it reported, and the outbox backlog it reported.",
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_status)
+
+
+def _status(args: argparse.Namespace) -> int:
+    store = _store(args)
+    try:
+        statuses = store.statuses()
+        strangers = store.strangers()
+    finally:
+        store.close()
+    if args.json:
+        body = [
+            {
+                "device_id": s.device_id,
+                "state": s.state,
+                "reason": s.reason,
+                "since": _iso(s.since),
+                "last_seen": _iso(s.last_seen),
+                "last_counter": s.last_counter,
+                "gaps": s.gaps,
+                "rejects": s.rejects,
+                "model": s.model,
+                "outbox_backlog": s.outbox_backlog,
+            }
+            for s in statuses
+        ]
+        print(json.dumps({"devices": body, "strangers": [s.device_id for s in strangers]}, indent=2))
+        return 0
+    rows = [
+        [
+            s.device_id,
+            s.state + (f" ({s.reason})" if s.reason else ""),
+            _iso(s.since) or "-",
+            str(s.last_counter if s.last_counter is not None else "-"),
+            str(s.gaps),
+            str(s.rejects),
+            s.model or "-",
+            str(s.outbox_backlog if s.outbox_backlog is not None else "-"),
+        ]
+        for s in statuses
+    ]
+    header = ["DEVICE", "STATE", "SINCE", "COUNTER", "GAPS", "REJECTS", "MODEL", "BACKLOG"]
+    print(_table(rows, header))
+    online = sum(s.state == "online" for s in statuses)
+    print(f"\n{len(statuses)} devices, {online} online, {len(statuses) - online} offline or never seen")
+    if strangers:
+        print(f"unenrolled ids seen on status topics: {', '.join(s.device_id for s in strangers)}")
+    return 0
+
+
+# -- ledger -----------------------------------------------------------------------------------------------------------
+
+
+def register_ledger(sub: Any) -> None:
+    """Add ``edge fleet ledger [--device ID] [--from DAY] [--to DAY] [--json] [--export FILE]``."""
+    p = sub.add_parser(
+        "ledger",
+        help="verified work per device and day; --export writes a re-verifiable proof of a device's work",
+        description="Per device and UTC day (by the gateway's receipt time): verified envelopes and records, "
+        "inferences by model, gaps, late and duplicate envelopes, rejects. With --export FILE (and --device), write "
+        "the device's stored envelopes and its did:key to FILE, which anyone can check with `edge fleet "
+        "ledger-verify FILE`.",
+    )
+    p.add_argument("--device", metavar="ID", help="one device")
+    p.add_argument("--from", dest="day_from", type=_day, metavar="DAY", help="first day (YYYY-MM-DD)")
+    p.add_argument("--to", dest="day_to", type=_day, metavar="DAY", help="last day (YYYY-MM-DD)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--export", metavar="FILE", help="write the device's re-verifiable export (needs --device)")
+    p.set_defaults(func=_ledger)
+
+
+def _ledger(args: argparse.Namespace) -> int:
+    if args.export and not args.device:
+        raise ConfigError("--export", args.export, "--device ID as well: an export proves one device's work")
+    store = _store(args)
+    try:
+        if args.export:
+            from edge.gateway.ledger import export_ledger  # noqa: PLC0415
+
+            totals = export_ledger(store, args.device, args.export, day_from=args.day_from, day_to=args.day_to)
+            print(json.dumps({"export": args.export, "device_id": totals.device_id, **totals.claims()}, indent=2))
+            return 0
+        rows = store.ledger(device_id=args.device, day_from=args.day_from, day_to=args.day_to)
+    finally:
+        store.close()
+    fields = ("envelopes", "records", "readings", "events", "missing", "late", "duplicates", "rejects")
+    if args.json:
+        body = [
+            {"device_id": r.device_id, "day": r.day, "inferences": r.inferences, "announced_lost": r.announced_lost}
+            | {f: getattr(r, f) for f in fields}
+            for r in rows
+        ]
+        print(json.dumps({"ledger": body}, indent=2))
+        return 0
+    table = [[r.device_id, r.day, str(sum(r.inferences.values())), *(str(getattr(r, f)) for f in fields)] for r in rows]
+    print(_table(table, ["DEVICE", "DAY", "INFERENCES", *(f.upper() for f in fields)]))
+    total = sum(sum(r.inferences.values()) for r in rows)
+    print(f"\n{len({r.device_id for r in rows})} devices, {total} verified inferences")
+    return 0
+
+
+def register_ledger_verify(sub: Any) -> None:
+    """Add ``edge fleet ledger-verify FILE``."""
+    p = sub.add_parser(
+        "ledger-verify",
+        help="re-verify a ledger export from the file alone (what a third party runs)",
+        description="Check every envelope's signature against the device's did:key in the file, the hash chain "
+        "between consecutive counters, and the totals the header claims. Needs nothing but the file.",
+    )
+    p.add_argument("file", metavar="FILE")
+    p.set_defaults(func=_ledger_verify)
+
+
+def _ledger_verify(args: argparse.Namespace) -> int:
+    from edge.gateway.ledger import verify_export  # noqa: PLC0415
+
+    totals = verify_export(args.file)
+    print(json.dumps({"verified": args.file, "device_id": totals.device_id, "did": totals.did, **totals.claims()}))
+    return 0
+
+
+# -- command ----------------------------------------------------------------------------------------------------------
+
+
+def register_command(sub: Any) -> None:
+    """Add ``edge fleet command --config GATEWAY.toml DEVICE NAME [KEY=VALUE ...]``."""
+    p = sub.add_parser(
+        "command",
+        help="send a signed command to a device and print its reply",
+        description="Sign NAME with the fleet command key (expiry and nonce included), publish it to "
+        "devices/DEVICE/commands as the gateway identity, and wait for the reply on devices/DEVICE/replies. "
+        "Commands: ping; status; set key=telemetry.batch_records value=50 (batching and log level change live).",
+    )
+    p.add_argument("--config", required=True, metavar="FILE", help="the gateway configuration (broker, credentials)")
+    p.add_argument("device", metavar="DEVICE")
+    p.add_argument("name", metavar="NAME", help="ping, status or set")
+    p.add_argument("args", nargs="*", metavar="KEY=VALUE", help="arguments (values parsed as JSON when they parse)")
+    p.add_argument("--ttl", type=float, default=60.0, help="seconds the command stays valid (default: %(default)s)")
+    p.add_argument("--wait", type=float, default=10.0, help="seconds to wait for the reply (default: %(default)s)")
+    p.set_defaults(func=_command)
+
+
+def _parse_args(items: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError("KEY=VALUE", item, "an argument of the form key=value")
+        try:
+            value: Any = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        if isinstance(value, list | dict):
+            value = raw
+        out[key] = value
+    return out
+
+
+def _command(args: argparse.Namespace) -> int:
+    from edge.gateway.ca import FleetCA  # noqa: PLC0415
+    from edge.gateway.commands import sign_command  # noqa: PLC0415
+    from edge.gateway.config import load_gateway_config  # noqa: PLC0415
+    from edge.identity.keys import validate_device_id  # noqa: PLC0415
+    from edge.telemetry.device import topics  # noqa: PLC0415
+    from edge.telemetry.publisher import NO_MATCHING_SUBSCRIBERS  # noqa: PLC0415
+    from edge.telemetry.transport import MqttSettings, MqttTransport  # noqa: PLC0415
+
+    cfg = load_gateway_config(args.config)
+    device = validate_device_id(args.device)
+    key = FleetCA.load(cfg.gateway.fleet_dir).commands_key
+    nonce = os.urandom(16)
+    message = sign_command(key, device, args.name, _parse_args(args.args), now=time.time(), ttl_s=args.ttl, nonce=nonce)
+    t = topics(device)
+    got: dict[str, Any] = {}
+    arrived = threading.Event()
+
+    def on_reply(_topic: str, payload: bytes) -> None:
+        try:
+            body = json.loads(payload)
+        except ValueError:
+            return
+        if isinstance(body, dict) and body.get("nonce") == nonce.hex():
+            got.update(body)
+            arrived.set()
+
+    b = cfg.broker
+    settings = MqttSettings(
+        host=b.host,
+        port=b.port,
+        ca=cfg.fleet_path(b.ca),
+        cert=cfg.fleet_path(b.cert),
+        key=cfg.fleet_path(b.key),
+        client_id=f"{cfg.gateway.id}-cmd-{nonce.hex()[:8]}",
+        session_expiry=0,  # a one-shot client: nothing to keep
+    )
+    # Subscribed before the command is published, on the same connection, so the reply cannot overtake it.
+    transport = MqttTransport(settings, on_message=on_reply, subscriptions=[t["replies"]])
+    transport.start()
+    try:
+        if not transport.wait_connected(10):
+            print(f"edge: error: cannot connect to {b.host}:{b.port}", file=sys.stderr)
+            return 2
+        delivery = transport.publish(t["commands"], message, qos=1)
+        if not delivery.wait(10) or not delivery.ok:
+            print(f"edge: error: the broker did not take the command ({delivery.reason})", file=sys.stderr)
+            return 2
+        if delivery.reason_code == NO_MATCHING_SUBSCRIBERS:
+            print(f"edge: error: {device} is not subscribed to its commands (offline?)", file=sys.stderr)
+            return 1
+        if not arrived.wait(args.wait):
+            print(f"edge: error: no reply from {device} within {args.wait:g} s", file=sys.stderr)
+            return 1
+    finally:
+        transport.stop()
+    print(json.dumps(got))
+    return 0 if got.get("ok") else 1

@@ -1,0 +1,36 @@
+"""``edge gateway run --config FILE``: run a fleet gateway process (ingest, storage, metrics)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+__all__ = ["register"]
+
+
+def register(sub: Any) -> None:
+    """Add ``edge gateway run`` to the ``edge`` parser.
+
+    Args:
+        sub: the object ``argparse.ArgumentParser.add_subparsers`` returned.
+    """
+    parser = sub.add_parser("gateway", help="run the fleet gateway")
+    actions = parser.add_subparsers(dest="gateway_command", required=True, metavar="ACTION")
+    run = actions.add_parser(
+        "run",
+        help="ingest, verify and store the fleet's telemetry until stopped",
+        description="Connect to the broker as the gateway identity, verify and store every envelope (acknowledged "
+        "only once stored), record device status, and serve Prometheus metrics. SIGTERM or SIGINT stops it cleanly.",
+    )
+    run.add_argument("--config", required=True, metavar="FILE", help="gateway configuration (TOML)")
+    run.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from edge.gateway.config import load_gateway_config  # noqa: PLC0415 -- gateway imports only for this command
+    from edge.gateway.service import run_gateway  # noqa: PLC0415
+
+    stats = run_gateway(load_gateway_config(args.config))
+    print(json.dumps({"gateway": vars(stats)}))
+    return 0

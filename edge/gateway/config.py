@@ -1,0 +1,196 @@
+"""The gateway's configuration: a TOML file validated into frozen dataclasses, like the box's (``edge.config``).
+
+Every key is checked when the file is loaded: an unknown key, a wrong type or an out-of-range value raises
+``ConfigError`` naming the dotted key. Relative paths are resolved against the fleet directory, which itself is
+resolved against the file's directory, so a fleet directory and its config can travel together. See
+docs/gateway.md for every key.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from edge.config import LOG_FORMATS, LOG_LEVELS, LogConfig, _bool, _choice, _int_at_least, _path, _port, _Section, _str
+from edge.errors import ConfigError
+
+__all__ = [
+    "BrokerConfig",
+    "GatewayConfig",
+    "IngestConfig",
+    "MetricsConfig",
+    "default_store_url",
+    "load_gateway_config",
+    "parse_gateway_config",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class IngestConfig:
+    """Who this gateway process is and how it ingests.
+
+    Attributes:
+        id: the MQTT client id; it names the persistent session, so every gateway process needs its own.
+        fleet_dir: the fleet directory (CA, command key, device bundles, default store).
+        store: the store URL (``sqlite:///path``, a path, or ``postgresql://...``); empty: ``<fleet_dir>/fleet.db``.
+        share_group: the MQTT 5 shared-subscription group; processes in one group split the telemetry.
+        batch_max: the most messages stored in one transaction.
+        batch_wait_ms: how long a batch waits to fill before it is stored anyway.
+        receive_maximum: the most unacknowledged messages the broker sends at once (bounds memory and latency).
+    """
+
+    id: str = "gateway-1"
+    fleet_dir: Path = Path("fleet")
+    store: str = ""
+    share_group: str = "ingest"
+    batch_max: int = 200
+    batch_wait_ms: int = 20
+    receive_maximum: int = 2000
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerConfig:
+    """The broker and the gateway's client credentials (relative paths live in the fleet directory)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8883
+    ca: Path = Path("ca.pem")
+    cert: Path = Path("gateway/gateway.pem")
+    key: Path = Path("gateway/gateway.key")
+    keepalive_s: int = 30
+    session_expiry_s: int = 86400
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """The Prometheus endpoint (``/metrics``); loopback by default: put a proxy in front to expose it."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 9108
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    """The whole gateway configuration."""
+
+    gateway: IngestConfig = field(default_factory=IngestConfig)
+    broker: BrokerConfig = field(default_factory=BrokerConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def fleet_path(self, p: Path) -> Path:
+        """A path from the configuration: relative ones live in the fleet directory."""
+        return p if p.is_absolute() else self.gateway.fleet_dir / p
+
+    @property
+    def store_url(self) -> str:
+        """The store URL, the default filled in."""
+        return self.gateway.store or default_store_url(self.gateway.fleet_dir)
+
+
+def default_store_url(fleet_dir: Path) -> str:
+    """The default store of a fleet directory: SQLite at ``<fleet_dir>/fleet.db``."""
+    return f"sqlite:///{(fleet_dir / 'fleet.db').resolve()}"
+
+
+def _share_group(key: str, v: Any) -> str:
+    s = _str(key, v)
+    if any(c in s for c in "/+#") or len(s) > 64:
+        raise ConfigError(key, v, "a name of at most 64 characters without '/', '+' or '#'")
+    return s
+
+
+def _store(key: str, v: Any) -> str:
+    if not isinstance(v, str):
+        raise ConfigError(key, v, "a store URL (sqlite:///path or postgresql://...) or a path")
+    return v
+
+
+def _bounded(low: int, high: int) -> Any:
+    at_least = _int_at_least(low)
+
+    def convert(key: str, v: Any) -> int:
+        n = at_least(key, v)
+        if n > high:
+            raise ConfigError(key, v, f"an integer {low}..{high}")
+        return n
+
+    return convert
+
+
+def parse_gateway_config(data: Mapping[str, Any]) -> GatewayConfig:
+    """Validate a parsed TOML document into a ``GatewayConfig``.
+
+    Args:
+        data: the document as ``tomllib`` returns it.
+
+    Returns:
+        The frozen configuration, defaults filled in.
+
+    Raises:
+        ConfigError: a key is unknown or a value is invalid; the message names the key.
+    """
+    di, db, dm, dl = IngestConfig(), BrokerConfig(), MetricsConfig(), LogConfig()
+    top = _Section("", data)
+    tables = {name: _Section(name, top.get(name, {}, lambda _k, v: v)) for name in GatewayConfig.__dataclass_fields__}
+    top.finish()
+    s = tables["gateway"]
+    gateway = IngestConfig(
+        id=s.get("id", di.id, _str),
+        fleet_dir=s.get("fleet_dir", di.fleet_dir, _path),
+        store=s.get("store", di.store, _store),
+        share_group=s.get("share_group", di.share_group, _share_group),
+        batch_max=s.get("batch_max", di.batch_max, _bounded(1, 5000)),
+        batch_wait_ms=s.get("batch_wait_ms", di.batch_wait_ms, _bounded(0, 10_000)),
+        receive_maximum=s.get("receive_maximum", di.receive_maximum, _bounded(1, 65535)),
+    )
+    s = tables["broker"]
+    broker = BrokerConfig(
+        host=s.get("host", db.host, _str),
+        port=s.get("port", db.port, _port),
+        ca=s.get("ca", db.ca, _path),
+        cert=s.get("cert", db.cert, _path),
+        key=s.get("key", db.key, _path),
+        keepalive_s=s.get("keepalive_s", db.keepalive_s, _bounded(5, 65535)),
+        session_expiry_s=s.get("session_expiry_s", db.session_expiry_s, _bounded(0, 0xFFFFFFFF)),
+    )
+    s = tables["metrics"]
+    metrics = MetricsConfig(
+        enabled=s.get("enabled", dm.enabled, _bool),
+        host=s.get("host", dm.host, _str),
+        port=s.get("port", dm.port, _port),
+    )
+    s = tables["log"]
+    log = LogConfig(
+        level=s.get("level", dl.level, _choice(LOG_LEVELS)), format=s.get("format", dl.format, _choice(LOG_FORMATS))
+    )
+    for section in tables.values():
+        section.finish()
+    return GatewayConfig(gateway=gateway, broker=broker, metrics=metrics, log=log)
+
+
+def load_gateway_config(path: str | os.PathLike[str]) -> GatewayConfig:
+    """Read and validate the gateway's TOML configuration; a relative ``fleet_dir`` is taken from the file's directory.
+
+    Raises:
+        ConfigError: the file is missing, is not valid TOML, or a value is invalid.
+    """
+    p = Path(path)
+    try:
+        data = tomllib.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError("<file>", str(p), "an existing configuration file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError("<file>", str(p), f"a readable UTF-8 file ({e})") from e
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError("<file>", str(p), f"valid TOML ({e})") from e
+    cfg = parse_gateway_config(data)
+    fleet = cfg.gateway.fleet_dir
+    if not fleet.is_absolute():
+        fleet = p.resolve().parent / fleet
+    return replace(cfg, gateway=replace(cfg.gateway, fleet_dir=fleet))

@@ -1,0 +1,159 @@
+"""``edge gateway run``: one gateway process, from configuration to a clean stop.
+
+It connects to the broker as the gateway identity with a persistent MQTT 5 session, subscribes to the devices'
+telemetry through a shared subscription (``$share/<group>/devices/+/telemetry``: processes in one group split the
+load, each envelope goes to one of them) and to their status (``devices/+/status``, not shared: retained messages
+are never delivered on shared subscriptions, and every process may record the same status), stores through the
+ingest loop, and serves Prometheus metrics. SIGTERM or SIGINT stops it: what was received is stored and
+acknowledged, then it disconnects cleanly. Under systemd (``Type=notify``) it reports READY once connected.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
+
+from edge import log as edge_log
+from edge.gateway.config import GatewayConfig
+from edge.gateway.ingest import IngestLoop, IngestStats
+from edge.gateway.metrics import GatewayMetrics
+from edge.gateway.store import Store, open_store
+from edge.log import event
+from edge.systemd import Notifier
+from edge.telemetry.transport import MqttSettings, MqttTransport
+
+__all__ = ["Gateway", "run_gateway", "subscriptions"]
+
+log = logging.getLogger("edge.gateway")
+
+
+def subscriptions(share_group: str) -> list[str]:
+    """The topic filters a gateway subscribes to."""
+    return [f"$share/{share_group}/devices/+/telemetry", "devices/+/status"]
+
+
+class Gateway:
+    """The parts of a running gateway: metrics, ingest loop, broker connection.
+
+    Args:
+        cfg: the validated configuration.
+        store_factory: opens the store (default: ``open_store(cfg.store_url)``); called on the ingest thread.
+    """
+
+    def __init__(self, cfg: GatewayConfig, *, store_factory: Callable[[], Store] | None = None) -> None:
+        self.cfg = cfg
+        self.metrics = GatewayMetrics()
+        url = cfg.store_url
+        self.ingest = IngestLoop(
+            store_factory or (lambda: open_store(url)),
+            self.metrics,
+            batch_max=cfg.gateway.batch_max,
+            batch_wait_s=cfg.gateway.batch_wait_ms / 1000,
+        )
+        b = cfg.broker
+        settings = MqttSettings(
+            host=b.host,
+            port=b.port,
+            ca=cfg.fleet_path(b.ca),
+            cert=cfg.fleet_path(b.cert),
+            key=cfg.fleet_path(b.key),
+            client_id=cfg.gateway.id,
+            keepalive=b.keepalive_s,
+            session_expiry=b.session_expiry_s,
+            receive_maximum=cfg.gateway.receive_maximum,
+            backoff_max=5.0,
+        )
+        self.transport = MqttTransport(
+            settings, on_incoming=self.ingest.submit, subscriptions=subscriptions(cfg.gateway.share_group)
+        )
+        self._server: Any = None
+
+    def start(self) -> None:
+        """Open the store, serve metrics, connect (in the background).
+
+        Raises:
+            StoreError: the store cannot be opened.
+            ConfigError: the TLS credentials cannot be loaded.
+        """
+        self.ingest.start()
+        if self.cfg.metrics.enabled:
+            self._server = self.metrics.serve(self.cfg.metrics.host, self.cfg.metrics.port)
+        self.transport.start()
+
+    def stop(self) -> IngestStats:
+        """Store and acknowledge what was received, disconnect, stop serving metrics; returns the ingest counters."""
+        self.ingest.stop()
+        self.transport.stop()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+        return self.ingest.stats
+
+
+def run_gateway(cfg: GatewayConfig, *, stop: threading.Event | None = None) -> IngestStats:
+    """Run a gateway until SIGTERM/SIGINT (or ``stop`` is set).
+
+    Args:
+        cfg: the configuration.
+        stop: an event that stops the gateway when set (tests); signals are handled only on the main thread.
+
+    Returns:
+        The ingest counters at the end.
+    """
+    edge_log.configure(cfg.log.level, cfg.log.format)
+    stop = stop or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+
+        def on_signal(signum: int, _frame: FrameType | None) -> None:
+            event(log, logging.INFO, "stopping", signal=signal.Signals(signum).name)
+            stop.set()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+    notifier = Notifier()
+    gw = Gateway(cfg)
+    gw.start()
+    event(
+        log,
+        logging.INFO,
+        "gateway started",
+        id=cfg.gateway.id,
+        broker=f"{cfg.broker.host}:{cfg.broker.port}",
+        store=_redact(cfg.store_url),
+        metrics=f"{cfg.metrics.host}:{cfg.metrics.port}" if cfg.metrics.enabled else None,
+    )
+    ready = False
+    last_status = 0.0
+    try:
+        while not stop.wait(0.2):
+            up = gw.transport.connected
+            gw.metrics.connected.set(1 if up else 0)
+            if up and not ready:
+                ready = True
+                notifier.send(READY=1, STATUS="connected")
+            now = time.monotonic()
+            if now - last_status >= 5.0:
+                last_status = now
+                s = gw.ingest.stats
+                notifier.send(STATUS=f"accepted {s.accepted}, rejected {s.rejected}, records {s.records}")
+    finally:
+        notifier.send(STOPPING=1)
+        stats = gw.stop()
+        notifier.close()
+        event(log, logging.INFO, "gateway stopped", **vars(stats))
+    return stats
+
+
+def _redact(url: str) -> str:
+    """A store URL without its password, for logs."""
+    if "://" in url and "@" in url:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        user = creds.split(":", 1)[0]
+        return f"{scheme}://{user}:***@{host}" if ":" in creds else url
+    return url

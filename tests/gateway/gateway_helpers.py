@@ -1,0 +1,132 @@
+"""Helpers for gateway tests: simulated devices that seal real envelopes and publish them as themselves."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from mqtt_broker import GATEWAY_ID, Broker, TestPKI
+
+from edge.gateway.config import BrokerConfig, GatewayConfig, IngestConfig, MetricsConfig
+from edge.gateway.store import DeviceRecord
+from edge.identity.did import did_key_from_public
+from edge.records import InferenceRecord
+from edge.telemetry import GENESIS_PREV, envelope_hash, seal_envelope
+
+
+class SimDevice:
+    """A device key, its chain, and envelopes of inference records."""
+
+    def __init__(self, device_id: str, *, model: str = "digits@1.0.0") -> None:
+        self.id = device_id
+        self.key = Ed25519PrivateKey.generate()
+        self.model = model
+        self.counter = 0
+        self.prev = GENESIS_PREV
+
+    def record(self) -> DeviceRecord:
+        pub = self.key.public_key()
+        raw = pub.public_bytes(Encoding.Raw, PublicFormat.Raw)
+        return DeviceRecord(self.id, did_key_from_public(pub), raw, "", time.time())
+
+    def seal(self, n_records: int = 10) -> bytes:
+        self.counter += 1
+        recs = [
+            InferenceRecord(
+                seq=self.counter * 1000 + i,
+                timestamp=time.time(),
+                model_id=self.model,
+                model_sha256="ab" * 32,
+                input_sha256="cd" * 32,
+                pixel_format="YUYV",
+                top_k=((i % 10, 0.9),),
+                score=None,
+                label=i % 10,
+                preprocess_us=10,
+                inference_us=90,
+                latency_us=200,
+                backend="native-avx2",
+            )
+            for i in range(n_records)
+        ]
+        data = seal_envelope(self.id, self.counter, self.prev, recs, time.time(), self.key)
+        self.prev = envelope_hash(data)
+        return data
+
+
+class Publisher:
+    """A plain paho client with a certificate of its own, publishing QoS 1 and waiting for PUBACKs."""
+
+    def __init__(self, broker: Broker, pki: TestPKI, identity: str, key: Ed25519PrivateKey | None = None) -> None:
+        creds = pki.client(identity, key=key)
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"pub-{identity}", protocol=mqtt.MQTTv5)
+        c.tls_set(ca_certs=str(creds.ca), certfile=str(creds.cert), keyfile=str(creds.key))
+        c.max_inflight_messages_set(0)
+        ready = threading.Event()
+        c.on_connect = lambda *_a: ready.set()
+        c.connect(broker.host, broker.port)
+        c.loop_start()
+        assert ready.wait(10), f"{identity} could not connect"
+        self.client = c
+
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+        self.client.publish(topic, payload, qos=1, retain=retain).wait_for_publish(10)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def gateway_config(
+    broker: Broker,
+    pki: TestPKI,
+    fleet_dir: Path,
+    store_url: str,
+    *,
+    gateway_id: str = "gw-1",
+    metrics_port: int = 0,
+    batch_max: int = 200,
+) -> GatewayConfig:
+    """A gateway configuration for the test broker (the test PKI's "gateway" identity)."""
+    creds = pki.client(GATEWAY_ID)
+    return GatewayConfig(
+        gateway=IngestConfig(id=gateway_id, fleet_dir=fleet_dir, store=store_url, batch_max=batch_max),
+        broker=BrokerConfig(host=broker.host, port=broker.port, ca=creds.ca, cert=creds.cert, key=creds.key),
+        metrics=MetricsConfig(enabled=metrics_port > 0, port=metrics_port or 9108),
+    )
+
+
+def gateway_toml(cfg: GatewayConfig) -> str:
+    """The same configuration as a TOML file for ``edge gateway run``."""
+    g, b, m = cfg.gateway, cfg.broker, cfg.metrics
+    return f"""
+[gateway]
+id = "{g.id}"
+fleet_dir = "{g.fleet_dir}"
+store = "{g.store}"
+batch_max = {g.batch_max}
+[broker]
+host = "{b.host}"
+port = {b.port}
+ca = "{b.ca}"
+cert = "{b.cert}"
+key = "{b.key}"
+[metrics]
+enabled = {"true" if m.enabled else "false"}
+port = {m.port}
+[log]
+level = "info"
+"""
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.1) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())
