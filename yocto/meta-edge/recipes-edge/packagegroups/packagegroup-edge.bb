@@ -1,0 +1,10 @@
+# nooelint: oelint.var.suggestedvar.SECTION
+SUMMARY = "The edge service and what a box needs to run it"
+DESCRIPTION = "Installs the edge service (its unit, user, configuration and factory model). It knows nothing of \
+               the disk layout: an image that installs it must mount the data partition at /data, as edge-image \
+               does with edge-data-mount."
+LICENSE = "Apache-2.0"
+
+inherit packagegroup
+
+RDEPENDS:${PN} = "edge"
