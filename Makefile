@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.edge-installed
 NATIVE := $(wildcard native/*.c native/*.h)
 
-.PHONY: all test demo lint typecheck unit bench clean
+.PHONY: all test demo lint typecheck unit test-arm64 check-yocto bench clean
 
 all: test
 
@@ -24,7 +24,17 @@ typecheck: $(STAMP)
 unit: $(STAMP)
 	EDGE_REQUIRE_NATIVE=1 $(PY) -m pytest -q
 
-test: lint typecheck unit
+test: lint typecheck unit check-yocto test-arm64
+
+# The emulated aarch64 tier (docs/arm64.md): the subset in tools/qemu/tests.txt under qemu-user on a Cortex-A72,
+# against the NEON build of the extension; its work (sysroot, wheels, build) is cached in .cache/arm64/.
+test-arm64: $(STAMP)
+	./tools/qemu/arm64.sh
+
+# Offline checks of the Yocto layer (yocto/meta-edge/README.md): oelint-adv, the recipe against the project, kas files
+# against kas's schema, and the wheel built without isolation with wrynose's setuptools (venv cached in .cache/yocto/).
+check-yocto: $(STAMP)
+	$(PY) tools/yocto/check.py
 
 demo: $(STAMP)
 	EDGE_REQUIRE_NATIVE=1 $(PY) tools/demo.py

@@ -136,7 +136,7 @@ PyDoc_STRVAR(preprocess_doc,
              "(1,H,W,C) for layout 1, item type float32/uint8/int8 for dtype 0/1/2. crop: (x, y, w, h) in the frame.\n"
              "inner: (top, left, h, w) rectangle of out the crop is resized into (the rest gets fill). order: 0 RGB,\n"
              "1 BGR. alpha, beta: 3 floats per output channel, value = pixel * alpha + beta (quantisation folded in).\n"
-             "fill: letterbox value in pixel units. path: 'avx2', 'sse4', 'scalar' or None for the best.\n"
+             "fill: letterbox value in pixel units. path: 'avx2', 'sse4', 'neon', 'scalar' or None for the best.\n"
              "Returns None. The GIL is released while the kernel runs when the output has at least 16384 values.");
 
 static PyObject *native_preprocess(PyObject *module, PyObject *args, PyObject *kwargs) {
@@ -273,9 +273,10 @@ static int native_exec(PyObject *module) {
 #if defined(__x86_64__) || defined(__i386__)
     if (f & PP_CPU_AVX2) st->paths[st->npaths++] = &pp_kernels_avx2;
     if (f & PP_CPU_SSE41) st->paths[st->npaths++] = &pp_kernels_sse4;
+#elif defined(__aarch64__)
+    if (f & PP_CPU_NEON) st->paths[st->npaths++] = &pp_kernels_neon;
 #endif
-    /* The NEON table joins here behind PP_CPU_NEON once preprocess_neon.c provides it. */
-    (void)f;
+    (void)f; /* unused on other architectures */
     st->paths[st->npaths++] = &pp_kernels_scalar;
     return 0;
 }

@@ -7,8 +7,8 @@
  *
  * The driver (pp_run, preprocess_scalar.c) is shared by every instruction set: it builds the column tables once,
  * walks the output rows keeping a two-row cache of horizontally resized source rows keyed by source row, and calls
- * the two kernels of a pp_kernels table (horizontal pass per source row, vertical pass per output row). A new
- * instruction set (NEON) only provides a table.
+ * the two kernels of a pp_kernels table (horizontal pass per source row, vertical pass per output row). Each
+ * instruction set (SSE4.1, AVX2, NEON) only provides a table.
  *
  * Invariants the caller (edge_native.c) guarantees before pp_run: every size is >= 1 and validated against the
  * source buffer; inner pixels are packed (pixel stride == bytes per pixel), so bytes [0, frame_w * bpp) of every
@@ -93,6 +93,9 @@ extern const pp_kernels pp_kernels_scalar;
 #if defined(__x86_64__) || defined(__i386__)
 extern const pp_kernels pp_kernels_sse4;
 extern const pp_kernels pp_kernels_avx2;
+#endif
+#if defined(__aarch64__)
+extern const pp_kernels pp_kernels_neon;
 #endif
 
 /* CPU features (cpu.c). */
