@@ -106,10 +106,12 @@ def gateway_toml(cfg: GatewayConfig) -> str:
     return f"""
 [gateway]
 id = "{g.id}"
+share_group = "{g.share_group}"
 fleet_dir = "{g.fleet_dir}"
 store = "{g.store}"
 batch_max = {g.batch_max}
 [broker]
+session_expiry_s = {b.session_expiry_s}
 host = "{b.host}"
 port = {b.port}
 ca = "{b.ca}"

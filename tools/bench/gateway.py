@@ -26,6 +26,7 @@ import threading
 import time
 import urllib.request
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -129,6 +130,13 @@ def run_once(
     for i in range(gateways):
         port = free_port()
         cfg = gateway_config(broker, pki, work, url, gateway_id=f"bench-{tag}-{i}", metrics_port=port)
+        # A group and sessions of this run's own: a stopped gateway's persistent session stays in its share group
+        # and keeps receiving (queued) its share, which would starve the next run.
+        cfg = replace(
+            cfg,
+            gateway=replace(cfg.gateway, share_group=f"bench{tag}"),
+            broker=replace(cfg.broker, session_expiry_s=0),
+        )
         path = work / f"gateway-{tag}-{i}.toml"
         path.write_text(gateway_toml(cfg))
         procs.append(start_gateway(path))
