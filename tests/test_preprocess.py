@@ -184,6 +184,7 @@ def test_backends_agree(backend: str) -> None:
 
 # ---------------------------------------------------------------- OpenCV as an independent oracle
 
+
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize(("frame", "size"), [((96, 128), (40, 50)), ((20, 30), (45, 61)), ((480, 640), (224, 224))])
 def test_opencv_oracle(backend: str, fmt: str, frame: tuple[int, int], size: tuple[int, int]) -> None:
