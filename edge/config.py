@@ -398,6 +398,22 @@ def parse_config(data: Mapping[str, Any]) -> Config:
     )
 
 
+def read_toml(path: Path) -> dict[str, Any]:
+    """Read a TOML file (the box's or the gateway's configuration).
+
+    Raises:
+        ConfigError: the file is missing, unreadable, not UTF-8 or not valid TOML (key ``<file>``).
+    """
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError("<file>", str(path), "an existing configuration file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError("<file>", str(path), f"a readable UTF-8 file ({e})") from e
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError("<file>", str(path), f"valid TOML ({e})") from e
+
+
 def load_config(path: str | os.PathLike[str] = DEFAULT_CONFIG_PATH) -> Config:
     """Read and validate the TOML configuration at ``path``.
 
@@ -408,15 +424,7 @@ def load_config(path: str | os.PathLike[str] = DEFAULT_CONFIG_PATH) -> Config:
         ConfigError: the file is missing, is not valid TOML, or a value is invalid.
     """
     p = Path(path)
-    try:
-        data = tomllib.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError("<file>", str(p), "an existing configuration file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError("<file>", str(p), f"a readable UTF-8 file ({e})") from e
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError("<file>", str(p), f"valid TOML ({e})") from e
-    cfg = parse_config(data)
+    cfg = parse_config(read_toml(p))
     base = p.resolve().parent
 
     def rebase(q: Path | None) -> Path | None:

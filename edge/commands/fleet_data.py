@@ -220,10 +220,11 @@ def _command(args: argparse.Namespace) -> int:
     from edge.gateway.ca import FleetCA  # noqa: PLC0415
     from edge.gateway.commands import sign_command  # noqa: PLC0415
     from edge.gateway.config import load_gateway_config  # noqa: PLC0415
+    from edge.gateway.service import mqtt_settings  # noqa: PLC0415
     from edge.identity.keys import validate_device_id  # noqa: PLC0415
     from edge.telemetry.device import topics  # noqa: PLC0415
     from edge.telemetry.publisher import NO_MATCHING_SUBSCRIBERS  # noqa: PLC0415
-    from edge.telemetry.transport import MqttSettings, MqttTransport  # noqa: PLC0415
+    from edge.telemetry.transport import MqttTransport  # noqa: PLC0415
 
     cfg = load_gateway_config(args.config)
     device = validate_device_id(args.device)
@@ -244,15 +245,8 @@ def _command(args: argparse.Namespace) -> int:
             arrived.set()
 
     b = cfg.broker
-    settings = MqttSettings(
-        host=b.host,
-        port=b.port,
-        ca=cfg.fleet_path(b.ca),
-        cert=cfg.fleet_path(b.cert),
-        key=cfg.fleet_path(b.key),
-        client_id=f"{cfg.gateway.id}-cmd-{nonce.hex()[:8]}",
-        session_expiry=0,  # a one-shot client: nothing to keep
-    )
+    # A one-shot client: an id of its own (the gateway's session stays untouched) and nothing to keep.
+    settings = mqtt_settings(cfg, client_id=f"{cfg.gateway.id}-cmd-{nonce.hex()[:8]}", session_expiry=0)
     # Subscribed before the command is published, on the same connection, so the reply cannot overtake it.
     transport = MqttTransport(settings, on_message=on_reply, subscriptions=[t["replies"]])
     transport.start()

@@ -9,13 +9,24 @@ docs/gateway.md for every key.
 from __future__ import annotations
 
 import os
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from edge.config import LOG_FORMATS, LOG_LEVELS, LogConfig, _bool, _choice, _int_at_least, _path, _port, _Section, _str
+from edge.config import (
+    LOG_FORMATS,
+    LOG_LEVELS,
+    LogConfig,
+    _bool,
+    _choice,
+    _int_at_least,
+    _path,
+    _port,
+    _Section,
+    _str,
+    read_toml,
+)
 from edge.errors import ConfigError
 
 __all__ = [
@@ -181,15 +192,7 @@ def load_gateway_config(path: str | os.PathLike[str]) -> GatewayConfig:
         ConfigError: the file is missing, is not valid TOML, or a value is invalid.
     """
     p = Path(path)
-    try:
-        data = tomllib.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError("<file>", str(p), "an existing configuration file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError("<file>", str(p), f"a readable UTF-8 file ({e})") from e
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError("<file>", str(p), f"valid TOML ({e})") from e
-    cfg = parse_gateway_config(data)
+    cfg = parse_gateway_config(read_toml(p))
     fleet = cfg.gateway.fleet_dir
     if not fleet.is_absolute():
         fleet = p.resolve().parent / fleet

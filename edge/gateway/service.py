@@ -27,7 +27,7 @@ from edge.log import event
 from edge.systemd import Notifier
 from edge.telemetry.transport import MqttSettings, MqttTransport
 
-__all__ = ["Gateway", "run_gateway", "subscriptions"]
+__all__ = ["Gateway", "mqtt_settings", "run_gateway", "subscriptions"]
 
 log = logging.getLogger("edge.gateway")
 
@@ -35,6 +35,25 @@ log = logging.getLogger("edge.gateway")
 def subscriptions(share_group: str) -> list[str]:
     """The topic filters a gateway subscribes to."""
     return [f"$share/{share_group}/devices/+/telemetry", "devices/+/status"]
+
+
+def mqtt_settings(cfg: GatewayConfig, **overrides: Any) -> MqttSettings:
+    """The gateway's broker connection from its configuration; ``overrides`` replace fields (e.g. ``client_id``)."""
+    b = cfg.broker
+    fields: dict[str, Any] = {
+        "host": b.host,
+        "port": b.port,
+        "ca": cfg.fleet_path(b.ca),
+        "cert": cfg.fleet_path(b.cert),
+        "key": cfg.fleet_path(b.key),
+        "client_id": cfg.gateway.id,
+        "keepalive": b.keepalive_s,
+        "session_expiry": b.session_expiry_s,
+        "receive_maximum": cfg.gateway.receive_maximum,
+        "backoff_max": 5.0,
+    }
+    fields.update(overrides)
+    return MqttSettings(**fields)
 
 
 class Gateway:
@@ -55,21 +74,8 @@ class Gateway:
             batch_max=cfg.gateway.batch_max,
             batch_wait_s=cfg.gateway.batch_wait_ms / 1000,
         )
-        b = cfg.broker
-        settings = MqttSettings(
-            host=b.host,
-            port=b.port,
-            ca=cfg.fleet_path(b.ca),
-            cert=cfg.fleet_path(b.cert),
-            key=cfg.fleet_path(b.key),
-            client_id=cfg.gateway.id,
-            keepalive=b.keepalive_s,
-            session_expiry=b.session_expiry_s,
-            receive_maximum=cfg.gateway.receive_maximum,
-            backoff_max=5.0,
-        )
         self.transport = MqttTransport(
-            settings, on_incoming=self.ingest.submit, subscriptions=subscriptions(cfg.gateway.share_group)
+            mqtt_settings(cfg), on_incoming=self.ingest.submit, subscriptions=subscriptions(cfg.gateway.share_group)
         )
         self._server: Any = None
 
