@@ -266,6 +266,40 @@ def test_garbage_and_unknown_commands_rejected(rig) -> None:
     assert gw.send(signed(rig, "reboot"))["error"] == "unknown_command"
 
 
+def test_fleet_command_cli_signs_sends_and_prints_the_reply(rig, pki, tmp_path) -> None:
+    """`edge fleet command` as an operator runs it: the gateway's configuration, the fleet's command key."""
+    creds = pki.client(GATEWAY_ID)
+    cfg = tmp_path / "gateway.toml"
+    cfg.write_text(
+        f'[gateway]\nfleet_dir = "{rig["fleet"].directory}"\n'
+        f'[broker]\nhost = "{rig["broker"].host}"\nport = {rig["broker"].port}\n'
+        f'ca = "{creds.ca}"\ncert = "{creds.cert}"\nkey = "{creds.key}"\n'
+    )
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "edge", "fleet", "command", "--config", str(cfg), *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            cwd=ROOT,
+        )
+
+    proc = cli(DEVICE, "ping")
+    assert proc.returncode == 0, proc.stderr
+    reply = json.loads(proc.stdout)
+    assert reply["ok"] and reply["command"] == "ping" and reply["result"]["pong"] is True
+    proc = cli(DEVICE, "set", "key=telemetry.batch_age_s", "value=0.5")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["ok"]
+    proc = cli(DEVICE, "set", "key=device.id", "value=other")  # not a live setting: refused by the box
+    assert proc.returncode == 1 and json.loads(proc.stdout)["error"] == "not_live"
+    rig["gateway"].error_replies["not_live"] += 1  # the box's own tally (checked last) includes this refusal
+    proc = cli("box-absent", "ping", "--wait", "2")  # nobody subscribed to that device's commands
+    assert proc.returncode == 1 and "not subscribed" in proc.stderr
+
+
 def test_box_keeps_running_and_counts_every_rejection(rig) -> None:
     # Runs last: the box survived every command above, still publishes, and stops cleanly with the counts.
     gw, box = rig["gateway"], rig["box"]
@@ -360,36 +394,3 @@ def test_corrupt_nonce_file_disables_commands_instead_of_forgetting_nonces(tmp_p
         gw.close()
     assert stats["commands_rejected"] == {"unavailable": 1}
     assert (data / "command-nonces.cbor").read_bytes() == b"\xbf not a nonce set"  # left for an operator to inspect
-
-
-def test_fleet_command_cli_signs_sends_and_prints_the_reply(rig, pki, tmp_path) -> None:
-    """`edge fleet command` as an operator runs it: the gateway's configuration, the fleet's command key."""
-    creds = pki.client(GATEWAY_ID)
-    cfg = tmp_path / "gateway.toml"
-    cfg.write_text(
-        f'[gateway]\nfleet_dir = "{rig["fleet"].directory}"\n'
-        f'[broker]\nhost = "{rig["broker"].host}"\nport = {rig["broker"].port}\n'
-        f'ca = "{creds.ca}"\ncert = "{creds.cert}"\nkey = "{creds.key}"\n'
-    )
-
-    def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "edge", "fleet", "command", "--config", str(cfg), *args],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-            cwd=ROOT,
-        )
-
-    proc = cli(DEVICE, "ping")
-    assert proc.returncode == 0, proc.stderr
-    reply = json.loads(proc.stdout)
-    assert reply["ok"] and reply["command"] == "ping" and reply["result"]["pong"] is True
-    proc = cli(DEVICE, "set", "key=telemetry.batch_age_s", "value=0.5")
-    assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout)["ok"]
-    proc = cli(DEVICE, "set", "key=device.id", "value=other")  # not a live setting: refused by the box
-    assert proc.returncode == 1 and json.loads(proc.stdout)["error"] == "not_live"
-    proc = cli("box-absent", "ping", "--wait", "2")  # nobody subscribed to that device's commands
-    assert proc.returncode == 1 and "not subscribed" in proc.stderr
