@@ -3,8 +3,9 @@
 Global options: ``--dir DIR`` (the fleet directory; default ``$EDGE_FLEET_DIR`` or ``./fleet``; its layout is in
 ``edge.gateway.registry``) and ``--store URL`` (default ``sqlite:///<dir>/fleet.db``).
 
-Each sub-subcommand is registered by one function in ``SUBCOMMANDS``; to add one (``status``, ``ledger``,
-``command``, ``models``), write ``_register_<name>(sub)`` that adds its parser and sets ``func``, and append it.
+Each sub-subcommand is registered by one function in ``SUBCOMMANDS`` (here) or ``edge.commands.fleet_data``'s
+(``status``, ``ledger``, ``ledger-verify``, ``command``); to add one, write a function that adds its parser and sets
+``func``, and append it to one of them.
 ``fleet_dir``, ``load_ca`` and ``open_registry`` give it the fleet the global options name.
 """
 
@@ -20,14 +21,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from edge.commands import fleet_data
 from edge.errors import ConfigError
 
 if TYPE_CHECKING:
     from edge.gateway.ca import FleetCA
     from edge.gateway.registry import Registry
+    from edge.gateway.store import Store
 
-__all__ = ["SUBCOMMANDS", "fleet_dir", "load_ca", "open_registry", "register"]
+__all__ = ["SUBCOMMANDS", "fleet_dir", "iso_utc", "load_ca", "open_fleet_store", "open_registry", "register"]
 
 _MAX_CSR_FILE_BYTES = 64 * 1024
 _RELOAD_HINT = "reload the broker to apply it (systemctl reload mosquitto, or kill -HUP <pid>)"
@@ -76,6 +77,19 @@ def load_ca(args: argparse.Namespace) -> FleetCA:
     return FleetCA.load(fleet_dir(args))
 
 
+def open_fleet_store(args: argparse.Namespace) -> Store:
+    """Open the store the global options name (``--store``, else the fleet directory's SQLite file).
+
+    Raises:
+        StoreError: the store cannot be opened.
+        ConfigError: the store URL is not supported.
+    """
+    from edge.gateway.config import default_store_url  # noqa: PLC0415
+    from edge.gateway.store import open_store  # noqa: PLC0415
+
+    return open_store(args.store or default_store_url(fleet_dir(args)))
+
+
 @contextlib.contextmanager
 def open_registry(args: argparse.Namespace) -> Iterator[Registry]:
     """The registry over the store the global options name; the store is closed on exit.
@@ -90,14 +104,11 @@ def open_registry(args: argparse.Namespace) -> Iterator[Registry]:
         StoreError: the store cannot be opened.
         ConfigError: the store URL is not supported.
     """
-    from edge.gateway.config import default_store_url  # noqa: PLC0415
     from edge.gateway.registry import Registry  # noqa: PLC0415
-    from edge.gateway.store import open_store  # noqa: PLC0415
 
-    directory = fleet_dir(args)
-    store = open_store(args.store or default_store_url(directory))
+    store = open_fleet_store(args)
     try:
-        yield Registry(store, directory)
+        yield Registry(store, fleet_dir(args))
     finally:
         store.close()
 
@@ -106,7 +117,8 @@ def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
 
 
-def _iso(t: float | None) -> str | None:
+def iso_utc(t: float | None) -> str | None:
+    """Epoch seconds as an ISO 8601 UTC time to the second (None stays None), for operators' output."""
     return None if t is None else datetime.datetime.fromtimestamp(t, datetime.UTC).isoformat(timespec="seconds")
 
 
@@ -235,7 +247,7 @@ def _enroll(args: argparse.Namespace) -> int:
         body = {
             "device_id": record.device_id,
             "did": record.did,
-            "enrolled_at": _iso(record.enrolled_at),
+            "enrolled_at": iso_utc(record.enrolled_at),
             "bundle": str(bundle),
             "files": [str(bundle / n) for n in (BUNDLE_CERT_FILE, BUNDLE_CA_FILE, BUNDLE_COMMANDS_FILE)],
         }
@@ -260,8 +272,8 @@ def _devices(args: argparse.Namespace) -> int:
             "device_id": d.device_id,
             "did": d.did,
             "state": "revoked" if d.revoked_at is not None else "active",
-            "enrolled_at": _iso(d.enrolled_at),
-            "revoked_at": _iso(d.revoked_at),
+            "enrolled_at": iso_utc(d.enrolled_at),
+            "revoked_at": iso_utc(d.revoked_at),
         }
         for d in devices
     ]
@@ -290,7 +302,7 @@ def _revoke(args: argparse.Namespace) -> int:
     ca = load_ca(args)
     with open_registry(args) as registry:
         record = registry.revoke(args.device_id, ca=ca, now=_now())
-    print(f"revoked {record.device_id} at {_iso(record.revoked_at)}; {_RELOAD_HINT}")
+    print(f"revoked {record.device_id} at {iso_utc(record.revoked_at)}; {_RELOAD_HINT}")
     return 0
 
 
@@ -338,10 +350,6 @@ SUBCOMMANDS: list[Callable[[Any], None]] = [
     _register_devices,
     _register_revoke,
     _register_broker_config,
-    fleet_data.register_status,
-    fleet_data.register_ledger,
-    fleet_data.register_ledger_verify,
-    fleet_data.register_command,
 ]
 
 
@@ -364,5 +372,8 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument("--store", metavar="URL", help="the store (default: sqlite:///<fleet dir>/fleet.db)")
     sub = parser.add_subparsers(dest="fleet_command", required=True, metavar="ACTION")
-    for add in SUBCOMMANDS:
+    # Imported here: fleet_data builds on this module's helpers.
+    from edge.commands import fleet_data  # noqa: PLC0415
+
+    for add in [*SUBCOMMANDS, *fleet_data.SUBCOMMANDS]:
         add(sub)

@@ -15,13 +15,10 @@ import threading
 import time
 from typing import Any
 
+from edge.commands.fleet import iso_utc, open_fleet_store
 from edge.errors import ConfigError
 
-__all__ = ["register_command", "register_ledger", "register_ledger_verify", "register_status"]
-
-
-def _iso(t: float | None) -> str | None:
-    return None if t is None else datetime.datetime.fromtimestamp(t, datetime.UTC).isoformat(timespec="seconds")
+__all__ = ["SUBCOMMANDS", "register_command", "register_ledger", "register_ledger_verify", "register_status"]
 
 
 def _day(text: str) -> str:
@@ -36,14 +33,6 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
     lines = ["  ".join(str(x).ljust(w) for x, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows]]
     return "\n".join(lines)
-
-
-def _store(args: argparse.Namespace) -> Any:
-    from edge.commands.fleet import fleet_dir  # noqa: PLC0415
-    from edge.gateway.config import default_store_url  # noqa: PLC0415
-    from edge.gateway.store import open_store  # noqa: PLC0415
-
-    return open_store(args.store or default_store_url(fleet_dir(args)))
 
 
 # -- status -----------------------------------------------------------------------------------------------------------
@@ -62,7 +51,7 @@ def register_status(sub: Any) -> None:
 
 
 def _status(args: argparse.Namespace) -> int:
-    store = _store(args)
+    store = open_fleet_store(args)
     try:
         statuses = store.statuses()
         strangers = store.strangers()
@@ -74,8 +63,8 @@ def _status(args: argparse.Namespace) -> int:
                 "device_id": s.device_id,
                 "state": s.state,
                 "reason": s.reason,
-                "since": _iso(s.since),
-                "last_seen": _iso(s.last_seen),
+                "since": iso_utc(s.since),
+                "last_seen": iso_utc(s.last_seen),
                 "last_counter": s.last_counter,
                 "gaps": s.gaps,
                 "rejects": s.rejects,
@@ -90,7 +79,7 @@ def _status(args: argparse.Namespace) -> int:
         [
             s.device_id,
             s.state + (f" ({s.reason})" if s.reason else ""),
-            _iso(s.since) or "-",
+            iso_utc(s.since) or "-",
             str(s.last_counter if s.last_counter is not None else "-"),
             str(s.gaps),
             str(s.rejects),
@@ -132,7 +121,7 @@ def register_ledger(sub: Any) -> None:
 def _ledger(args: argparse.Namespace) -> int:
     if args.export and not args.device:
         raise ConfigError("--export", args.export, "--device ID as well: an export proves one device's work")
-    store = _store(args)
+    store = open_fleet_store(args)
     try:
         if args.export:
             from edge.gateway.ledger import export_ledger  # noqa: PLC0415
@@ -268,3 +257,7 @@ def _command(args: argparse.Namespace) -> int:
         transport.stop()
     print(json.dumps(got))
     return 0 if got.get("ok") else 1
+
+
+# Appended to ``edge fleet``'s own sub-subcommands, in help order.
+SUBCOMMANDS = [register_status, register_ledger, register_ledger_verify, register_command]

@@ -22,8 +22,8 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
-from edge.errors import InputError
 from edge.gateway.errors import StoreError
 from edge.gateway.metrics import GatewayMetrics
 from edge.gateway.store import Inbound, Store
@@ -37,6 +37,7 @@ log = logging.getLogger("edge.gateway.ingest")
 
 MAX_STATUS_BYTES = 16 * 1024
 _RETRY_MIN_S, _RETRY_MAX_S = 0.2, 5.0
+T = TypeVar("T")
 
 
 @dataclass
@@ -161,29 +162,36 @@ class IngestLoop:
     def _handle(self, store: Store, batch: list[tuple[Incoming, float]]) -> None:
         self.metrics.queue.dec(len(batch))
         self.stats.messages += len(batch)
-        telemetry = [(m, t) for m, t in batch if m.topic.endswith("/telemetry")]
+        telemetry = []
         for m, t in batch:
-            if not m.topic.endswith("/telemetry"):
+            if m.topic.endswith("/telemetry"):
+                telemetry.append((m, t))
+            else:
                 self._status(store, m, t)
         if telemetry:
             self._telemetry(store, telemetry)
 
-    def _telemetry(self, store: Store, batch: list[tuple[Incoming, float]]) -> None:
-        inbound = [Inbound(m.topic, m.payload, t) for m, t in batch]
+    def _retrying(self, what: str, fn: Callable[[], T]) -> T | None:
+        """``fn()`` until it commits; on ``StoreError`` count, log and back off. None if stopped meanwhile."""
         delay = _RETRY_MIN_S
         while True:
             try:
-                results = store.ingest(inbound)
-                break
+                return fn()
             except StoreError as e:
                 self.stats.store_errors += 1
                 self.metrics.store_errors.inc()
-                event(log, logging.ERROR, "store transaction failed; retrying", error=str(e), messages=len(batch))
+                event(log, logging.ERROR, f"{what} not stored; retrying", error=str(e))
                 if self._stopping.wait(delay):
-                    # Stopping with the database down: leave the batch unacknowledged; the broker redelivers it.
-                    event(log, logging.WARNING, "stopped with a batch unstored; the broker keeps it", n=len(batch))
-                    return
+                    return None
                 delay = min(delay * 2, _RETRY_MAX_S)
+
+    def _telemetry(self, store: Store, batch: list[tuple[Incoming, float]]) -> None:
+        inbound = [Inbound(m.topic, m.payload, t) for m, t in batch]
+        results = self._retrying(f"batch of {len(batch)}", lambda: store.ingest(inbound))
+        if results is None:
+            # Stopping with the database down: leave the batch unacknowledged; the broker redelivers it.
+            event(log, logging.WARNING, "stopped with a batch unstored; the broker keeps it", n=len(batch))
+            return
         stored_at = self._clock()
         self.stats.batches += 1
         for (m, _t), res in zip(batch, results, strict=True):
@@ -223,30 +231,21 @@ class IngestLoop:
             body = json.loads(m.payload)
             if not isinstance(body, dict):
                 raise ValueError("status is not a JSON object")
-        except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError and InvalidDeviceIdError are ValueErrors
+
+            def record() -> bool:
+                store.record_status(device_id, body, t)
+                return True
+
+            # The store may still refuse valid JSON (too large once normalised, say): an InputError, caught below.
+            if self._retrying("status", record) is None:
+                return  # stopping: unacknowledged, the broker redelivers it
+        except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, InvalidDeviceIdError, InputError
+            # Acknowledged all the same: redelivering a malformed status would not make it valid.
             self.stats.bad_statuses += 1
             self.metrics.statuses.labels(outcome="malformed").inc()
             event(log, logging.WARNING, "status message rejected", topic=m.topic[:200], error=str(e)[:200])
             m.ack()
             return
-        delay = _RETRY_MIN_S
-        while True:
-            try:
-                store.record_status(device_id, body, t)
-                break
-            except InputError as e:  # valid JSON the store still refuses (too large once normalised, say)
-                self.stats.bad_statuses += 1
-                self.metrics.statuses.labels(outcome="malformed").inc()
-                event(log, logging.WARNING, "status message rejected", topic=m.topic[:200], error=str(e)[:200])
-                m.ack()
-                return
-            except StoreError as e:
-                self.stats.store_errors += 1
-                self.metrics.store_errors.inc()
-                event(log, logging.ERROR, "status not stored; retrying", error=str(e))
-                if self._stopping.wait(delay):
-                    return
-                delay = min(delay * 2, _RETRY_MAX_S)
         self.stats.statuses += 1
         self.metrics.statuses.labels(outcome="recorded").inc()
         m.ack()

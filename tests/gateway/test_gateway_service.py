@@ -13,9 +13,12 @@ import time
 import urllib.request
 from pathlib import Path
 
+import psycopg
 import pytest
-from gateway_helpers import Publisher, SimDevice, gateway_config, gateway_toml, wait_until
+from fleet_fixtures import wait_until
+from gateway_helpers import Publisher, SimDevice, gateway_config, gateway_toml
 from mqtt_broker import free_port
+from pg import fresh_database
 
 from edge.gateway.service import Gateway
 from edge.gateway.store import open_store
@@ -226,3 +229,39 @@ def test_gateway_killed_at_random_moments_loses_nothing(broker, pki, tmp_path, s
     assert sum(r.envelopes for r in rows) == 3 * per_device
     assert sum(r.records for r in rows) == 3 * per_device * 20
     assert all(r.missing == 0 for r in rows)
+
+
+def test_database_outage_is_retried_until_the_batch_commits(broker, pki, tmp_path, pg_admin_url) -> None:
+    """PostgreSQL refuses connections for a while: the batch is retried (nothing acknowledged, nothing skipped) and
+    stored once the database is back."""
+    with fresh_database(pg_admin_url) as url:
+        name = url.rsplit("/", 1)[1]
+        dev = SimDevice("pg-box")
+        enroll(url, [dev])
+        gw = Gateway(gateway_config(broker, pki, tmp_path, url))
+        gw.start()
+        pub = None
+        try:
+            assert gw.transport.wait_connected(10)
+            time.sleep(0.3)
+            pub = Publisher(broker, pki, dev.id, key=dev.key)
+            pub.publish(f"devices/{dev.id}/telemetry", dev.seal(5))
+            assert wait_until(lambda: gw.ingest.stats.accepted == 1, 10)
+            with psycopg.connect(pg_admin_url, autocommit=True) as admin:
+                admin.execute(f"ALTER DATABASE {name} ALLOW_CONNECTIONS false")
+                admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
+            try:
+                for _ in range(5):
+                    pub.publish(f"devices/{dev.id}/telemetry", dev.seal(5))
+                assert wait_until(lambda: gw.ingest.stats.store_errors >= 2, 15)
+                assert gw.ingest.stats.accepted == 1
+            finally:
+                with psycopg.connect(pg_admin_url, autocommit=True) as admin:
+                    admin.execute(f"ALTER DATABASE {name} ALLOW_CONNECTIONS true")
+            assert wait_until(lambda: gw.ingest.stats.accepted == 6, 30)
+        finally:
+            if pub is not None:
+                pub.close()
+            stats = gw.stop()
+        assert stats.rejected == 0 and stats.duplicates == 0
+        assert stored_counters(url, dev.id) == [1, 2, 3, 4, 5, 6]
