@@ -28,6 +28,7 @@ __all__ = [
     "DeviceConfig",
     "LogConfig",
     "ModelConfig",
+    "OtaConfig",
     "PipelineConfig",
     "PreprocessConfig",
     "SinkConfig",
@@ -132,6 +133,22 @@ class TelemetryConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class OtaConfig:
+    """Over-the-air model updates (docs/ota.md); off while ``repository`` is empty.
+
+    The updater keeps its files at fixed places in ``device.data_dir``: ``models/`` (the A/B slots and the
+    ``active`` link), ``ota/`` (its state and partial downloads) and ``tuf/`` (the TUF metadata cache).
+    Relative paths are inside ``device.data_dir``.
+    """
+
+    repository: str = ""  # the TUF repository's base URL (it serves metadata/ and targets/ below it)
+    root: Path = Path("keys/tuf-root.json")  # the trusted root provisioned at enrollment
+    check_interval_s: float = 3600.0
+    max_model_mb: float = 256.0
+    trial_runs: int = 20
+
+
+@dataclass(frozen=True, slots=True)
 class LogConfig:
     """Log verbosity and format."""
 
@@ -150,6 +167,7 @@ class Config:
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     sink: SinkConfig = field(default_factory=SinkConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    ota: OtaConfig = field(default_factory=OtaConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
 
@@ -239,6 +257,15 @@ def _path_or_disabled(key: str, v: Any) -> Path | None:
     if v == "":
         return None
     return _path(key, v)
+
+
+def _repository_url(key: str, v: Any) -> str:
+    if not isinstance(v, str):
+        raise ConfigError(key, v, "a URL string")
+    url = v
+    if url and not (url.startswith(("http://", "https://")) and len(url) > len("https://")):
+        raise ConfigError(key, v, "an http:// or https:// URL, or empty to turn updates off")
+    return url if not url or url.endswith("/") else url + "/"
 
 
 def _pixel_format(key: str, v: Any) -> PixelFormat:
@@ -379,6 +406,16 @@ def parse_config(data: Mapping[str, Any]) -> Config:
         fleet_key=s.get("fleet_key", dt.fleet_key, _path_or_disabled),
     )
 
+    s = tables["ota"]
+    do = OtaConfig()
+    ota = OtaConfig(
+        repository=s.get("repository", do.repository, _repository_url),
+        root=s.get("root", do.root, _path),
+        check_interval_s=s.get("check_interval_s", do.check_interval_s, _float_at_least(1.0)),
+        max_model_mb=s.get("max_model_mb", do.max_model_mb, _float_at_least(0.01)),
+        trial_runs=s.get("trial_runs", do.trial_runs, _int_at_least(1)),
+    )
+
     s = tables["log"]
     log = LogConfig(
         level=s.get("level", dl.level, LIVE_SETTINGS["log.level"]),
@@ -394,6 +431,7 @@ def parse_config(data: Mapping[str, Any]) -> Config:
         pipeline=pipeline,
         sink=sink,
         telemetry=telemetry,
+        ota=ota,
         log=log,
     )
 

@@ -12,7 +12,9 @@ The fleet directory (``edge fleet --dir DIR``; default ``$EDGE_FLEET_DIR`` or ``
       broker/gateways                     gateway identities granted every device's topics, one per line (input;
                                           absent: just "gateway"); ``edge fleet ca issue-client`` adds to it
       broker/server.pem  server.key       the broker's certificate (``edge fleet ca issue-server``' default)
-      devices/<id>/device.pem fleet-ca.pem fleet-commands.pub   the bundle to copy into the box's keys directory
+      devices/<id>/device.pem fleet-ca.pem fleet-commands.pub [tuf-root.json]   the bundle to copy into the box's
+                                          keys directory (tuf-root.json once the model repository exists)
+      tuf/  repository/                   the TUF model repository: role keys and the served files (docs/ota.md)
 
 Invariants:
 - A device is in the ACL iff it is enrolled and not revoked, and then it may use ``devices/<its id>/#`` only. There is
@@ -97,6 +99,9 @@ GATEWAYS_FILE: Final = "gateways"
 BUNDLE_CERT_FILE: Final = "device.pem"
 BUNDLE_CA_FILE: Final = "fleet-ca.pem"
 BUNDLE_COMMANDS_FILE: Final = "fleet-commands.pub"
+BUNDLE_TUF_ROOT_FILE: Final = "tuf-root.json"  # ota.root's default
+# The newest root of the model repository (edge.gateway.repository keeps it there): the box's first trusted root.
+TUF_ROOT_SOURCE: Final = Path("repository") / "metadata" / "root.json"
 DEFAULT_GATEWAY_IDS: Final = ("gateway",)
 _MAX_STATE_FILE_BYTES: Final = 1 << 20
 
@@ -305,7 +310,8 @@ class Registry:
         return record
 
     def write_bundle(self, record: DeviceRecord, *, ca: FleetCA) -> Path:
-        """Write (or rewrite) a device's bundle: its certificate, the fleet CA and the fleet command key.
+        """Write (or rewrite) a device's bundle: its certificate, the fleet CA, the fleet command key and, once the
+        model repository exists, its newest root (the box's first trusted TUF root).
 
         Args:
             record: the device.
@@ -319,6 +325,9 @@ class Registry:
         atomic_write(directory / BUNDLE_CERT_FILE, record.cert_pem.encode("ascii"))
         atomic_write(directory / BUNDLE_CA_FILE, ca.cert_pem)
         atomic_write(directory / BUNDLE_COMMANDS_FILE, ca.commands_public_pem)
+        root = self.fleet_dir / TUF_ROOT_SOURCE
+        if root.is_file():
+            atomic_write(directory / BUNDLE_TUF_ROOT_FILE, root.read_bytes())
         return directory
 
     def revoke(self, device_id: str, *, ca: FleetCA, now: datetime.datetime) -> DeviceRecord:

@@ -17,6 +17,12 @@ Commands:
   configuration file uses; another configuration key is ``not_live``, anything else ``unknown_key``; a bad value or
   missing argument is ``invalid_argument``. A live change lasts until the service restarts (the file is not
   rewritten: the configuration may be read-only).
+- ``models/update`` ``{"name": N, "version": V, "rollout": ID (optional), "force": bool (optional)}``: queue an
+  over-the-air update of model N to version V (docs/ota.md). The reply says it was accepted; the outcome follows in
+  signed telemetry (``ota.*`` events), because an update takes longer than a reply may wait. ``force`` retries a
+  version that failed on this box before. ``unavailable`` when updates are off.
+- ``models/rollback`` ``{"name": N, "version": V, "rollout": ID (optional)}``: leave version V (a rollout was
+  aborted): the model that ran before it becomes active again, and V is never retried unless forced.
 
 Invariants: nothing runs unless it verified; every refusal is a ``CommandRejected`` with a stable ``reason``.
 """
@@ -30,6 +36,8 @@ from typing import Any, Final
 from edge.config import LIVE_SETTINGS, config_keys
 from edge.errors import ConfigError
 from edge.gateway.commands import Command, CommandRejected, CommandsUnavailable, UnknownCommand
+from edge.ota.errors import ManifestError
+from edge.ota.manifest import validate_name, version_key
 
 __all__ = [
     "COMMAND_NAMES",
@@ -41,7 +49,7 @@ __all__ = [
     "reply_for",
 ]
 
-COMMAND_NAMES: Final = frozenset({"ping", "status", "set"})
+COMMAND_NAMES: Final = frozenset({"ping", "status", "set", "models/update", "models/rollback"})
 
 
 class SettingNotLive(CommandRejected):
@@ -70,11 +78,16 @@ class DeviceControls:
         republish_status: publish the retained status message now; returns the status body it published.
         set_batching: ``TelemetrySink.set_batching(batch_records, batch_age_s)``.
         set_log_level: change the level of the ``edge`` loggers ("debug", "info", "warning", "error").
+        request_update: queue an update ``(name, version, force, rollout)``; returns the reply's result. None when
+            over-the-air updates are off.
+        request_rollback: queue leaving a version ``(name, version, rollout)``; None when updates are off.
     """
 
     republish_status: Callable[[], Mapping[str, Any]]
     set_batching: Callable[[int | None, float | None], None]
     set_log_level: Callable[[str], None]
+    request_update: Callable[[str, str, bool, str | None], Mapping[str, Any]] | None = None
+    request_rollback: Callable[[str, str, str | None], Mapping[str, Any]] | None = None
 
 
 class CommandExecutor:
@@ -87,6 +100,11 @@ class CommandExecutor:
     def __init__(self, controls: DeviceControls) -> None:
         self._controls = controls
         self._config_keys = config_keys()
+
+    @property
+    def controls(self) -> DeviceControls:
+        """The hooks this executor acts on."""
+        return self._controls
 
     def execute(self, cmd: Command, now: float) -> dict[str, Any]:
         """Execute one verified command.
@@ -113,6 +131,8 @@ class CommandExecutor:
                 raise CommandsUnavailable(f"status not published: {e}", command=cmd) from e
         if cmd.name == "set":
             return self._set(cmd)
+        if cmd.name in ("models/update", "models/rollback"):
+            return self._models(cmd)
         raise UnknownCommand(f"unknown command {cmd.name!r} (known: {', '.join(sorted(COMMAND_NAMES))})", command=cmd)
 
     @staticmethod
@@ -143,6 +163,33 @@ class CommandExecutor:
         except ConfigError as e:
             raise InvalidArgument(str(e), command=cmd) from e
         return {"key": key, "value": checked}
+
+    def _models(self, cmd: Command) -> dict[str, Any]:
+        update = cmd.name == "models/update"
+        allowed = {"name", "version", "rollout", "force"} if update else {"name", "version", "rollout"}
+        if not {"name", "version"} <= set(cmd.args) <= allowed:
+            raise InvalidArgument(
+                f"{cmd.name} takes name, version and optionally {', '.join(sorted(allowed - {'name', 'version'}))}; "
+                f"got {sorted(cmd.args)}",
+                command=cmd,
+            )
+        name, version = cmd.args["name"], cmd.args["version"]
+        rollout, force = cmd.args.get("rollout"), cmd.args.get("force", False)
+        try:
+            validate_name(name)
+            version_key(version)
+        except ManifestError as e:
+            raise InvalidArgument(f"{cmd.name}: {e}", command=cmd) from e
+        if rollout is not None and not isinstance(rollout, str):
+            raise InvalidArgument(f"{cmd.name}: rollout must be a string, got {rollout!r:.40}", command=cmd)
+        if not isinstance(force, bool):
+            raise InvalidArgument(f"{cmd.name}: force must be true or false, got {force!r:.40}", command=cmd)
+        assert isinstance(name, str) and isinstance(version, str)
+        if update and self._controls.request_update is not None:
+            return dict(self._controls.request_update(name, version, force, rollout))
+        if not update and self._controls.request_rollback is not None:
+            return dict(self._controls.request_rollback(name, version, rollout))
+        raise CommandsUnavailable("over-the-air updates are off on this box (ota.repository is empty)", command=cmd)
 
 
 def reply_for(result: Mapping[str, Any] | CommandRejected, cmd: Command | None = None) -> dict[str, Any]:

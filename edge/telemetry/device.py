@@ -21,7 +21,8 @@ import logging
 import platform
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from edge import __version__
 from edge.config import Config, data_path
 from edge.errors import ConfigError, TransportError
 from edge.gateway.commands import (
+    Command,
     CommandRejected,
     CommandsUnavailable,
     CommandUnsigned,
@@ -132,6 +134,7 @@ class DeviceTelemetry:
             self.outbox, wake=self.publisher.wake, batch_records=tc.batch_records, batch_age_s=tc.batch_age_s
         )
         self._drain_timeout = tc.drain_timeout_s
+        self._on_verified: Callable[[Command], None] | None = None
         self._executor = CommandExecutor(
             DeviceControls(
                 republish_status=self._republish_status,
@@ -139,6 +142,29 @@ class DeviceTelemetry:
                 set_log_level=lambda level: logging.getLogger("edge").setLevel(level.upper()),
             )
         )
+
+    def enable_ota(
+        self,
+        *,
+        request_update: Callable[[str, str, bool, str | None], Mapping[str, Any]],
+        request_rollback: Callable[[str, str, str | None], Mapping[str, Any]],
+        on_verified: Callable[[Command], None] | None = None,
+    ) -> None:
+        """Route ``models/update`` and ``models/rollback`` to the updater; ``on_verified`` sees every verified command
+        (the updater takes its signed issue time as proven time). Call before ``start``."""
+        self._executor = CommandExecutor(
+            replace(self._executor.controls, request_update=request_update, request_rollback=request_rollback)
+        )
+        self._on_verified = on_verified
+
+    def set_model(self, model_id: str, model_sha256: str) -> None:
+        """Report a newly active model: the next status messages name it, and one is published now if connected."""
+        self._facts = {**self._facts, "model": model_id, "model_sha256": model_sha256}
+        if self.transport.connected:
+            try:
+                self._republish_status()
+            except (TransportError, ValueError) as e:
+                event(log, logging.WARNING, "status not republished", error=str(e))
 
     def _status(self, state: str, **extra: Any) -> bytes:
         body: dict[str, Any] = {"state": state, "device": self.device_id, "did": self.did, "ts": time.time()}
@@ -162,6 +188,8 @@ class DeviceTelemetry:
             if self._verifier is None:
                 raise self._no_commands()  # a fresh exception per message: a reused one would grow its traceback
             cmd = self._verifier.verify(payload, now)
+            if self._on_verified is not None:
+                self._on_verified(cmd)
             reply = reply_for(self._executor.execute(cmd, now), cmd)
         except CommandRejected as e:
             self.commands_rejected[e.reason] += 1

@@ -86,7 +86,7 @@ class TelemetrySink:
         self._ticker = threading.Thread(target=self._tick, name="edge-seal-timer", daemon=True)
         self._ticker.start()
 
-    def write(self, records: Sequence[Record]) -> None:
+    def write(self, records: Sequence[Record | EventRecord]) -> None:
         """Add records; seal every batch that became full."""
         with self._lock:
             now = self._clock()

@@ -64,6 +64,10 @@ DIST_RECIPES = {
     "cryptography": "python3-cryptography",
     "paho-mqtt": "python3-paho-mqtt",
     "base58": "python3-base58",
+    "tuf": "python3-tuf",
+    # Not direct dependencies: the OTA fetcher and key handling import them beside tuf, which requires both.
+    "securesystemslib": "python3-securesystemslib",
+    "urllib3": "python3-urllib3",
 }
 # Third-party import name -> distribution name.
 IMPORT_DISTS = {
@@ -75,6 +79,9 @@ IMPORT_DISTS = {
     "cryptography": "cryptography",
     "paho": "paho-mqtt",
     "base58": "base58",
+    "tuf": "tuf",
+    "securesystemslib": "securesystemslib",
+    "urllib3": "urllib3",
 }
 # Imports the box never makes: the quantizer (``edge model quantize``, a workstation command) imports onnx, and the
 # gateway (a server, edge/gateway/) imports its own dependencies; both load lazily, never in ``edge run``.

@@ -109,9 +109,12 @@ RDEPENDS:${PN} += "\
     python3-numpy \
     python3-paho-mqtt \
     python3-pyserial \
+    python3-securesystemslib \
     python3-sqlite3 \
     python3-threading \
     python3-tomllib \
+    python3-tuf \
+    python3-urllib3 \
 "
 RDEPENDS:${PN}-ptest += "\
     ${PN} \
