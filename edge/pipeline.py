@@ -13,6 +13,13 @@ instead of growing memory:
 
 Invariants: every frame that enters is either inferred, rejected (malformed, counted by reason) or dropped by the
 queue policy (counted); records leave in the order frames arrived; ``stop()`` lets queued items finish.
+
+Live model swap (an OTA commit): :meth:`Pipeline.swap_model` publishes the new model together with its own input
+buffer and preprocessing arguments as one immutable :class:`_Active`, in a single attribute assignment. The infer
+stage reads that attribute once per frame and uses what it read for the whole frame, so a frame is preprocessed and
+inferred by one model, never a mix; the model travels with the frame to the emit stage, so each record names the
+model (id and SHA-256) that actually produced it and is postprocessed by that model's output kind. Frames already
+inferred when the swap happens finish with the old model. The hot path takes no lock.
 """
 
 from __future__ import annotations
@@ -78,10 +85,20 @@ class PipelineStats:
 
 
 @dataclass(frozen=True, slots=True)
+class _Active:
+    """The model the infer stage uses, with the input buffer bound to it and its preprocessing arguments."""
+
+    model: Model
+    buffer: npt.NDArray[Any]
+    kwargs: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
 class _Inferred:
     frame: Frame
     digest: str
     output: npt.NDArray[Any]
+    model: Model
     acquired_ns: int
     preprocess_ns: int
     inference_ns: int
@@ -121,15 +138,15 @@ class Pipeline:
         preprocess: Mapping[str, Any] | None = None,
     ) -> None:
         self.source = source
-        self.model = model
         self.sink = sink
         self.stats = PipelineStats()
         self.backend = preprocess_backend()
         self._top_k = top_k
         self._drop_oldest = on_full == "drop_oldest"
         self._max_frames = max_frames
-        self._kwargs = {**model.preprocess_kwargs(), **(preprocess or {})}
-        self._input = model.new_input()
+        self._overrides = dict(preprocess or {})
+        self._swap_lock = threading.Lock()
+        self._active = self._prepare(model)
         self._in: queue.Queue[object] = queue.Queue(queue_size)
         self._out: queue.Queue[object] = queue.Queue(queue_size)
         self._stop = threading.Event()
@@ -144,6 +161,30 @@ class Pipeline:
         ]
 
     # -- control ---------------------------------------------------------------------------------------------------
+
+    @property
+    def model(self) -> Model:
+        """The model that the next frame will be inferred with."""
+        return self._active.model
+
+    def swap_model(self, model: Model) -> None:
+        """Switch to another model without stopping: the next frame the infer stage takes uses it.
+
+        Frames already inferred are emitted with the model that inferred them (their records carry its id and
+        SHA-256). The new model gets its own input buffer and its own preprocessing arguments (with this pipeline's
+        overrides applied again), so its input may differ in shape, dtype or layout. Safe to call from any thread,
+        running or not.
+
+        Args:
+            model: the loaded, warmed model to run from now on.
+        """
+        with self._swap_lock:  # two swappers must not interleave; the infer stage never takes this lock
+            old = self._active.model
+            self._active = self._prepare(model)
+        event(log, logging.INFO, "model swapped", old=old.model_id, new=model.model_id, sha256=model.sha256)
+
+    def _prepare(self, model: Model) -> _Active:
+        return _Active(model, model.new_input(), {**model.preprocess_kwargs(), **self._overrides})
 
     def start(self) -> None:
         """Start the three stage threads."""
@@ -229,7 +270,6 @@ class Pipeline:
 
     def _infer(self) -> None:
         get, put = self._in.get, self._out.put
-        buf, kwargs, run = self._input, self._kwargs, self.model.run
         clock = time.perf_counter_ns
         done = 0
         try:
@@ -241,16 +281,18 @@ class Pipeline:
                 if isinstance(item, Reading):
                     put(item)
                     continue
+                active = self._active  # read once: this frame uses one model throughout, whatever a swap does
+                model, buf = active.model, active.buffer
                 t0 = clock()
                 try:
-                    preprocess_image(item.data, pixel_format=item.pixel_format, out=buf, **kwargs)
+                    preprocess_image(item.data, pixel_format=item.pixel_format, out=buf, **active.kwargs)
                 except (ValueError, TypeError) as e:
                     self._reject(type(e).__name__, item, e)
                     continue
                 t1 = clock()
-                output = run(buf)
+                output = model.run(buf)
                 t2 = clock()
-                put(_Inferred(item, digest, output, acquired, t1 - t0, t2 - t1))
+                put(_Inferred(item, digest, output, model, acquired, t1 - t0, t2 - t1))
                 done += 1
                 if done == self._max_frames:
                     self.stop()
@@ -269,9 +311,7 @@ class Pipeline:
 
     def _emit(self) -> None:
         get, get_nowait = self._out.get, self._out.get_nowait
-        model = self.model
         stats = self.stats
-        kind = model.output_kind
         batch: list[Record] = []
         finished = False
         while not finished:
@@ -285,7 +325,7 @@ class Pipeline:
                     stats.readings += 1
                 else:
                     assert isinstance(item, _Inferred)
-                    batch.append(self._record(item, kind))
+                    batch.append(self._record(item))
                     # Hand the GIL over at once if the infer stage is back from native code and waiting for it;
                     # otherwise it would wait out the interpreter's 5 ms switch interval (a convoy).
                     time.sleep(0)
@@ -300,9 +340,10 @@ class Pipeline:
                 batch = []
                 stats.last_progress = time.monotonic()
 
-    def _record(self, r: _Inferred, kind: Kind) -> InferenceRecord:
+    def _record(self, r: _Inferred) -> InferenceRecord:
         stats = self.stats
         frame = r.frame
+        kind: Kind = r.model.output_kind
         if kind == "score":
             ranked: tuple[tuple[int, float], ...] = ()
             score: float | None = scalar_score(r.output)
@@ -318,8 +359,8 @@ class Pipeline:
         return InferenceRecord(
             seq=frame.seq,
             timestamp=frame.timestamp,
-            model_id=self.model.model_id,
-            model_sha256=self.model.sha256,
+            model_id=r.model.model_id,
+            model_sha256=r.model.sha256,
             input_sha256=r.digest,
             pixel_format=str(frame.pixel_format),
             top_k=ranked,
