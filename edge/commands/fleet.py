@@ -373,7 +373,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--store", metavar="URL", help="the store (default: sqlite:///<fleet dir>/fleet.db)")
     sub = parser.add_subparsers(dest="fleet_command", required=True, metavar="ACTION")
     # Imported here: fleet_data builds on this module's helpers.
-    from edge.commands import fleet_data  # noqa: PLC0415
+    from edge.commands import fleet_data, fleet_models, fleet_rollout  # noqa: PLC0415
 
-    for add in [*SUBCOMMANDS, *fleet_data.SUBCOMMANDS]:
+    for add in [*SUBCOMMANDS, *fleet_data.SUBCOMMANDS, *fleet_models.SUBCOMMANDS, *fleet_rollout.SUBCOMMANDS]:
         add(sub)

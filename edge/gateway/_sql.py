@@ -13,6 +13,12 @@ Invariants of the schema (version ``SCHEMA_VERSION``):
 - ``ledger`` / ``ledger_inferences``: counters per (device, UTC day[, model]), only ever incremented.
 - ``quarantine``: every rejected input, newest by id. ``statuses``: the last status message per device id,
   registered or not.
+- ``events``: one row per ``EventRecord`` of an accepted envelope (OTA transitions and the like), keyed by
+  (device_id, counter, idx within the envelope), written in the envelope's transaction; ``data`` is JSON text.
+
+Additive changes (``ADDITIONS``) keep ``SCHEMA_VERSION``: they are ``IF NOT EXISTS`` statements run at every open,
+so a database made by an earlier release of the same version gains them, and an earlier release still opens a
+database that has them (it ignores what it does not know). A change that is not additive bumps the version.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
-__all__ = ["DIALECTS", "SCHEMA", "SCHEMA_VERSION", "Dialect"]
+__all__ = ["ADDITIONS", "DIALECTS", "SCHEMA", "SCHEMA_VERSION", "Dialect"]
 
 SCHEMA_VERSION: Final = 1
 
@@ -107,6 +113,22 @@ SCHEMA: Final = (
     )""",
 )
 
+# Run at every open, after the version check (see the module docstring): each must be idempotent.
+ADDITIONS: Final = (
+    """CREATE TABLE IF NOT EXISTS events (
+        device_id TEXT NOT NULL,
+        counter {int} NOT NULL,
+        idx INTEGER NOT NULL,
+        ts {real} NOT NULL,
+        received_at {real} NOT NULL,
+        kind TEXT NOT NULL,
+        data TEXT NOT NULL,
+        PRIMARY KEY (device_id, counter, idx)
+    )""",
+    # Rollouts poll "events since T": by the gateway's receipt time.
+    "CREATE INDEX IF NOT EXISTS events_received ON events (received_at)",
+)
+
 # Ledger columns incremented by ingest, in the order ``LedgerTally`` produces them.
 LEDGER_COUNTERS: Final = (
     "envelopes",
@@ -141,6 +163,10 @@ UPDATE_CHAIN = (
 INSERT_QUARANTINE = (
     "INSERT INTO quarantine (received_at, topic, device_id, kind, reason, size, hash, payload)"
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+INSERT_EVENT = (
+    "INSERT INTO events (device_id, counter, idx, ts, received_at, kind, data) VALUES (?, ?, ?, ?, ?, ?, ?)"
+    " ON CONFLICT (device_id, counter, idx) DO NOTHING"
 )
 SELECT_DEVICES = "SELECT device_id, did, public_key, cert_pem, enrolled_at, revoked_at FROM devices"
 INSERT_DEVICE = (

@@ -10,7 +10,8 @@ Ingest of one batch, in one transaction:
    sorted order (created first if missing): every later read of a chain happens under that lock.
 3. Each message is verified in order by ``ChainVerifier`` over a ``BatchState``; accepted envelopes, chain heads,
    quarantine rows and ledger increments are collected in memory.
-4. Everything is written with one ``executemany`` per table, ledger rows in sorted order.
+4. Everything is written with one ``executemany`` per table, ledger rows in sorted order; the event records of
+   accepted envelopes go to ``events`` in the same transaction (a duplicate adds none: it is not accepted).
 A database failure anywhere rolls the whole batch back and raises ``StoreError``; bad input never raises.
 """
 
@@ -30,11 +31,19 @@ from edge.gateway._batch import BatchState, ChainRow, DeviceKey, Hole, LedgerTal
 from edge.gateway._checks import check_day, check_device, check_time, iso, redact, topic_device, utc_day
 from edge.gateway._sql import Dialect
 from edge.gateway._status import StatusRow, merge_status, parse_status
-from edge.gateway.errors import DeviceExistsError, StoreError, UnknownDeviceError
-from edge.gateway.store import DeviceRecord, DeviceStatus, Inbound, IngestResult, LedgerRow, StoredEnvelope
+from edge.gateway.errors import DeviceExistsError, GatewayInputError, StoreError, UnknownDeviceError
+from edge.gateway.store import (
+    DeviceEvent,
+    DeviceRecord,
+    DeviceStatus,
+    Inbound,
+    IngestResult,
+    LedgerRow,
+    StoredEnvelope,
+)
 from edge.telemetry.envelope import envelope_hash, parse_envelope
 from edge.telemetry.errors import MalformedEnvelopeError
-from edge.telemetry.schema import TelemetryLimits
+from edge.telemetry.schema import EventRecord, TelemetryLimits
 from edge.telemetry.verify import ChainLink, ChainVerifier, Verdict, VerdictKind
 
 __all__ = ["QUARANTINE_PAYLOAD_BYTES", "SqlStore"]
@@ -168,6 +177,8 @@ class SqlStore(abc.ABC):
                     f"{redact(self.url)}: schema version {version}, this code knows {q.SCHEMA_VERSION}"
                     + (" (written by a newer gateway: upgrade it)" if version > q.SCHEMA_VERSION else "")
                 )
+            for statement in q.ADDITIONS:
+                self._execute(self._sql(statement))
 
     def close(self) -> None:
         """Close the connection; idempotent."""
@@ -259,6 +270,7 @@ class SqlStore(abc.ABC):
         verifier = ChainVerifier(state, state, self._limits)
         days = _DayCache()
         envelope_rows: list[tuple[object, ...]] = []
+        event_rows: list[tuple[object, ...]] = []
         quarantine_rows: list[tuple[object, ...]] = []
         results: list[IngestResult] = []
         for msg, dev in zip(batch, topic_devices, strict=True):
@@ -273,6 +285,7 @@ class SqlStore(abc.ABC):
                     (env.device_id, env.counter, t, day, len(env.records), env.hash, env.prev, msg.payload)
                 )
                 tally.accepted(env.device_id, day, env.records, late=v.kind is V.LATE)
+                event_rows.extend(_event_rows(env.device_id, env.counter, t, env.records))
                 chain = chains[env.device_id]
                 if chain.last_accepted is None or t > chain.last_accepted:
                     chain.last_accepted = t
@@ -290,6 +303,8 @@ class SqlStore(abc.ABC):
                 quarantine_rows.append(_quarantine_row(msg, who, v))
                 results.append(IngestResult(v, False))
         self._write_batch(envelope_rows, chains, quarantine_rows, tally)
+        if event_rows:
+            self._executemany(self._sql(q.INSERT_EVENT), event_rows)
         return results
 
     def _bad_topic(self, msg: Inbound) -> Verdict:
@@ -557,6 +572,35 @@ class SqlStore(abc.ABC):
                 return
             start = rows[-1][0] + 1
 
+    # ------------------------------------------------------------------------------------------------- events
+
+    def events(
+        self, *, kind_prefix: str = "", since: float = 0.0, device_id: str | None = None, limit: int = 10000
+    ) -> list[DeviceEvent]:
+        """Stored events, oldest first (see ``Store.events``)."""
+        since = check_time(since, "since")
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+            raise GatewayInputError(f"limit must be an integer >= 0, got {limit!r}")
+        if not isinstance(kind_prefix, str):
+            raise GatewayInputError(f"kind_prefix must be text, got {type(kind_prefix).__name__}")
+        where, params = " WHERE received_at >= ?", list[object]([since])
+        if kind_prefix:
+            # substr, not LIKE or a range: no wildcard escaping, and PostgreSQL collations cannot reorder it.
+            where, params = where + " AND substr(kind, 1, ?) = ?", [*params, len(kind_prefix), kind_prefix]
+        if device_id is not None:
+            where, params = where + " AND device_id = ?", [*params, device_id]
+        with self._guard("events"):
+            rows = self._query(
+                self._sql(
+                    "SELECT device_id, counter, idx, ts, received_at, kind, data FROM events"  # noqa: S608
+                    f"{where} ORDER BY received_at, device_id, counter, idx LIMIT ?"
+                ),
+                [*params, limit],
+            )
+        return [
+            DeviceEvent(dev, counter, ts, at, kind, json.loads(data)) for dev, counter, _i, ts, at, kind, data in rows
+        ]
+
     # --------------------------------------------------------------------------------------------- quarantine
 
     def quarantine_counts(self) -> dict[str, int]:
@@ -585,6 +629,25 @@ class SqlStore(abc.ABC):
 def _device_record(row: tuple[Any, ...]) -> DeviceRecord:
     device_id, did, public_key, cert_pem, enrolled_at, revoked_at = row
     return DeviceRecord(device_id, did, bytes(public_key), cert_pem, enrolled_at, revoked_at)
+
+
+def _event_rows(
+    device_id: str, counter: int, received_at: float, records: Sequence[object]
+) -> list[tuple[object, ...]]:
+    """The ``events`` rows of an accepted envelope's event records; ``idx`` is the record's index in the envelope."""
+    return [
+        (
+            device_id,
+            counter,
+            i,
+            r.timestamp,
+            received_at,
+            r.kind,
+            json.dumps({k: v.hex() if isinstance(v, bytes) else v for k, v in r.data.items()}, sort_keys=True),
+        )
+        for i, r in enumerate(records)
+        if type(r) is EventRecord
+    ]
 
 
 def _explain_revoked(v: Verdict, state: BatchState, t: float) -> Verdict:

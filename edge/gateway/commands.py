@@ -103,7 +103,7 @@ KEY_EXPIRES_AT: Final = 7
 _PAYLOAD_KEYS: Final = frozenset(range(1, 8))
 VERSION: Final = 1
 
-_NAME = re.compile(r"[a-z][a-z0-9_.-]{0,31}")
+_NAME = re.compile(r"[a-z][a-z0-9_./-]{0,31}")
 _ARG_KEY = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _INT64 = (-(2**63), 2**63 - 1)
 _MAX_EPOCH: Final = 1e11
@@ -242,7 +242,7 @@ class Command:
 
 def _check_name(name: object) -> str:
     if not isinstance(name, str) or _NAME.fullmatch(name) is None:
-        raise ValueError(f"command name {name!r:.80} is not [a-z][a-z0-9_.-]{{0,31}}")
+        raise ValueError(f"command name {name!r:.80} is not [a-z][a-z0-9_./-]{{0,31}}")
     return name
 
 
@@ -293,7 +293,7 @@ def sign_command(
     Args:
         key: the fleet command key.
         device_id: the device it is for.
-        name: the command, ``[a-z][a-z0-9_.-]{0,31}`` (e.g. ``ping``, ``status``, ``set``).
+        name: the command, ``[a-z][a-z0-9_./-]{0,31}`` (e.g. ``ping``, ``status``, ``models/update``).
         args: at most 16 arguments: names ``[A-Za-z0-9_.-]{1,64}``, values int (64-bit), float (finite), str (at
             most 256 characters), bool or None.
         now: issued-at, epoch seconds (the gateway's clock).

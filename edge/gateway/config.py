@@ -20,6 +20,7 @@ from edge.config import (
     LogConfig,
     _bool,
     _choice,
+    _float_at_least,
     _int_at_least,
     _path,
     _port,
@@ -34,6 +35,7 @@ __all__ = [
     "GatewayConfig",
     "IngestConfig",
     "MetricsConfig",
+    "RolloutConfig",
     "default_store_url",
     "load_gateway_config",
     "parse_gateway_config",
@@ -86,12 +88,30 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class RolloutConfig:
+    """The rollout driver (``edge.gateway.rollout_driver``) inside ``edge gateway run``.
+
+    Attributes:
+        enabled: drive the fleet's current rollout (one process per fleet directory is enough; more are safe).
+        interval_s: seconds between planning rounds.
+        device_timeout_s: how long a commanded device may take to report an outcome before it counts as failed.
+        command_ttl_s: the lifetime of the signed update and rollback commands.
+    """
+
+    enabled: bool = True
+    interval_s: float = 2.0
+    device_timeout_s: float = 900.0
+    command_ttl_s: float = 900.0
+
+
+@dataclass(frozen=True, slots=True)
 class GatewayConfig:
     """The whole gateway configuration."""
 
     gateway: IngestConfig = field(default_factory=IngestConfig)
     broker: BrokerConfig = field(default_factory=BrokerConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
     def fleet_path(self, p: Path) -> Path:
@@ -134,6 +154,14 @@ def _bounded(low: int, high: int) -> Any:
     return convert
 
 
+def _command_ttl(key: str, v: Any) -> float:
+    ttl = float(_float_at_least(1.0)(key, v))
+    # Boxes refuse commands that live longer than their max TTL (edge.gateway.commands.DEFAULT_MAX_TTL_S).
+    if ttl > 3600.0:
+        raise ConfigError(key, v, "at most 3600 seconds (boxes refuse longer-lived commands)")
+    return ttl
+
+
 def parse_gateway_config(data: Mapping[str, Any]) -> GatewayConfig:
     """Validate a parsed TOML document into a ``GatewayConfig``.
 
@@ -146,7 +174,7 @@ def parse_gateway_config(data: Mapping[str, Any]) -> GatewayConfig:
     Raises:
         ConfigError: a key is unknown or a value is invalid; the message names the key.
     """
-    di, db, dm, dl = IngestConfig(), BrokerConfig(), MetricsConfig(), LogConfig()
+    di, db, dm, dl, dr = IngestConfig(), BrokerConfig(), MetricsConfig(), LogConfig(), RolloutConfig()
     top = _Section("", data)
     tables = {name: _Section(name, top.get(name, {}, lambda _k, v: v)) for name in GatewayConfig.__dataclass_fields__}
     top.finish()
@@ -176,13 +204,20 @@ def parse_gateway_config(data: Mapping[str, Any]) -> GatewayConfig:
         host=s.get("host", dm.host, _str),
         port=s.get("port", dm.port, _port),
     )
+    s = tables["rollout"]
+    rollout = RolloutConfig(
+        enabled=s.get("enabled", dr.enabled, _bool),
+        interval_s=s.get("interval_s", dr.interval_s, _float_at_least(0.1)),
+        device_timeout_s=s.get("device_timeout_s", dr.device_timeout_s, _float_at_least(1.0)),
+        command_ttl_s=s.get("command_ttl_s", dr.command_ttl_s, _command_ttl),
+    )
     s = tables["log"]
     log = LogConfig(
         level=s.get("level", dl.level, _choice(LOG_LEVELS)), format=s.get("format", dl.format, _choice(LOG_FORMATS))
     )
     for section in tables.values():
         section.finish()
-    return GatewayConfig(gateway=gateway, broker=broker, metrics=metrics, log=log)
+    return GatewayConfig(gateway=gateway, broker=broker, metrics=metrics, rollout=rollout, log=log)
 
 
 def load_gateway_config(path: str | os.PathLike[str]) -> GatewayConfig:

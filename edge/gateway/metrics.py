@@ -55,6 +55,16 @@ class GatewayMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.rollouts = Counter(
+            "edge_gateway_rollouts", "Rollouts that reached a state, by state", ["state"], registry=r
+        )
+        self.rollout_commands = Counter(
+            "edge_gateway_rollout_commands",
+            "Rollout commands published, by command and result (sent: the broker acknowledged it)",
+            ["command", "result"],
+            registry=r,
+        )
+        self.rollout_errors = Counter("edge_gateway_rollout_errors", "Rollout ticks that failed (retried)", registry=r)
         self.connected = Gauge("edge_gateway_connected", "1 while connected to the broker", registry=r)
         self.queue = Gauge("edge_gateway_queue_messages", "Messages received and not yet stored", registry=r)
         for kind in VerdictKind:

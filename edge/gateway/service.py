@@ -4,8 +4,10 @@ It connects to the broker as the gateway identity with a persistent MQTT 5 sessi
 telemetry through a shared subscription (``$share/<group>/devices/+/telemetry``: processes in one group split the
 load, each envelope goes to one of them) and to their status (``devices/+/status``, not shared: retained messages
 are never delivered on shared subscriptions, and every process may record the same status), stores through the
-ingest loop, and serves Prometheus metrics. SIGTERM or SIGINT stops it: what was received is stored and
-acknowledged, then it disconnects cleanly. Under systemd (``Type=notify``) it reports READY once connected.
+ingest loop, serves Prometheus metrics, and (``[rollout] enabled``) drives the fleet's current model rollout,
+publishing its signed commands on the same connection (``edge.gateway.rollout_driver``). SIGTERM or SIGINT stops
+it: what was received is stored and acknowledged, then it disconnects cleanly. Under systemd (``Type=notify``) it
+reports READY once connected.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from edge import log as edge_log
 from edge.gateway.config import GatewayConfig
 from edge.gateway.ingest import IngestLoop, IngestStats
 from edge.gateway.metrics import GatewayMetrics
+from edge.gateway.rollout_driver import RolloutDriver
 from edge.gateway.store import Store, open_store
 from edge.log import event
 from edge.systemd import Notifier
@@ -57,7 +60,7 @@ def mqtt_settings(cfg: GatewayConfig, **overrides: Any) -> MqttSettings:
 
 
 class Gateway:
-    """The parts of a running gateway: metrics, ingest loop, broker connection.
+    """The parts of a running gateway: metrics, ingest loop, broker connection, rollout driver.
 
     Args:
         cfg: the validated configuration.
@@ -77,6 +80,25 @@ class Gateway:
         self.transport = MqttTransport(
             mqtt_settings(cfg), on_incoming=self.ingest.submit, subscriptions=subscriptions(cfg.gateway.share_group)
         )
+        self.rollouts: RolloutDriver | None = None
+        if cfg.rollout.enabled:
+            fleet_dir = cfg.gateway.fleet_dir
+
+            def commands_key() -> Any:
+                from edge.gateway.ca import FleetCA  # noqa: PLC0415 -- loaded only once a rollout has a command
+
+                return FleetCA.load(fleet_dir).commands_key
+
+            self.rollouts = RolloutDriver(
+                fleet_dir,
+                store_factory or (lambda: open_store(url)),
+                self.transport.publish,
+                commands_key,
+                interval_s=cfg.rollout.interval_s,
+                device_timeout_s=cfg.rollout.device_timeout_s,
+                command_ttl_s=cfg.rollout.command_ttl_s,
+                metrics=self.metrics,
+            )
         self._server: Any = None
 
     def start(self) -> None:
@@ -90,9 +112,17 @@ class Gateway:
         if self.cfg.metrics.enabled:
             self._server = self.metrics.serve(self.cfg.metrics.host, self.cfg.metrics.port)
         self.transport.start()
+        if self.rollouts is not None:
+            self.rollouts.start()
 
     def stop(self) -> IngestStats:
-        """Store and acknowledge what was received, disconnect, stop serving metrics; returns the ingest counters."""
+        """Stop the rollout driver, store and acknowledge what was received, disconnect, stop serving metrics.
+
+        Returns:
+            The ingest counters.
+        """
+        if self.rollouts is not None:
+            self.rollouts.stop()
         self.ingest.stop()
         self.transport.stop()
         if self._server is not None:

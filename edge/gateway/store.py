@@ -14,6 +14,9 @@ Invariants:
 - Calls for one device serialise on its chain row (PostgreSQL ``SELECT .. FOR UPDATE``, rows locked in sorted
   order so two workers never deadlock; SQLite ``BEGIN IMMEDIATE``), so two gateway processes fed by an MQTT shared
   subscription never store an envelope twice nor see a false fork.
+- Every ``EventRecord`` of an accepted envelope is also stored as a row of its own (``DeviceEvent``), in the same
+  transaction as the envelope and at most once per (device, counter, index), so the fleet can query OTA transitions
+  without decoding envelopes; a redelivered envelope adds none.
 - Days are UTC days of the gateway's ``received_at``: device clocks are not trusted for accounting.
 - Thread-safety: a ``Store`` holds one database connection and is not safe for concurrent use; give each thread
   (or worker process) its own ``Store``. Several stores on one database are safe: that is what the locking is for.
@@ -30,6 +33,7 @@ from edge.telemetry.schema import DEFAULT_LIMITS, TelemetryLimits
 from edge.telemetry.verify import Verdict
 
 __all__ = [
+    "DeviceEvent",
     "DeviceRecord",
     "DeviceStatus",
     "Inbound",
@@ -176,6 +180,27 @@ class StoredEnvelope:
     data: bytes
 
 
+@dataclass(frozen=True, slots=True)
+class DeviceEvent:
+    """An event record of an accepted envelope, as stored.
+
+    Attributes:
+        device_id: the device that signed it.
+        counter: the counter of the envelope that carried it.
+        ts: the event's own timestamp (the box's clock: indicative only).
+        received_at: when the gateway received the envelope (gateway clock; queries use this one).
+        kind: the dotted kind, e.g. ``ota.committed``.
+        data: its data; byte values are stored as lower-case hex strings (JSON has no bytes).
+    """
+
+    device_id: str
+    counter: int
+    ts: float
+    received_at: float
+    kind: str
+    data: dict[str, Any]
+
+
 class Store(Protocol):
     """The gateway's storage; both backends implement it. Not safe for concurrent use: one ``Store`` per thread."""
 
@@ -275,6 +300,22 @@ class Store(Protocol):
 
         Raises:
             GatewayInputError: a day is not ``YYYY-MM-DD``.
+            StoreError: the database failed.
+        """
+
+    def events(
+        self, *, kind_prefix: str = "", since: float = 0.0, device_id: str | None = None, limit: int = 10000
+    ) -> list[DeviceEvent]:
+        """Stored events, oldest first by (received_at, device, counter, index).
+
+        Args:
+            kind_prefix: only kinds starting with this (``"ota."``); empty: every kind.
+            since: only events received at or after this time (gateway clock, epoch seconds).
+            device_id: only this device's.
+            limit: the most rows returned (the oldest ones); at least 0.
+
+        Raises:
+            GatewayInputError: ``since`` is not epoch seconds, or ``limit`` is negative.
             StoreError: the database failed.
         """
 

@@ -14,6 +14,10 @@ name and version without listing the repository:
 Every one of them is a TUF target, so TUF checks its length and hashes; the manifest repeats the companions' SHA-256
 and length so that a companion swapped under the same path is also caught by the box.
 
+TUF signs canonical JSON, which has no floats: :meth:`ModelManifest.to_custom` writes an integral float as an int and
+any other as its shortest decimal string (``0.05`` -> ``"0.05"``), and :meth:`ModelManifest.from_custom` reads such
+strings back where it expects a number.
+
 A golden file is an ``.npz`` (no pickles) with ``inputs``: N model input tensors stacked on the batch axis in the
 model's input dtype (already preprocessed), and ``outputs``: the N expected raw outputs as float32. A candidate passes
 when every output value is within ``tolerance`` of the expected one and the share of samples whose argmax matches is
@@ -182,7 +186,7 @@ class ModelManifest:
         return target_path(self.name, self.version, MODEL_FILE)
 
     def to_custom(self) -> dict[str, Any]:
-        """The TUF target custom metadata of the primary model file: ``{"edge": {...}}`` (JSON-ready)."""
+        """The TUF target custom metadata of the primary model file: ``{"edge": {...}}`` (canonical-JSON-ready)."""
         body: dict[str, Any] = {
             "schema": SCHEMA,
             "kind": "model",
@@ -207,7 +211,7 @@ class ModelManifest:
             }
         if self.float_variant is not None:
             body["float_variant"] = _companion_json(self.float_variant)
-        return {"edge": body}
+        return {"edge": _canonical(body)}
 
     @classmethod
     def from_custom(cls, path: str, custom: Mapping[str, Any], *, length: int, sha256: str) -> ModelManifest:
@@ -224,6 +228,7 @@ class ModelManifest:
         body = custom.get("edge") if isinstance(custom, Mapping) else None
         if not isinstance(body, Mapping):
             raise ManifestError(f"target {path!r:.120} has no 'edge' manifest in its custom metadata")
+        body = _numbers_back(body)
         if body.get("schema") != SCHEMA or body.get("kind") != "model":
             raise ManifestError(
                 f"target {path!r:.120}: manifest schema {body.get('schema')!r} kind {body.get('kind')!r}"
@@ -327,6 +332,47 @@ def load_golden(path: str | Path, *, input_info: InputInfo | None = None) -> Gol
     except OSError as e:
         raise ManifestError(f"cannot read golden file {p}: {e}") from e
     return parse_golden(data, input_info=input_info)
+
+
+# -- canonical JSON: no floats ---------------------------------------------------------------------------------------
+
+
+def _canonical(value: Any) -> Any:
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ManifestError(f"manifest numbers must be finite, got {value!r}")
+        return int(value) if value.is_integer() else repr(value)
+    if isinstance(value, Mapping):
+        return {k: _canonical(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_canonical(v) for v in value]
+    return value
+
+
+_DECIMAL = re.compile(r"-?(0|[1-9][0-9]{0,17})(\.[0-9]{1,17})?(e-?[0-9]{1,3})?")
+
+
+def _decimal(v: Any) -> Any:
+    """A decimal string written by ``_canonical`` as a float; anything else as it is (the field check names it)."""
+    if isinstance(v, str) and _DECIMAL.fullmatch(v):
+        return float(v)
+    if isinstance(v, list):
+        return [_decimal(x) for x in v]
+    return v
+
+
+def _numbers_back(body: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(body)
+    if "latency_budget_ms" in out:
+        out["latency_budget_ms"] = _decimal(out["latency_budget_ms"])
+    for section, keys in (("golden", ("tolerance", "min_agreement")), ("preprocess", ("mean", "std"))):
+        if isinstance(out.get(section), Mapping):
+            inner = dict(out[section])
+            for key in keys:
+                if key in inner:
+                    inner[key] = _decimal(inner[key])
+            out[section] = inner
+    return out
 
 
 # -- field checks -----------------------------------------------------------------------------------------------------
