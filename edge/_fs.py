@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 __all__ = ["atomic_write", "fsync_dir"]
@@ -24,7 +25,13 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str | os.PathLike[str], data: bytes, *, mode: int = 0o644) -> None:
+def atomic_write(
+    path: str | os.PathLike[str],
+    data: bytes,
+    *,
+    mode: int = 0o644,
+    checkpoint: Callable[[str], None] | None = None,
+) -> None:
     """Replace ``path`` with ``data`` atomically and durably.
 
     Args:
@@ -32,6 +39,8 @@ def atomic_write(path: str | os.PathLike[str], data: bytes, *, mode: int = 0o644
         data: the complete new contents.
         mode: permission bits of the new file, applied before any byte is written (so a key is never readable by
             others, not even for a moment).
+        checkpoint: called with ``"written"`` once the temporary file is written and fsynced, and with ``"renamed"``
+            right after the rename, before the directory fsync (crash tests stop the process at these points).
     """
     target = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
@@ -41,7 +50,11 @@ def atomic_write(path: str | os.PathLike[str], data: bytes, *, mode: int = 0o644
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        if checkpoint is not None:
+            checkpoint("written")
         os.replace(tmp, target)
+        if checkpoint is not None:
+            checkpoint("renamed")
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

@@ -13,7 +13,7 @@ from edge.errors import EdgeError
 __all__ = ["main"]
 
 # Imported lazily per command so `edge run` does not pay for what `edge model` needs, and the reverse.
-_COMMANDS = ("run", "model", "keys", "gateway", "fleet")
+_COMMANDS = ("run", "model", "keys", "gateway", "fleet", "ota")
 
 
 def build_parser() -> argparse.ArgumentParser:

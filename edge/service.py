@@ -24,6 +24,10 @@ from edge.sinks import JsonLinesSink, Sink
 from edge.systemd import Notifier, WatchdogPolicy
 
 if TYPE_CHECKING:
+    from edge.ota.agent import EventEmitter, OtaAgent
+    from edge.ota.slots import ActiveModel
+    from edge.ota.trial import TrialResult
+    from edge.ota.updater import Updater
     from edge.telemetry.device import DeviceTelemetry
 
 __all__ = ["FACTORY_MODEL", "run_service", "summary"]
@@ -85,6 +89,11 @@ def run_service(cfg: Config, *, max_frames: int = 0) -> PipelineStats:
     started = time.monotonic()
     configure(cfg.log.level, cfg.log.format)
     model_path = cfg.model.path or factory_model_path()
+    ota: tuple[Updater, OtaAgent, EventEmitter] | None = None
+    if cfg.ota.repository:
+        ota = _start_updater(cfg, model_path)
+        # The active slot, when valid, supersedes the configured model: it is the one the fleet committed.
+        model_path = ota[0].slots.active().path
     model = Model(model_path, threads=cfg.model.threads, spinning=cfg.model.spinning, warmup=cfg.model.warmup)
     source = open_source(cfg.source)
     telemetry: DeviceTelemetry | None = None
@@ -127,6 +136,9 @@ def run_service(cfg: Config, *, max_frames: int = 0) -> PipelineStats:
         event(log, logging.INFO, "shutdown requested", signal=signal.Signals(signum).name)
         pipeline.stop()
 
+    if ota is not None:
+        _wire_updater(cfg, ota, pipeline, telemetry)
+
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     t0 = time.monotonic()
     closing: dict[str, Any] = {}
@@ -135,11 +147,15 @@ def run_service(cfg: Config, *, max_frames: int = 0) -> PipelineStats:
         if telemetry is not None:
             telemetry.start()
         pipeline.start()
+        if ota is not None:
+            ota[1].start()
         notifier.send(READY=1, STATUS=f"running {model.model_id} on {pipeline.backend}")
         _supervise(pipeline, notifier)
     finally:
         notifier.send(STOPPING=1, STATUS="stopping")
         notifier.close()
+        if ota is not None:
+            ota[1].stop()
         for s, handler in previous.items():
             signal.signal(s, handler)
         if telemetry is not None:
@@ -148,3 +164,46 @@ def run_service(cfg: Config, *, max_frames: int = 0) -> PipelineStats:
             sink.close()
     event(log, logging.INFO, "service stopped", **summary(pipeline.stats, time.monotonic() - t0), **closing)
     return pipeline.stats
+
+
+def _start_updater(cfg: Config, factory: Path) -> tuple[Updater, OtaAgent, EventEmitter]:
+    """Build the updater and finish an update a crash interrupted, before the model to run is chosen."""
+    from edge.ota.agent import EventEmitter, OtaAgent, open_updater  # noqa: PLC0415 (tuf: only when updates are on)
+    from edge.ota.errors import OtaError  # noqa: PLC0415
+
+    emitter = EventEmitter()
+    updater, floor = open_updater(cfg, factory, emit=emitter)
+    try:
+        updater.recover()
+    except (OtaError, OSError) as e:  # the service runs whatever is valid; the agent's first check tries again
+        event(log, logging.WARNING, "OTA recovery at start failed", error=str(e))
+    agent = OtaAgent(updater, check_interval_s=cfg.ota.check_interval_s, time_floor=floor)
+    return updater, agent, emitter
+
+
+def _wire_updater(
+    cfg: Config, ota: tuple[Updater, OtaAgent, EventEmitter], pipeline: Pipeline, telemetry: DeviceTelemetry | None
+) -> None:
+    """Connect the updater to the running service: commits swap the pipeline's model, commands reach the agent."""
+    updater, agent, emitter = ota
+
+    def now_running(model: Model) -> None:
+        pipeline.swap_model(model)
+        if telemetry is not None:
+            telemetry.set_model(model.model_id, model.sha256)
+
+    def on_commit(result: TrialResult, _active: ActiveModel) -> None:
+        now_running(result.model)
+
+    def on_revert(active: ActiveModel) -> None:
+        now_running(Model(active.path, threads=cfg.model.threads, spinning=cfg.model.spinning, warmup=cfg.model.warmup))
+
+    updater.on_commit = on_commit
+    updater.on_revert = on_revert
+    if telemetry is not None:
+        emitter.attach(telemetry.sink)
+        telemetry.enable_ota(
+            request_update=agent.request_update,
+            request_rollback=agent.request_rollback,
+            on_verified=lambda cmd: agent.prove_time(cmd.issued_at),
+        )

@@ -4,9 +4,15 @@
    and the generated mosquitto fragment (mutual TLS, per-device ACL, CRL).
 2. Three boxes: each makes its key and CSR (`edge keys generate`), the fleet enrolls it (`edge fleet enroll`), and
    its bundle is copied into its keys directory.
-3. mosquitto with that fragment, `edge gateway run`, and three `edge run` services on the bundled digits model
+3. The model repository (TUF): `edge fleet models init`, a publisher `acme` with its own key for `digits`, and two
+   releases published with golden samples: a good digits 2.0.0 (int8 with a float variant) and a broken 3.0.0
+   (scrambled weights), served by a plain static HTTP server.
+4. mosquitto with that fragment, `edge gateway run`, and three `edge run` services on the bundled digits model
    (the held-out frames as 160x120 YUYV camera frames) for about 30 seconds, with the broker restarted halfway.
-4. The fleet summary, computed from what the gateway verified and stored (not from the boxes' own logs): per box
+5. Two staged rollouts while the boxes run (`edge fleet rollout start ... --stages 10%,50%,100% --abort-on 5%`):
+   2.0.0 goes through every stage and every box commits it without a restart; 3.0.0 fails its trial on the first
+   box, which rolls back, and the rollout is aborted at the first stage; no box ever runs 3.0.0.
+6. The fleet summary, computed from what the gateway verified and stored (not from the boxes' own logs): per box
    frames, accuracy against the labels, latency p50/p99, envelopes verified, gaps, rejects; the ledger totals; and
    a ledger export re-verified the way a third party would, from the file and the box's did:key alone.
 
@@ -117,11 +123,13 @@ def log_events(path: Path) -> list[dict]:
 
 
 def provision(fleet: Path, boxes: Path, port: int) -> None:
-    print("fleet: CA, broker and gateway certificates, enrollment of", ", ".join(BOXES), flush=True)
+    print("fleet: CA, broker and gateway certificates, model repository, enrollment of", ", ".join(BOXES), flush=True)
     edge("fleet", "--dir", str(fleet), "ca", "init")
     edge("fleet", "--dir", str(fleet), "ca", "issue-server", "--host", "127.0.0.1", "--host", "localhost")
     edge("fleet", "--dir", str(fleet), "ca", "issue-client", "gateway")
     edge("fleet", "--dir", str(fleet), "broker-config", "--port", str(port), "--bind", "127.0.0.1")
+    # Before enrollment, so every bundle carries the repository's root (tuf-root.json).
+    edge("fleet", "--dir", str(fleet), "models", "init")
     for box in BOXES:
         keys = boxes / box / "keys"
         edge("keys", "generate", "--dir", str(keys), "--device-id", box)
@@ -130,7 +138,51 @@ def provision(fleet: Path, boxes: Path, port: int) -> None:
             shutil.copy(f, keys / f.name)
 
 
-def write_configs(work: Path, fleet: Path, boxes: Path, port: int, metrics: int) -> tuple[Path, Path, list[Path]]:
+def publish_releases(work: Path, fleet: Path) -> None:
+    """The publisher's side: its own key, two releases built from the bundled model, each signed by acme."""
+    publisher = work / "acme"
+    edge("fleet", "publishers", "keygen", "acme", "--out", str(publisher))
+    edge("fleet", "--dir", str(fleet), "publishers", "add", "acme", str(publisher / "acme.pub"), "--models", "digits")
+    releases = work / "releases"
+    subprocess.run([sys.executable, str(ROOT / "tools/models/ota_models.py"), str(releases)], check=True,
+                   capture_output=True)  # fmt: skip
+    for version, extra in (("2.0.0", ["--float", str(releases / "digits/2.0.0/model-float.onnx")]), ("3.0.0", [])):
+        d = releases / "digits" / version
+        edge(
+            "fleet", "--dir", str(fleet), "models", "publish", str(d / "model.onnx"), "--name", "digits",
+            "--version", version, "--publisher", "acme", "--key", str(publisher / "acme.pem"),
+            "--golden", str(d / "golden.npz"), "--tolerance", "1.6", "--latency-budget-ms", "50", *extra,
+        )  # fmt: skip
+    print("repository: acme published digits 2.0.0 (int8 + float, golden samples) and 3.0.0 (broken)", flush=True)
+
+
+def rollout(fleet: Path, version: str, want: str, timeout: float = 90.0) -> dict:
+    """Start a staged rollout and wait until it is ``want`` (completed or aborted); its final status."""
+    edge("fleet", "--dir", str(fleet), "rollout", "start", "digits", version, "--stages", "10%,50%,100%",
+         "--abort-on", "5%")  # fmt: skip
+    deadline = time.monotonic() + timeout
+    status: dict = {}
+    last = ""
+    while time.monotonic() < deadline:
+        status = json.loads(edge("fleet", "--dir", str(fleet), "rollout", "status", "--json"))
+        line = f"rollout {version}: {status['state']}, stage {status['stage']}/{len(status['stages'])}, " + ", ".join(
+            f"{d['device_id']} {d['outcome']}" for d in status["devices"]
+        )
+        if line != last:
+            print(line, flush=True)
+            last = line
+        settled = all(d["outcome"] not in ("commanded",) for d in status["devices"])
+        if status["state"] == want and settled:
+            return status
+        if status["state"] not in ("running", want):
+            break
+        time.sleep(0.5)
+    sys.exit(f"demo: rollout of digits {version} did not end {want}: {json.dumps(status)[:2000]}")
+
+
+def write_configs(
+    work: Path, fleet: Path, boxes: Path, port: int, metrics: int, repo_port: int
+) -> tuple[Path, Path, list[Path]]:
     broker_dir = work / "mosquitto"
     broker_dir.mkdir()
     mosquitto = broker_dir / "mosquitto.conf"
@@ -163,6 +215,8 @@ host = "127.0.0.1"
 port = {port}
 batch_records = 50
 batch_age_s = 1.0
+[ota]
+repository = "http://127.0.0.1:{repo_port}/"
 """
         )
         devices.append(cfg)
@@ -176,6 +230,7 @@ def box_summary(store: Store, box: str) -> dict:
     correct = frames = 0
     latency: list[int] = []
     backends: set[str] = set()
+    models: list[str] = []  # the model of each inference record, collapsed into runs: which ran, in what order
     for stored in store.envelopes(box):
         env = open_envelope(stored.data, key)  # re-checked here: the summary trusts only what verifies
         for r in env.records:
@@ -183,6 +238,8 @@ def box_summary(store: Store, box: str) -> dict:
                 frames += 1
                 latency.append(r.latency_us)
                 backends.add(r.backend)
+                if not models or models[-1] != r.model_id:
+                    models.append(r.model_id)
                 correct += int(r.label is not None and bool(r.top_k) and r.top_k[0][0] == r.label)
     rows = store.ledger(device_id=box)
     lat = np.array(latency or [0], dtype=np.float64)
@@ -196,6 +253,7 @@ def box_summary(store: Store, box: str) -> dict:
         "rejects": sum(r.rejects for r in rows),
         "duplicates": sum(r.duplicates for r in rows),
         "backends": sorted(backends),
+        "models": models,
     }
 
 
@@ -209,9 +267,16 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="edge-demo-") as tmp, processes() as ps:
         work = Path(tmp)
         fleet, boxes = work / "fleet", work / "boxes"
-        port, metrics_port = free_port(), free_port()
+        port, metrics_port, repo_port = free_port(), free_port(), free_port()
         provision(fleet, boxes, port)
-        mosquitto, gateway_cfg, device_cfgs = write_configs(work, fleet, boxes, port, metrics_port)
+        publish_releases(work, fleet)
+        mosquitto, gateway_cfg, device_cfgs = write_configs(work, fleet, boxes, port, metrics_port, repo_port)
+
+        # Any static HTTP server will do (docs/ota.md): TUF, not the transport, makes the files trustworthy.
+        print(f"repository: python -m http.server on 127.0.0.1:{repo_port} serving {fleet / 'repository'}", flush=True)
+        server = [sys.executable, "-m", "http.server", str(repo_port), "--bind", "127.0.0.1"]
+        ps.start([*server, "--directory", str(fleet / "repository")], work / "http.log")
+        wait_port(repo_port)
 
         print(f"broker: mosquitto on 127.0.0.1:{port} (mutual TLS, per-device ACL, CRL)", flush=True)
         broker = ps.start([mosquitto_exe, "-c", str(mosquitto)], work / "mosquitto.out")
@@ -226,7 +291,10 @@ def main() -> int:
             ps.start([*EDGE, "run", "--config", str(cfg)], cfg.with_name("edge.log")) for cfg in device_cfgs
         ]
         t0 = time.monotonic()
-        time.sleep(args.seconds / 2)
+        time.sleep(3.0)  # every box online: its birth message names its model, which makes it eligible
+        good = rollout(fleet, "2.0.0", "completed")
+        bad = rollout(fleet, "3.0.0", "aborted")
+        time.sleep(max(0.0, args.seconds / 2 - (time.monotonic() - t0)))
         print("broker: restart (SIGTERM, down for 2 s) while the boxes keep sealing", flush=True)
         ps.stop(broker)
         time.sleep(2.0)
@@ -256,6 +324,7 @@ def main() -> int:
 
         store = open_store(f"sqlite:///{fleet / 'fleet.db'}")
         try:
+            ota_events = store.events(kind_prefix="ota.")
             summary = {box: box_summary(store, box) for box in BOXES}
             ledger = store.ledger()
             quarantine = store.quarantine_counts()
@@ -284,6 +353,15 @@ def main() -> int:
         f"inferences {inferences}, duplicates {sum(r.duplicates for r in ledger)} (QoS 1 redeliveries, stored once)"
     )
     print(f"rejects  {quarantine or 'none'}")
+    for status in (good, bad):
+        outcomes = ", ".join(f"{d['device_id']} {d['outcome']}" + (f" ({d['reason']})" if d["reason"] else "")
+                             for d in status["devices"])  # fmt: skip
+        print(f"rollout  digits {status['version']}: {status['state']} at stage {status['stage']}; {outcomes}")
+    for box, s in summary.items():
+        kinds = [e.kind.removeprefix("ota.") + f" {e.data.get('version')}" for e in ota_events if e.device_id == box]
+        print(f"ota      {box}: ran {' -> '.join(s['models'])}; events: {', '.join(kinds)}")
+    committed = {e.device_id for e in ota_events if e.kind == "ota.committed" and e.data.get("version") == "2.0.0"}
+    bad_rolled_back = [e for e in ota_events if e.kind == "ota.rolled_back" and e.data.get("version") == "3.0.0"]
     print(f"backend  {', '.join(sorted({b for s in summary.values() for b in s['backends']}))}")
     print(
         f"export   box-1: {checked.envelopes} envelopes, {checked.records} records re-verified from the file and its "
@@ -294,8 +372,21 @@ def main() -> int:
         and not quarantine
         and checked == claimed
         and all(s["frames"] > 0 for s in summary.values())
+        and good["state"] == "completed"
+        and committed == set(BOXES)
+        and bad["state"] == "aborted"
+        and len(bad_rolled_back) == 1
+        and all(s["models"][-1] == "digits@2.0.0" and "digits@3.0.0" not in s["models"] for s in summary.values())
     )
-    print("result   " + ("every sealed envelope verified and stored once, no gaps, no rejects" if ok else "MISMATCH"))
+    print(
+        "result   "
+        + (
+            "every sealed envelope verified and stored once, no gaps, no rejects; 2.0.0 committed on every box without "
+            "a restart, 3.0.0 rolled back on the first box and its rollout aborted"
+            if ok
+            else "MISMATCH"
+        )
+    )
     return 0 if ok else 1
 
 

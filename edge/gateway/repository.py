@@ -898,8 +898,3 @@ class _Copier:
                     yield chunk
         except OSError as e:
             raise RepositoryError(f"cannot read {src}: {e.strerror or e}") from e
-
-
-def manifest_from_custom(path: str, custom: Mapping[str, Any], *, length: int, sha256: str) -> ModelManifest:
-    """Deprecated alias of ``ModelManifest.from_custom`` (which now reads canonical-JSON numbers itself)."""
-    return ModelManifest.from_custom(path, custom, length=length, sha256=sha256)

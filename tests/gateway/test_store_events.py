@@ -5,12 +5,13 @@ prefix, receipt time and device."""
 from __future__ import annotations
 
 import pytest
-from conftest import T0
 
 from edge.gateway.errors import GatewayInputError, StoreError
 from edge.gateway.store import open_store
 from edge.telemetry import EventRecord
 from edge.telemetry.verify import VerdictKind as V
+
+T0 = 1_700_000_000.0  # the enrollment clock of the simulated devices (conftest)
 
 
 def ota(kind: str, version: str = "2.0.0", **extra: object) -> EventRecord:

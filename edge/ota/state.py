@@ -1,0 +1,259 @@
+"""The updater's state machine: states, the transition table, the persisted record and its strict JSON codec.
+
+Rules (the whole protocol; :data:`TRANSITIONS` is the table that enforces them):
+
+- An update goes ``idle -> downloading -> verifying -> staged -> trial -> committed -> idle``.
+- Any step before the commit may end in ``rolled_back`` (the active model untouched, the staging slot cleared).
+- A new update may start from ``idle``, ``committed`` or ``rolled_back``.
+- ``idle -> rolled_back`` is the fleet's revert of the committed model.
+- Anything else is a bug and raises :class:`~edge.ota.errors.IllegalTransition`.
+
+The core (:func:`transition`, :func:`encode`, :func:`decode`) is sans-IO; :class:`StateFile` alone touches the disk,
+through :func:`edge._fs.atomic_write` with a fault point after the temp file is written and after the rename.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Final, Literal, cast
+
+from edge._fs import atomic_write
+from edge.errors import InputError
+from edge.ota import _faults
+from edge.ota.errors import IllegalTransition, OtaError
+
+__all__ = [
+    "ACTIVE_STATES",
+    "STATES",
+    "TRANSITIONS",
+    "State",
+    "StateCorrupt",
+    "StateFile",
+    "UpdateState",
+    "decode",
+    "encode",
+    "transition",
+]
+
+State = Literal["idle", "downloading", "verifying", "staged", "trial", "committed", "rolled_back"]
+Previous = Literal["a", "b", "factory"]
+SlotName = Literal["a", "b"]
+
+STATES: Final[tuple[State, ...]] = ("idle", "downloading", "verifying", "staged", "trial", "committed", "rolled_back")
+
+TRANSITIONS: Final[Mapping[State, frozenset[State]]] = {
+    "idle": frozenset({"downloading", "rolled_back"}),
+    "downloading": frozenset({"verifying", "rolled_back"}),
+    "verifying": frozenset({"staged", "rolled_back"}),
+    "staged": frozenset({"trial", "rolled_back"}),
+    "trial": frozenset({"committed", "rolled_back"}),
+    "committed": frozenset({"idle", "downloading"}),
+    "rolled_back": frozenset({"idle", "downloading"}),
+}
+
+#: States in the middle of an update: a restart must continue or roll back from them.
+ACTIVE_STATES: Final[frozenset[State]] = frozenset({"downloading", "verifying", "staged", "trial"})
+
+SCHEMA: Final = 1
+MAX_STATE_BYTES: Final = 1 << 20
+_MODEL_ID = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}@[0-9][0-9.]{0,43}")
+_REASON = re.compile(r"[a-z0-9_]{1,64}")
+_KEYS: Final = frozenset(
+    {"schema", "state", "name", "version", "slot", "previous", "reason", "attempts", "rollout", "failed", "updated_at"}
+)
+
+
+class StateCorrupt(OtaError, InputError):  # noqa: N818 -- names the condition, like IllegalTransition
+    """The persisted state file cannot be read or does not decode; the updater keeps the active model."""
+
+    reason = "corrupt_state"
+
+
+@dataclass(frozen=True, slots=True)
+class UpdateState:
+    """The updater's persisted record.
+
+    Attributes:
+        state: where the update is.
+        name, version: the model being installed (or last installed / rolled back); None when idle from the start.
+        slot: the slot being written ("a" or "b"), or None.
+        previous: what was active when the update started: "a", "b" or "factory".
+        reason: why the last update rolled back (or was reverted), else None.
+        attempts: trial attempts of the current update (a second interrupted trial rolls back).
+        rollout: the fleet's rollout id that asked for the update, or None.
+        failed: model ids ("name@version") that failed and are not retried unless forced.
+        updated_at: epoch seconds of the last transition.
+    """
+
+    state: State = "idle"
+    name: str | None = None
+    version: str | None = None
+    slot: SlotName | None = None
+    previous: Previous | None = None
+    reason: str | None = None
+    attempts: int = 0
+    rollout: str | None = None
+    failed: frozenset[str] = field(default_factory=frozenset)
+    updated_at: float = 0.0
+
+    @property
+    def model_id(self) -> str | None:
+        """``name@version`` of the model this record is about, or None."""
+        return f"{self.name}@{self.version}" if self.name and self.version else None
+
+
+def transition(current: UpdateState, to: State, *, now: float, **changes: Any) -> UpdateState:
+    """The record after moving from ``current.state`` to ``to`` (with other fields changed as given).
+
+    Args:
+        current: the record now.
+        to: the next state.
+        now: the time of the transition (epoch seconds).
+        **changes: other :class:`UpdateState` fields to set.
+
+    Returns:
+        The new record (nothing is persisted here).
+
+    Raises:
+        IllegalTransition: the table does not allow ``current.state -> to``.
+    """
+    if to not in TRANSITIONS.get(current.state, frozenset()):
+        raise IllegalTransition(f"illegal OTA transition {current.state} -> {to}")
+    return replace(current, state=to, updated_at=now, **changes)
+
+
+def encode(state: UpdateState) -> bytes:
+    """The record as canonical JSON bytes (sorted keys; ``failed`` sorted)."""
+    body = {
+        "schema": SCHEMA,
+        "state": state.state,
+        "name": state.name,
+        "version": state.version,
+        "slot": state.slot,
+        "previous": state.previous,
+        "reason": state.reason,
+        "attempts": state.attempts,
+        "rollout": state.rollout,
+        "failed": sorted(state.failed),
+        "updated_at": state.updated_at,
+    }
+    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode() + b"\n"
+
+
+def decode(data: bytes) -> UpdateState:
+    """Parse a record strictly: exact keys, exact types, known states.
+
+    Raises:
+        StateCorrupt: anything is malformed (the message says what).
+    """
+    if len(data) > MAX_STATE_BYTES:
+        raise StateCorrupt(f"state file is {len(data)} bytes, more than {MAX_STATE_BYTES}")
+    try:
+        body = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise StateCorrupt(f"state file is not JSON: {e}") from e
+    if not isinstance(body, dict):
+        raise StateCorrupt("state file must hold a JSON object")
+    keys = set(body)
+    if keys != _KEYS:
+        raise StateCorrupt(f"state file keys: missing {sorted(_KEYS - keys)}, unknown {sorted(keys - _KEYS)}")
+    if body["schema"] != SCHEMA:
+        raise StateCorrupt(f"state file schema {body['schema']!r}, expected {SCHEMA}")
+    state = body["state"]
+    if state not in STATES:
+        raise StateCorrupt(f"unknown state {state!r:.40}")
+    name, version = _opt_text(body, "name", 64), _opt_text(body, "version", 44)
+    if (name is None) != (version is None):
+        raise StateCorrupt("state file name and version must both be set or both be null")
+    slot = body["slot"]
+    if slot not in (None, "a", "b"):
+        raise StateCorrupt(f"slot must be 'a', 'b' or null, got {slot!r:.40}")
+    previous = body["previous"]
+    if previous not in (None, "a", "b", "factory"):
+        raise StateCorrupt(f"previous must be 'a', 'b', 'factory' or null, got {previous!r:.40}")
+    reason = _opt_text(body, "reason", 64)
+    if reason is not None and not _REASON.fullmatch(reason):
+        raise StateCorrupt(f"reason must be a snake_case word, got {reason!r:.70}")
+    attempts = body["attempts"]
+    if isinstance(attempts, bool) or not isinstance(attempts, int) or not 0 <= attempts <= 100:
+        raise StateCorrupt(f"attempts must be an integer in [0, 100], got {attempts!r:.40}")
+    failed = body["failed"]
+    if not isinstance(failed, list) or len(failed) > 10_000:
+        raise StateCorrupt("failed must be a list of at most 10000 model ids")
+    for item in failed:
+        if not isinstance(item, str) or not _MODEL_ID.fullmatch(item):
+            raise StateCorrupt(f"failed holds {item!r:.80}, not a name@version model id")
+    updated_at = body["updated_at"]
+    if isinstance(updated_at, bool) or not isinstance(updated_at, int | float) or not math.isfinite(updated_at):
+        raise StateCorrupt(f"updated_at must be a finite number, got {updated_at!r:.40}")
+    if state in ACTIVE_STATES and (name is None or slot is None or previous is None):
+        raise StateCorrupt(f"state {state} needs name, version, slot and previous")
+    return UpdateState(
+        state=cast(State, state),
+        name=name,
+        version=version,
+        slot=cast("SlotName | None", slot),
+        previous=cast("Previous | None", previous),
+        reason=reason,
+        attempts=attempts,
+        rollout=_opt_text(body, "rollout", 128),
+        failed=frozenset(failed),
+        updated_at=float(updated_at),
+    )
+
+
+def _opt_text(body: Mapping[str, Any], key: str, limit: int) -> str | None:
+    v = body[key]
+    if v is None:
+        return None
+    if not isinstance(v, str) or not 0 < len(v) <= limit or not v.isprintable():
+        raise StateCorrupt(f"{key} must be printable text of 1 to {limit} characters or null, got {v!r:.80}")
+    return v
+
+
+class StateFile:
+    """The record on disk (``<data>/ota/state.json``), written atomically at every transition.
+
+    Args:
+        path: the state file; its directory is created when missing.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def load(self) -> UpdateState:
+        """The persisted record, or a fresh idle one when there is none yet.
+
+        Raises:
+            StateCorrupt: the file exists but is unreadable or malformed.
+        """
+        self._remove_stale_temps()
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return UpdateState()
+        except OSError as e:
+            raise StateCorrupt(f"cannot read {self.path}: {e}") from e
+        return decode(data)
+
+    def save(self, state: UpdateState) -> None:
+        """Persist ``state`` atomically and durably (fault points ``state.<state>.written`` / ``.renamed``)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        written, renamed = _faults.state_points(state.state)
+        points = {"written": written, "renamed": renamed}
+        atomic_write(self.path, encode(state), checkpoint=lambda step: _faults.checkpoint(points[step]))
+
+    def _remove_stale_temps(self) -> None:
+        # A process killed between writing and renaming leaves its temp file; it was never the state.
+        if not self.path.parent.is_dir():
+            return
+        for tmp in self.path.parent.glob(f".{self.path.name}.*.tmp"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
