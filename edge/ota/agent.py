@@ -255,7 +255,9 @@ class OtaAgent:
             done = self._guarded(job.kind, functools.partial(self._execute, job))
             if not done:
                 # Another process (``edge ota`` by hand) holds the updater: try again shortly, keep the request.
-                threading.Timer(_BUSY_RETRY_S, self._queue.put, args=(job,)).start()
+                retry = threading.Timer(_BUSY_RETRY_S, self._queue.put, args=(job,))
+                retry.daemon = True  # a pending retry must not hold up the service's exit
+                retry.start()
                 continue
             with self._lock:
                 self._pending.discard(job)
