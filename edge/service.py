@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from edge import __version__
 from edge.config import Config
+from edge.errors import ConfigError, ModelError
 from edge.inference.model import Model
 from edge.inference.preprocess import backend
 from edge.log import configure, event
@@ -89,12 +90,20 @@ def run_service(cfg: Config, *, max_frames: int = 0) -> PipelineStats:
     started = time.monotonic()
     configure(cfg.log.level, cfg.log.format)
     model_path = cfg.model.path or factory_model_path()
-    ota: tuple[Updater, OtaAgent, EventEmitter] | None = None
+    ota: tuple[Updater, OtaAgent | None, EventEmitter] | None = None
+    model: Model | None = None
     if cfg.ota.repository:
         ota = _start_updater(cfg, model_path)
         # The active slot, when valid, supersedes the configured model: it is the one the fleet committed.
-        model_path = ota[0].slots.active().path
-    model = Model(model_path, threads=cfg.model.threads, spinning=cfg.model.spinning, warmup=cfg.model.warmup)
+        active = ota[0].slots.active().path
+        if active != model_path:
+            try:
+                model = Model(active, threads=cfg.model.threads, spinning=cfg.model.spinning, warmup=cfg.model.warmup)
+                model_path = active
+            except ModelError as e:  # e.g. a runtime upgrade that no longer takes it: run the configured model
+                event(log, logging.ERROR, "the active slot's model does not load", path=str(active), error=str(e))
+    if model is None:
+        model = Model(model_path, threads=cfg.model.threads, spinning=cfg.model.spinning, warmup=cfg.model.warmup)
     source = open_source(cfg.source)
     telemetry: DeviceTelemetry | None = None
     sink: Sink
@@ -147,14 +156,14 @@ def run_service(cfg: Config, *, max_frames: int = 0) -> PipelineStats:
         if telemetry is not None:
             telemetry.start()
         pipeline.start()
-        if ota is not None:
+        if ota is not None and ota[1] is not None:
             ota[1].start()
         notifier.send(READY=1, STATUS=f"running {model.model_id} on {pipeline.backend}")
         _supervise(pipeline, notifier)
     finally:
         notifier.send(STOPPING=1, STATUS="stopping")
         notifier.close()
-        if ota is not None:
+        if ota is not None and ota[1] is not None:
             ota[1].stop()
         for s, handler in previous.items():
             signal.signal(s, handler)
@@ -166,13 +175,22 @@ def run_service(cfg: Config, *, max_frames: int = 0) -> PipelineStats:
     return pipeline.stats
 
 
-def _start_updater(cfg: Config, factory: Path) -> tuple[Updater, OtaAgent, EventEmitter]:
-    """Build the updater and finish an update a crash interrupted, before the model to run is chosen."""
+def _start_updater(cfg: Config, factory: Path) -> tuple[Updater, OtaAgent | None, EventEmitter]:
+    """Build the updater and finish an update a crash interrupted, before the model to run is chosen.
+
+    Without a readable trusted root the service still runs the committed slot's model, but takes no updates (the
+    agent is None, update commands are refused as unavailable): telemetry matters more than updates.
+    """
     from edge.ota.agent import EventEmitter, OtaAgent, open_updater  # noqa: PLC0415 (tuf: only when updates are on)
     from edge.ota.errors import OtaError  # noqa: PLC0415
 
     emitter = EventEmitter()
-    updater, floor = open_updater(cfg, factory, emit=emitter)
+    try:
+        updater, floor = open_updater(cfg, factory, emit=emitter)
+    except ConfigError as e:
+        event(log, logging.ERROR, "over-the-air updates disabled", error=str(e))
+        updater, _ = open_updater(cfg, factory, emit=emitter, repo_url="")
+        return updater, None, emitter
     try:
         updater.recover()
     except (OtaError, OSError) as e:  # the service runs whatever is valid; the agent's first check tries again
@@ -182,7 +200,10 @@ def _start_updater(cfg: Config, factory: Path) -> tuple[Updater, OtaAgent, Event
 
 
 def _wire_updater(
-    cfg: Config, ota: tuple[Updater, OtaAgent, EventEmitter], pipeline: Pipeline, telemetry: DeviceTelemetry | None
+    cfg: Config,
+    ota: tuple[Updater, OtaAgent | None, EventEmitter],
+    pipeline: Pipeline,
+    telemetry: DeviceTelemetry | None,
 ) -> None:
     """Connect the updater to the running service: commits swap the pipeline's model, commands reach the agent."""
     updater, agent, emitter = ota
@@ -202,6 +223,7 @@ def _wire_updater(
     updater.on_revert = on_revert
     if telemetry is not None:
         emitter.attach(telemetry.sink)
+    if telemetry is not None and agent is not None:
         telemetry.enable_ota(
             request_update=agent.request_update,
             request_rollback=agent.request_rollback,

@@ -210,3 +210,27 @@ def test_rollouts_update_a_running_box_and_roll_back_a_broken_release(fleet, tmp
                     box.kill()
             gateway.stop()
             broker.stop()
+
+
+def test_missing_trusted_root_turns_updates_off_not_the_service(tmp_path: Path, edge_cli) -> None:
+    # A box configured for updates whose bundle lacks tuf-root.json (enrolled before the repository existed) keeps
+    # doing its work: updates are off and the log says why.
+    cfg = tmp_path / "edge.toml"
+    out = tmp_path / "records.jsonl"
+    cfg.write_text(
+        f"""
+[device]
+data_dir = "{tmp_path / "data"}"
+[source]
+kind = "synthetic"
+[sink]
+kind = "jsonl"
+path = "{out}"
+[ota]
+repository = "http://127.0.0.1:9/"
+"""
+    )
+    proc = edge_cli("run", "--config", str(cfg), "--frames", "20")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "over-the-air updates disabled" in proc.stderr and "ota.root" in proc.stderr
+    assert len(out.read_text().splitlines()) == 20
