@@ -361,7 +361,7 @@ def register(subparsers: Any) -> None:
     """
     parser = subparsers.add_parser(
         "fleet",
-        help="fleet CA, device enrollment and revocation, broker configuration",
+        help="fleet CA, enrollment and revocation, broker configuration, models and rollouts",
         description="Operate the fleet: its CA and command key, enrolled devices, and the broker's access rules.",
     )
     parser.add_argument(
