@@ -70,13 +70,13 @@ from edge.ota.errors import ManifestError
 from edge.ota.manifest import (
     FLOAT_FILE,
     GOLDEN_FILE,
-    MAX_GOLDEN_BYTES,
     MODEL_FILE,
     Companion,
     GoldenSpec,
     InputInfo,
     ModelManifest,
     parse_golden,
+    read_golden_bytes,
     target_path,
     validate_name,
     version_key,
@@ -820,10 +820,7 @@ def _check_identity(metadata: Mapping[str, str], path: Path, name: str, version:
 def _golden_bytes(path: Path, model: Any, info: InputInfo) -> tuple[bytes, int]:
     """The golden file to publish: as given, or with ``outputs`` computed by ``model`` when it has only inputs."""
     try:
-        size = path.stat().st_size
-        if size > MAX_GOLDEN_BYTES:
-            raise ManifestError(f"golden file {path} is {size} bytes, more than {MAX_GOLDEN_BYTES}")
-        data = path.read_bytes()
+        data = read_golden_bytes(path)
     except OSError as e:
         raise RepositoryError(f"cannot read golden file {path}: {e.strerror or e}") from e
     try:

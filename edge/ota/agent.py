@@ -24,10 +24,9 @@ from edge.config import Config, data_path
 from edge.errors import ConfigError
 from edge.log import event
 from edge.ota.clock import TimeFloor
-from edge.ota.slots import Slots
 from edge.ota.updater import Emit, Outcome, Updater, UpdaterBusy
 
-__all__ = ["MAX_QUEUED", "EventEmitter", "OtaAgent", "active_model", "open_updater", "ota_paths"]
+__all__ = ["MAX_QUEUED", "EventEmitter", "OtaAgent", "open_updater", "ota_paths"]
 
 log = logging.getLogger("edge.ota.agent")
 
@@ -37,9 +36,9 @@ _BUSY_RETRY_S: Final = 5.0
 
 @dataclass(frozen=True, slots=True)
 class OtaPaths:
-    """Where the updater keeps its files in the data directory (fixed; docs/ota.md)."""
+    """Where the TUF client and its time floor keep their files in the data directory (fixed; docs/ota.md; the
+    updater itself keeps ``models/`` and ``ota/state.json``)."""
 
-    models: Path
     state: Path
     metadata: Path
     downloads: Path
@@ -50,7 +49,6 @@ def ota_paths(cfg: Config) -> OtaPaths:
     """The updater's paths for a configuration."""
     d = cfg.device.data_dir
     return OtaPaths(
-        models=d / "models",
         state=d / "ota",
         metadata=d / "tuf",
         downloads=d / "ota" / "downloads",
@@ -119,11 +117,6 @@ def open_updater(
         threads=cfg.model.threads,
     )
     return updater, floor
-
-
-def active_model(models_dir: Path, factory: Path) -> Path:
-    """The model file the service should run: the active slot's when it is valid, else ``factory``."""
-    return Slots(models_dir, factory).active().path
 
 
 class EventEmitter:

@@ -51,6 +51,7 @@ __all__ = [
     "ModelManifest",
     "load_golden",
     "parse_golden",
+    "read_golden_bytes",
     "release_dir",
     "target_path",
     "validate_name",
@@ -321,14 +322,24 @@ def parse_golden(data: bytes, *, input_info: InputInfo | None = None) -> GoldenS
     return GoldenSamples(inputs=inputs, outputs=outputs)
 
 
+def read_golden_bytes(path: Path) -> bytes:
+    """The bytes of a golden file, refusing one over ``MAX_GOLDEN_BYTES`` before reading it.
+
+    Raises:
+        ManifestError: the file is too large.
+        OSError: it cannot be read (callers say whose fault that is).
+    """
+    size = path.stat().st_size
+    if size > MAX_GOLDEN_BYTES:
+        raise ManifestError(f"golden file {path} is {size} bytes, more than {MAX_GOLDEN_BYTES}")
+    return path.read_bytes()
+
+
 def load_golden(path: str | Path, *, input_info: InputInfo | None = None) -> GoldenSamples:
     """Read and parse a golden ``.npz`` file (see :func:`parse_golden`)."""
     p = Path(path)
     try:
-        size = p.stat().st_size
-        if size > MAX_GOLDEN_BYTES:
-            raise ManifestError(f"golden file {p} is {size} bytes, more than {MAX_GOLDEN_BYTES}")
-        data = p.read_bytes()
+        data = read_golden_bytes(p)
     except OSError as e:
         raise ManifestError(f"cannot read golden file {p}: {e}") from e
     return parse_golden(data, input_info=input_info)

@@ -275,10 +275,7 @@ class Updater:
         model_id = f"{name}@{version}"
         validate_name(name)
         with self._locked():
-            st, _ = self._load()
-            if st.state in ACTIVE_STATES:
-                self._recover(st)
-                st, _ = self._load()
+            st = self._settled()
             active = self.slots.active()
             self._from = self._model_id(active)
             if model_id in st.failed and not force:
@@ -320,10 +317,7 @@ class Updater:
         if not _REASON.fullmatch(reason):
             raise InputError(f"revert reason must be a snake_case word, got {reason!r:.80}")
         with self._locked():
-            st, _ = self._load()
-            if st.state in ACTIVE_STATES:
-                self._recover(st)
-                st, _ = self._load()
+            st = self._settled()
             active = self.slots.active()
             if active.slot == "factory" or active.manifest is None:
                 return Outcome("unchanged", self._model_id(active), "nothing_to_revert")
@@ -524,6 +518,14 @@ class Updater:
         now_active = self.slots.active()
         event(log, logging.WARNING, "model reverted", model=self._model_id(now_active), slot=now_active.slot)
         return now_active
+
+    def _settled(self) -> UpdateState:
+        """The persisted state after finishing (or rolling back) an update a crash interrupted."""
+        st, _ = self._load()
+        if st.state in ACTIVE_STATES:
+            self._recover(st)
+            st, _ = self._load()
+        return st
 
     def _load(self) -> tuple[UpdateState, Outcome | None]:
         """The persisted state; a corrupt file becomes ``rolled_back`` / ``corrupt_state`` (active model kept)."""
