@@ -61,7 +61,7 @@ ALL_KINDS = [
     inference(),
     inference(2, top_k=(), score=0.25, label=None),
     ReadingRecord(channel=4, value=-12.5, timestamp=1_700_000_001.0),
-    LossNotice(1_700_000_002.0, envelopes_dropped=3, records_dropped=250, first_counter=10, last_counter=12),
+    LossNotice(1_700_000_002.0, envelopes_dropped=3, records_dropped=250, first_counter=2, last_counter=4),
     EventRecord(1_700_000_003.0, "ota.committed", {"version": "1.3.0", "slot": "b", "ok": True, "n": -1, "x": None}),
 ]
 
@@ -73,12 +73,13 @@ def test_every_record_type_round_trips() -> None:
 
 
 def test_seal_open_round_trip() -> None:
-    data = seal_envelope("box-1", 1, GENESIS_PREV, ALL_KINDS, 1_700_000_010.5, KEY)
+    prev = b"\x05" * 32  # counter 5: its loss notice names counters 2..4, sealed before it
+    data = seal_envelope("box-1", 5, prev, ALL_KINDS, 1_700_000_010.5, KEY)
     env = open_envelope(data, PUB)
-    assert (env.device_id, env.counter, env.prev, env.created) == ("box-1", 1, GENESIS_PREV, 1_700_000_010.5)
+    assert (env.device_id, env.counter, env.prev, env.created) == ("box-1", 5, prev, 1_700_000_010.5)
     assert list(env.records) == ALL_KINDS
     assert env.hash == envelope_hash(data)
-    nxt = open_envelope(seal_envelope("box-1", 2, env.hash, [], 1_700_000_011.0, KEY), PUB)
+    nxt = open_envelope(seal_envelope("box-1", 6, env.hash, [], 1_700_000_011.0, KEY), PUB)
     assert nxt.prev == env.hash and nxt.records == ()
 
 
@@ -242,14 +243,14 @@ finite = st.floats(allow_nan=False, allow_infinity=False, width=64)
 timestamps = st.floats(min_value=0, max_value=4e9, allow_nan=False)
 u32 = st.integers(0, 2**32 - 1)
 u63 = st.integers(0, 2**63 - 1)
-short_text = st.text(min_size=1, max_size=16)
+short_text = st.text(min_size=1, max_size=16).filter(str.isprintable)
 sha = st.binary(min_size=32, max_size=32).map(bytes.hex)
 
 inference_records = st.builds(
     InferenceRecord,
     seq=u63,
     timestamp=timestamps,
-    model_id=st.text(min_size=1, max_size=128),
+    model_id=st.text(min_size=1, max_size=128).filter(str.isprintable),
     model_sha256=sha,
     input_sha256=sha,
     pixel_format=short_text,
@@ -266,11 +267,11 @@ event_values = st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | fi
 event_records = st.builds(
     EventRecord,
     timestamp=timestamps,
-    kind=st.text(min_size=1, max_size=64),
+    kind=st.text(min_size=1, max_size=64).filter(str.isprintable),
     data=st.dictionaries(st.text(min_size=1, max_size=16), event_values | st.binary(max_size=32), max_size=8),
 )
 loss_records = st.builds(
-    lambda ts, first, span, rec: LossNotice(ts, span, rec, first, first + span - 1),
+    lambda ts, first, span, rec: LossNotice(ts, span, min(rec, span * 1000), first, first + span - 1),
     timestamps,
     st.integers(1, 2**40),
     st.integers(1, 1000),
@@ -280,8 +281,10 @@ records = inference_records | reading_records | event_records | loss_records
 
 
 @settings(max_examples=150, deadline=None)
-@given(st.lists(records, max_size=12), st.integers(1, 2**63 - 1), timestamps)
+@given(st.lists(records, max_size=12), st.integers(1, 2**53), timestamps)
 def test_random_records_round_trip(recs: list[object], counter: int, created: float) -> None:
+    # A loss notice names counters sealed before its envelope: the envelope's counter follows them.
+    counter = max([counter, *(r.last_counter + 1 for r in recs if isinstance(r, LossNotice))])
     prev = GENESIS_PREV if counter == 1 else b"\x11" * 32
     env = open_envelope(seal_envelope("box-1", counter, prev, recs, created, KEY), PUB)  # type: ignore[arg-type]
     assert list(env.records) == recs and env.counter == counter
@@ -329,3 +332,83 @@ def test_worked_example_in_docs_matches_the_generator() -> None:
     seed = bytes.fromhex("9d61b19deffd5a60ba844af492ec2cc44449c5697b326919703bac031cae7f60")  # RFC 8032 TEST 1
     env = open_envelope(example, Ed25519PrivateKey.from_private_bytes(seed).public_key())
     assert env.device_id == "box-1" and env.counter == 1 and len(env.records) == 2
+
+
+# -- bounds a hostile box cannot cross (issue 11) ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fake", [1.0, True, 1.5, "1", b"\x01"], ids=["float", "true", "float-1.5", "text", "bytes"])
+def test_record_keys_must_be_integers(fake: object) -> None:
+    # 1.0 and true are equal to 1 in Python: a decoder that only compared sets would take {0: 2, 1.0: ...} as a
+    # reading, and the same record would have two encodings (two hashes, two claims of one inference).
+    item = {0: 2, fake: 1_700_000_000.0, 2: 1, 3: 1.0}
+    with pytest.raises(MalformedRecordError, match="record key"):
+        decode_record(cbor2.dumps(item))
+    inf = cbor2.loads(encode_record(inference()))
+    inf[True] = inf.pop(1)  # the timestamp under `true`
+    with pytest.raises(MalformedRecordError, match="record key"):
+        decode_record(cbor2.dumps(inf))
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [(3, "digits\x00@1.0"), (3, "digits@1\n2"), (6, "GRAY\x1b8"), (11, "ne\u2028on")],
+    ids=["nul-model", "newline-model", "escape-format", "line-separator-backend"],
+)
+def test_identifiers_must_be_printable(field: int, value: str) -> None:
+    # A NUL makes PostgreSQL refuse a text value, and with it the whole ingest batch; control characters forge log
+    # lines and table rows.
+    item = cbor2.loads(encode_record(inference()))
+    item[field] = value
+    with pytest.raises(MalformedRecordError, match="printable"):
+        decode_record(cbor2.dumps(item))
+    event = {0: 4, 1: 1.0, 2: "ota\x00committed", 3: {}}
+    with pytest.raises(MalformedRecordError, match="printable"):
+        decode_record(cbor2.dumps(event))
+
+
+def test_counter_bounded_by_the_contract() -> None:
+    top = 2**53
+    env = open_envelope(seal_envelope("box-1", top, b"\x11" * 32, [], 1.0, KEY), PUB)
+    assert env.counter == top
+    with pytest.raises(MalformedEnvelopeError, match=r"2\*\*53"):
+        seal_envelope("box-1", top + 1, b"\x11" * 32, [], 1.0, KEY)
+    # The same bound on the verifier's side, for an envelope a hostile box signs itself.
+    payload = cbor2.dumps({1: 1, 2: "box-1", 3: top + 1, 4: b"\x11" * 32, 5: 1.0, 6: []}, canonical=True)
+    prot = cbor2.dumps({1: -8, 4: b"box-1"}, canonical=True)
+    data = cbor2.dumps(cbor2.CBORTag(18, [prot, {}, payload, KEY.sign(sig_structure(prot, payload))]))
+    with pytest.raises(MalformedEnvelopeError, match=r"2\*\*53"):
+        open_envelope(data, PUB)
+
+
+def _signed(counter: int, records: list[dict[int, object]]) -> bytes:
+    """An envelope a hostile box seals by hand, bypassing ``seal_envelope``'s own checks."""
+    payload = cbor2.dumps({1: 1, 2: "box-1", 3: counter, 4: b"\x11" * 32, 5: 1.0, 6: records}, canonical=True)
+    prot = cbor2.dumps({1: -8, 4: b"box-1"}, canonical=True)
+    return cbor2.dumps(cbor2.CBORTag(18, [prot, {}, payload, KEY.sign(sig_structure(prot, payload))]))
+
+
+def test_loss_notice_numbers_bounded_by_what_is_plausible() -> None:
+    def notice(envelopes: int, records: int, first: int, last: int) -> dict[int, object]:
+        return {0: 3, 1: 1.0, 2: envelopes, 3: records, 4: first, 5: last}
+
+    assert open_envelope(_signed(11, [notice(3, 3000, 8, 10)]), PUB).records[0].records_dropped == 3000
+    # Dropped envelopes held at most 1000 records each.
+    with pytest.raises(MalformedRecordError, match="records_dropped"):
+        open_envelope(_signed(11, [notice(3, 3001, 8, 10)]), PUB)
+    # More envelopes than the counter range holds.
+    with pytest.raises(MalformedRecordError, match="cannot hold"):
+        open_envelope(_signed(11, [notice(4, 1, 8, 10)]), PUB)
+    # A loss of counters at or after the announcing envelope's own: not a loss, only noise for the ledger's sums.
+    with pytest.raises(MalformedRecordError, match="at or after its own"):
+        open_envelope(_signed(10, [notice(3, 3, 8, 10)]), PUB)
+    with pytest.raises(MalformedRecordError, match="first_counter: got 9007199254740993"):
+        open_envelope(_signed(11, [notice(1, 1, 2**53 + 1, 2**53 + 1)]), PUB)
+    # seal_envelope refuses to sign what a verifier would reject.
+    with pytest.raises(MalformedRecordError, match="at or after its own"):
+        seal_envelope("box-1", 5, b"\x11" * 32, [LossNotice(1.0, 1, 1, 5, 5)], 1.0, KEY)
+
+
+def test_telemetry_limits_cannot_exceed_the_contract() -> None:
+    with pytest.raises(ValueError, match="contract"):
+        TelemetryLimits(max_records=1001)

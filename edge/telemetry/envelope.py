@@ -30,11 +30,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from edge.identity.errors import InvalidDeviceIdError
 from edge.identity.keys import validate_device_id
+from edge.telemetry._bounds import MAX_COUNTER, MAX_EPOCH
 from edge.telemetry._cbor import DECODE_ERRORS, new_decoder, read_head
 from edge.telemetry.cose import ALG_EDDSA, COSE_SIGN1_TAG, HEADER_ALG, HEADER_KID, Sign1Message, decode_sign1, sign1
 from edge.telemetry.errors import MalformedEnvelopeError, MalformedRecordError
 from edge.telemetry.schema import (
     DEFAULT_LIMITS,
+    LossNotice,
     TelemetryLimits,
     TelemetryRecord,
     encode_records,
@@ -57,8 +59,6 @@ SCHEMA_VERSION: Final = 1
 GENESIS_PREV: Final = bytes(32)
 P_VERSION, P_DEVICE, P_COUNTER, P_PREV, P_CREATED, P_RECORDS = 1, 2, 3, 4, 5, 6
 _PAYLOAD_KEYS = frozenset(range(1, 7))
-_COUNTER_MAX = (1 << 63) - 1
-_MAX_CREATED = 1e11
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,12 +97,22 @@ def envelope_hash(data: bytes) -> bytes:
 
 
 def _check_chain_fields(counter: int, prev: bytes) -> None:
-    if type(counter) is not int or not 1 <= counter <= _COUNTER_MAX:
-        raise MalformedEnvelopeError(f"counter {counter!r}: expected an integer in 1..2**63-1")
+    if type(counter) is not int or not 1 <= counter <= MAX_COUNTER:
+        raise MalformedEnvelopeError(f"counter {counter!r}: expected an integer in 1..2**53")
     if type(prev) is not bytes or len(prev) != 32:
         raise MalformedEnvelopeError("prev: expected a 32-byte SHA-256")
     if (counter == 1) != (prev == GENESIS_PREV):
         raise MalformedEnvelopeError("prev must be 32 zero bytes exactly when counter is 1 (the genesis envelope)")
+
+
+def _check_losses(records: Sequence[TelemetryRecord], counter: int) -> None:
+    for r in records:
+        # A box announces only envelopes it sealed before this one: a notice reaching past its own counter is not a
+        # loss, it would only inflate the ledger's loss figures.
+        if type(r) is LossNotice and r.last_counter >= counter:
+            raise MalformedRecordError(
+                f"loss notice names counters up to {r.last_counter}, at or after its own envelope's {counter}"
+            )
 
 
 def seal_envelope(  # noqa: PLR0917 -- positional order mirrors the payload map
@@ -136,7 +146,8 @@ def seal_envelope(  # noqa: PLR0917 -- positional order mirrors the payload map
     """
     validate_device_id(device_id)
     _check_chain_fields(counter, prev_hash)
-    if not isinstance(created, float | int) or not 0 <= created <= _MAX_CREATED or not math.isfinite(created):
+    _check_losses(records, counter)
+    if not isinstance(created, float | int) or not 0 <= created <= MAX_EPOCH or not math.isfinite(created):
         raise MalformedEnvelopeError(f"created {created!r}: expected epoch seconds")
     head = cbor2.dumps(
         {
@@ -254,8 +265,9 @@ def read_payload(
     _check_chain_fields(counter, prev)  # type: ignore[arg-type]
     if type(created) is int:
         created = float(created)
-    if type(created) is not float or not math.isfinite(created) or not 0 <= created <= _MAX_CREATED:
+    if type(created) is not float or not math.isfinite(created) or not 0 <= created <= MAX_EPOCH:
         raise MalformedEnvelopeError(f"created {created!r:.40}: expected epoch seconds")
+    _check_losses(records, counter)  # type: ignore[arg-type]
     return Envelope(device_id, counter, prev, created, tuple(records), data_hash)  # type: ignore[arg-type]
 
 
