@@ -19,11 +19,17 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from edge.errors import ConfigError
+from edge.inference.model import MAX_MODEL_BYTES
+from edge.log import REDACTED, redact
 from edge.sensing.frames import PixelFormat
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
     "LIVE_SETTINGS",
+    "MAX_BATCH_RECORDS",
+    "MAX_MODEL_MB",
+    "MAX_TOP_K",
+    "RANGES",
     "Config",
     "DeviceConfig",
     "LogConfig",
@@ -47,6 +53,41 @@ SINK_KINDS = ("jsonl", "telemetry")
 ON_FULL = ("block", "drop_oldest")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("json", "text")
+
+# The range of every numeric key, both ends inclusive: what a real box can use, so an absurd value (a typo, a unit
+# mix-up) stops the service at start-up naming the key instead of failing later, deep inside a library.
+# Why each bound:
+MAX_TOP_K = 64  # the telemetry schema carries at most 64 top-k pairs (edge.telemetry.schema), or the gateway rejects
+MAX_BATCH_RECORDS = 1000  # the contract's records per envelope (edge.telemetry._bounds.MAX_RECORDS_PER_ENVELOPE)
+MQTT_MAX_U16 = 65535  # MQTT 5 keepalive and Receive Maximum (the most in-flight messages) are 16-bit fields
+MQTT_MAX_U32 = 2**32 - 1  # MQTT 5 Session Expiry Interval is a 32-bit field (the maximum means "never expires")
+TCP_PORTS = (1, 65535)
+MAX_MODEL_MB = MAX_MODEL_BYTES // 2**20  # a larger download could never be loaded
+RANGES: Mapping[str, tuple[float, float]] = {
+    "model.threads": (1, 64),  # onnxruntime intra-op threads; more than any box has cores
+    "model.warmup": (0, 1000),
+    "model.top_k": (1, MAX_TOP_K),
+    "source.count": (0, 10**12),  # 0 = unlimited; 10**12 frames is 30 years at 1000 fps
+    "source.fps": (0.0001, 1000.0),  # or 0 = unpaced; 0.0001 fps is one frame every 2.8 hours
+    "source.baudrate": (300, 12_000_000),  # the fastest USB UARTs (FT232H) run 12 Mbaud
+    "preprocess.crop": (0, 65535),  # x, y, width, height in pixels (width and height >= 1)
+    "preprocess.letterbox": (0.0, 255.0),  # a fill value in pixel units
+    "preprocess.mean": (-255.0, 255.0),  # pixel units
+    "preprocess.std": (0.001, 10_000.0),  # pixel units; smaller would overflow float32 coefficients
+    "pipeline.queue_size": (1, 1024),  # frames held per queue, each up to a full camera frame
+    "telemetry.port": TCP_PORTS,
+    "telemetry.batch_records": (1, MAX_BATCH_RECORDS),
+    "telemetry.batch_age_s": (0.001, 3600.0),
+    "telemetry.outbox_max_mb": (0.01, 65536.0),  # up to 64 GiB of a box's data partition
+    "telemetry.outbox_max_envelopes": (2, 10_000_000),
+    "telemetry.window": (0, MQTT_MAX_U16),  # 0 = the transport's measured default
+    "telemetry.keepalive_s": (5, MQTT_MAX_U16),
+    "telemetry.session_expiry_s": (0, MQTT_MAX_U32),
+    "telemetry.drain_timeout_s": (0.0, 600.0),
+    "ota.check_interval_s": (1.0, 30 * 86400.0),  # up to 30 days
+    "ota.max_model_mb": (0.01, float(MAX_MODEL_MB)),
+    "ota.trial_runs": (1, 1000),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,6 +270,53 @@ def _float_at_least(low: float) -> Callable[[str, Any], float]:
     return convert
 
 
+def _num(x: float) -> str:
+    """A bound as the docs write it: ``64``, ``0.001``, ``2592000`` (no ``.0``, no exponent)."""
+    return str(int(x)) if float(x).is_integer() else repr(float(x))
+
+
+def _int_between(low: int, high: int) -> Callable[[str, Any], int]:
+    def convert(key: str, v: Any) -> int:
+        if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= high:
+            raise ConfigError(key, v, f"an integer >= {_num(low)} and <= {_num(high)}")
+        return v
+
+    return convert
+
+
+def _float_between(low: float, high: float) -> Callable[[str, Any], float]:
+    def convert(key: str, v: Any) -> float:
+        ok = not isinstance(v, bool) and isinstance(v, int | float) and math.isfinite(v) and low <= v <= high
+        if not ok:
+            raise ConfigError(key, v, f"a finite number >= {_num(low)} and <= {_num(high)}")
+        return float(v)
+
+    return convert
+
+
+def _ranged_int(key: str, v: Any) -> int:
+    """An integer within ``RANGES[key]``."""
+    low, high = RANGES[key]
+    return _int_between(int(low), int(high))(key, v)
+
+
+def _ranged_float(key: str, v: Any) -> float:
+    """A finite number within ``RANGES[key]``."""
+    low, high = RANGES[key]
+    return _float_between(low, high)(key, v)
+
+
+def _zero_or_ranged_float(key: str, v: Any) -> float:
+    """0 (the feature's "off") or a finite number within ``RANGES[key]``."""
+    if not isinstance(v, bool) and isinstance(v, int | float) and v == 0:
+        return 0.0
+    low, high = RANGES[key]
+    ok = not isinstance(v, bool) and isinstance(v, int | float) and math.isfinite(v) and low <= v <= high
+    if not ok:
+        raise ConfigError(key, v, f"0 (off) or a finite number >= {_num(low)} and <= {_num(high)}")
+    return float(v)
+
+
 def _choice(options: tuple[str, ...]) -> Callable[[str, Any], str]:
     def convert(key: str, v: Any) -> str:
         if v not in options:
@@ -239,8 +327,26 @@ def _choice(options: tuple[str, ...]) -> Callable[[str, Any], str]:
 
 
 def _port(key: str, v: Any) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 65535:
-        raise ConfigError(key, v, "a TCP port number 1..65535")
+    low, high = TCP_PORTS
+    if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= high:
+        raise ConfigError(key, v, f"a TCP port number {low}..{high}")
+    return v
+
+
+def _shown(v: Any) -> Any:
+    """A value fit for an error message: credentials masked (``edge.log.redact``), also those of a scheme-less
+    ``user:password@host``, which redact() cannot tell from an e-mail address."""
+    if not isinstance(v, str):
+        return v
+    if "://" not in v and "@" in v:
+        v = f"{REDACTED}@{v.rpartition('@')[2]}"
+    return redact(v)
+
+
+def _host(key: str, v: Any) -> str:
+    # A URL or user:password@host here would end up in logs and errors verbatim: only a host name or address.
+    if not isinstance(v, str) or not v or any(c in v for c in "/@?# \t"):
+        raise ConfigError(key, _shown(v), "a host name or IP address (not a URL)")
     return v
 
 
@@ -263,8 +369,12 @@ def _repository_url(key: str, v: Any) -> str:
     if not isinstance(v, str):
         raise ConfigError(key, v, "a URL string")
     url = v
+    # The value may carry credentials: an error shows it redacted, never verbatim.
     if url and not (url.startswith(("http://", "https://")) and len(url) > len("https://")):
-        raise ConfigError(key, v, "an http:// or https:// URL, or empty to turn updates off")
+        raise ConfigError(key, _shown(v), "an http:// or https:// URL, or empty to turn updates off")
+    if "?" in url or "#" in url:
+        # The client appends metadata/ and targets/ to the base: a query or fragment would swallow those paths.
+        raise ConfigError(key, _shown(v), "a base URL without a query (?) or fragment (#)")
     return url if not url or url.endswith("/") else url + "/"
 
 
@@ -276,14 +386,29 @@ def _pixel_format(key: str, v: Any) -> PixelFormat:
 
 
 def _crop(key: str, v: Any) -> tuple[int, int, int, int] | None:
+    _, high = RANGES["preprocess.crop"]
     ok = isinstance(v, list) and len(v) == 4 and all(isinstance(x, int) and not isinstance(x, bool) for x in v)
-    if not ok or v[0] < 0 or v[1] < 0 or v[2] < 1 or v[3] < 1:
-        raise ConfigError(key, v, "[x, y, width, height] with x, y >= 0 and width, height >= 1")
+    if not ok or v[0] < 0 or v[1] < 0 or v[2] < 1 or v[3] < 1 or max(v) > high:
+        raise ConfigError(key, v, f"[x, y, width, height] with x, y >= 0 and width, height >= 1, each <= {_num(high)}")
     return (v[0], v[1], v[2], v[3])
 
 
 def _optional_float(key: str, v: Any) -> float | None:
     return _float_at_least(-math.inf)(key, v)
+
+
+def _ranged_channels(key: str, v: Any) -> tuple[float, ...] | None:
+    """A number or a list of 1 or 3 numbers, each within ``RANGES[key]``."""
+    low, high = RANGES[key]
+    if isinstance(v, int | float) and not isinstance(v, bool):
+        v = [v]
+    ok = isinstance(v, list) and len(v) in (1, 3)
+    ok = ok and all(
+        isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) and low <= x <= high for x in v
+    )
+    if not ok:
+        raise ConfigError(key, v, f"a number or a list of 1 or 3 finite numbers >= {_num(low)} and <= {_num(high)}")
+    return tuple(float(x) for x in v)
 
 
 def _channels(nonzero: bool) -> Callable[[str, Any], tuple[float, ...] | None]:
@@ -303,8 +428,8 @@ def _channels(nonzero: bool) -> Callable[[str, Any], tuple[float, ...] | None]:
 # Settings a running service can change (the fleet's ``set`` command, edge.telemetry.commands): the dotted key and
 # the converter that validates it, shared with ``parse_config`` so a live value obeys exactly the file's rules.
 LIVE_SETTINGS: Mapping[str, Callable[[str, Any], Any]] = {
-    "telemetry.batch_records": _int_at_least(1),
-    "telemetry.batch_age_s": _float_at_least(0.001),
+    "telemetry.batch_records": _ranged_int,
+    "telemetry.batch_age_s": _ranged_float,
     "log.level": _choice(LOG_LEVELS),
 }
 
@@ -347,10 +472,10 @@ def parse_config(data: Mapping[str, Any]) -> Config:
     s = tables["model"]
     model = ModelConfig(
         path=s.get("path", None, _optional_path),
-        threads=s.get("threads", dm.threads, _int_at_least(1)),
+        threads=s.get("threads", dm.threads, _ranged_int),
         spinning=s.get("spinning", dm.spinning, _bool),
-        warmup=s.get("warmup", dm.warmup, _int_at_least(0)),
-        top_k=s.get("top_k", dm.top_k, _int_at_least(1)),
+        warmup=s.get("warmup", dm.warmup, _ranged_int),
+        top_k=s.get("top_k", dm.top_k, _ranged_int),
     )
 
     s = tables["source"]
@@ -359,10 +484,10 @@ def parse_config(data: Mapping[str, Any]) -> Config:
         pixel_format=s.get("pixel_format", ds.pixel_format, _pixel_format),
         path=s.get("path", None, _optional_path),
         loop=s.get("loop", ds.loop, _bool),
-        count=s.get("count", ds.count, _int_at_least(0)),
-        fps=s.get("fps", ds.fps, _float_at_least(0.0)),
+        count=s.get("count", ds.count, _ranged_int),
+        fps=s.get("fps", ds.fps, _zero_or_ranged_float),
         port=s.get("port", ds.port, _str),
-        baudrate=s.get("baudrate", ds.baudrate, _int_at_least(1)),
+        baudrate=s.get("baudrate", ds.baudrate, _ranged_int),
     )
     if source.kind in ("npz", "directory") and source.path is None:
         raise ConfigError("source.path", None, f"a path (source.kind is {source.kind!r})")
@@ -372,14 +497,14 @@ def parse_config(data: Mapping[str, Any]) -> Config:
     s = tables["preprocess"]
     preprocess = PreprocessConfig(
         crop=s.get("crop", None, _crop),
-        letterbox=s.get("letterbox", None, _optional_float),
-        mean=s.get("mean", None, _channels(nonzero=False)),
-        std=s.get("std", None, _channels(nonzero=True)),
+        letterbox=s.get("letterbox", None, _ranged_float),
+        mean=s.get("mean", None, _ranged_channels),
+        std=s.get("std", None, _ranged_channels),
     )
 
     s = tables["pipeline"]
     pipeline = PipelineConfig(
-        queue_size=s.get("queue_size", dp.queue_size, _int_at_least(1)),
+        queue_size=s.get("queue_size", dp.queue_size, _ranged_int),
         on_full=s.get("on_full", dp.on_full, _choice(ON_FULL)),
     )
 
@@ -389,7 +514,7 @@ def parse_config(data: Mapping[str, Any]) -> Config:
     s = tables["telemetry"]
     dt = TelemetryConfig()
     telemetry = TelemetryConfig(
-        host=s.get("host", dt.host, _str),
+        host=s.get("host", dt.host, _host),
         port=s.get("port", dt.port, _port),
         ca=s.get("ca", dt.ca, _path),
         cert=s.get("cert", dt.cert, _path),
@@ -397,12 +522,12 @@ def parse_config(data: Mapping[str, Any]) -> Config:
         outbox=s.get("outbox", dt.outbox, _path),
         batch_records=s.get("batch_records", dt.batch_records, LIVE_SETTINGS["telemetry.batch_records"]),
         batch_age_s=s.get("batch_age_s", dt.batch_age_s, LIVE_SETTINGS["telemetry.batch_age_s"]),
-        outbox_max_mb=s.get("outbox_max_mb", dt.outbox_max_mb, _float_at_least(0.01)),
-        outbox_max_envelopes=s.get("outbox_max_envelopes", dt.outbox_max_envelopes, _int_at_least(2)),
-        window=s.get("window", dt.window, _int_at_least(0)),
-        keepalive_s=s.get("keepalive_s", dt.keepalive_s, _int_at_least(5)),
-        session_expiry_s=s.get("session_expiry_s", dt.session_expiry_s, _int_at_least(0)),
-        drain_timeout_s=s.get("drain_timeout_s", dt.drain_timeout_s, _float_at_least(0.0)),
+        outbox_max_mb=s.get("outbox_max_mb", dt.outbox_max_mb, _ranged_float),
+        outbox_max_envelopes=s.get("outbox_max_envelopes", dt.outbox_max_envelopes, _ranged_int),
+        window=s.get("window", dt.window, _ranged_int),
+        keepalive_s=s.get("keepalive_s", dt.keepalive_s, _ranged_int),
+        session_expiry_s=s.get("session_expiry_s", dt.session_expiry_s, _ranged_int),
+        drain_timeout_s=s.get("drain_timeout_s", dt.drain_timeout_s, _ranged_float),
         fleet_key=s.get("fleet_key", dt.fleet_key, _path_or_disabled),
     )
 
@@ -411,9 +536,9 @@ def parse_config(data: Mapping[str, Any]) -> Config:
     ota = OtaConfig(
         repository=s.get("repository", do.repository, _repository_url),
         root=s.get("root", do.root, _path),
-        check_interval_s=s.get("check_interval_s", do.check_interval_s, _float_at_least(1.0)),
-        max_model_mb=s.get("max_model_mb", do.max_model_mb, _float_at_least(0.01)),
-        trial_runs=s.get("trial_runs", do.trial_runs, _int_at_least(1)),
+        check_interval_s=s.get("check_interval_s", do.check_interval_s, _ranged_float),
+        max_model_mb=s.get("max_model_mb", do.max_model_mb, _ranged_float),
+        trial_runs=s.get("trial_runs", do.trial_runs, _ranged_int),
     )
 
     s = tables["log"]

@@ -2,13 +2,32 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from edge.config import Config, load_config, parse_config
+from edge.config import (
+    LIVE_SETTINGS,
+    MAX_BATCH_RECORDS,
+    MAX_MODEL_MB,
+    MAX_TOP_K,
+    RANGES,
+    Config,
+    _num,
+    load_config,
+    parse_config,
+)
 from edge.errors import ConfigError
+from edge.inference.model import MAX_MODEL_BYTES
 from edge.sensing.frames import PixelFormat
+from edge.telemetry import schema
+from edge.telemetry._bounds import MAX_RECORDS_PER_ENVELOPE
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
 
 
 def test_empty_document_gives_defaults() -> None:
@@ -97,7 +116,7 @@ format = "text"
         ({"source": {"fps": float("nan")}}, "source.fps", "finite"),
         ({"preprocess": {"crop": [0, 0, 0, 5]}}, "preprocess.crop", "[x, y, width, height]"),
         ({"preprocess": {"crop": [0, 0, 5]}}, "preprocess.crop", "[x, y, width, height]"),
-        ({"preprocess": {"std": [1, 0, 1]}}, "preprocess.std", "nonzero"),
+        ({"preprocess": {"std": [1, 0, 1]}}, "preprocess.std", ">= 0.001"),
         ({"preprocess": {"mean": [1, 2]}}, "preprocess.mean", "1 or 3"),
         ({"pipeline": {"on_full": "drop"}}, "pipeline.on_full", "one of"),
         ({"log": {"level": "loud"}}, "log.level", "one of"),
@@ -134,3 +153,146 @@ def test_config_error_is_also_a_value_error() -> None:
 def test_shipped_example_config_is_valid_and_equals_the_defaults() -> None:
     example = Path(__file__).resolve().parent.parent / "docs" / "edge.example.toml"
     assert load_config(example) == Config()
+
+
+# -- ranges of the numeric keys ------------------------------------------------------------------------------------
+
+_LISTS = ("preprocess.crop", "preprocess.mean", "preprocess.std")
+
+
+def _doc(key: str, value: Any) -> dict[str, Any]:
+    section, name = key.split(".")
+    return {section: {name: value}}
+
+
+def _is_int(key: str) -> bool:
+    section, name = key.split(".")
+    default = getattr(getattr(Config(), section), name)
+    return isinstance(default, int) and not isinstance(default, bool)
+
+
+def _absurd(key: str) -> list[Any]:
+    low, high = RANGES[key]
+    if key == "preprocess.crop":
+        return [[0, 0, 1, int(high) + 1], [int(high) + 1, 0, 1, 1], [0, 0, 10**12, 10**12]]
+    if key in ("preprocess.mean", "preprocess.std"):
+        return [high * 10, [low - 1, low, low], [1e308] * 3, low - 1]
+    if _is_int(key):
+        return [int(high) + 1, int(low) - 1, 10**30, -(10**30)]
+    values = [high * 2 + 1, low - 1, 1e300, -1e300, math.inf]
+    if low > 0 and key != "source.fps":
+        values.append(low / 2)
+    return values
+
+
+_CASES = [(key, value) for key in RANGES for value in _absurd(key)]
+
+
+@pytest.mark.parametrize(("key", "value"), _CASES, ids=[f"{k}={v!r:.20}" for k, v in _CASES])
+def test_absurd_numeric_values_are_refused_naming_the_key(key: str, value: Any) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(_doc(key, value))
+    assert info.value.key == key
+    assert key in str(info.value)
+    _, high = RANGES[key]
+    assert _num(high) in str(info.value)  # the message states the range
+
+
+@pytest.mark.parametrize("key", list(RANGES))
+def test_both_ends_of_each_range_are_accepted(key: str) -> None:
+    low, high = RANGES[key]
+    section, name = key.split(".")
+    for end in (low, high):
+        if key == "preprocess.crop":
+            value: Any = [int(end), int(end), max(int(end), 1), max(int(end), 1)]
+            expected: Any = tuple(value)
+        elif key in _LISTS:
+            value, expected = [end, end, end], (float(end),) * 3
+        else:
+            value = expected = int(end) if _is_int(key) else end
+        assert getattr(getattr(parse_config(_doc(key, value)), section), name) == expected
+
+
+def test_fps_zero_means_unpaced_and_values_between_zero_and_the_minimum_are_refused() -> None:
+    assert parse_config(_doc("source.fps", 0)).source.fps == 0.0
+    low, _ = RANGES["source.fps"]
+    with pytest.raises(ConfigError, match="0 \\(off\\) or a finite number"):
+        parse_config(_doc("source.fps", low / 2))
+
+
+def test_every_numeric_key_has_a_range() -> None:
+    defaults = Config()
+    numeric = {
+        f"{section}.{f.name}"
+        for section in Config.__dataclass_fields__
+        for f in dataclasses.fields(getattr(defaults, section))
+        if isinstance(getattr(getattr(defaults, section), f.name), int | float)
+        and not isinstance(getattr(getattr(defaults, section), f.name), bool)
+    }
+    assert numeric | {"preprocess.crop", "preprocess.letterbox", "preprocess.mean", "preprocess.std"} == set(RANGES)
+
+
+def test_ranges_agree_with_the_limits_they_come_from() -> None:
+    assert MAX_TOP_K == schema._MAX_TOP_K
+    assert MAX_BATCH_RECORDS == MAX_RECORDS_PER_ENVELOPE
+    assert MAX_MODEL_MB * 2**20 <= MAX_MODEL_BYTES  # a model the box may download, it can also load
+
+
+def test_live_settings_obey_the_same_ranges() -> None:
+    with pytest.raises(ConfigError, match="<= 1000"):
+        LIVE_SETTINGS["telemetry.batch_records"]("telemetry.batch_records", MAX_BATCH_RECORDS + 1)
+    with pytest.raises(ConfigError, match="<= 3600"):
+        LIVE_SETTINGS["telemetry.batch_age_s"]("telemetry.batch_age_s", 1e9)
+    assert LIVE_SETTINGS["telemetry.batch_records"]("telemetry.batch_records", MAX_BATCH_RECORDS) == 1000
+
+
+def test_the_docs_state_every_range() -> None:
+    table = (DOCS / "configuration.md").read_text(encoding="utf-8").splitlines()
+    example = (DOCS / "edge.example.toml").read_text(encoding="utf-8").splitlines()
+    section = ""
+    example_lines: dict[str, str] = {}
+    for line in example:
+        if m := re.match(r"\[(\w+)\]", line):
+            section = m.group(1)
+        elif m := re.match(r"#?\s*(\w+)\s*=", line):
+            example_lines.setdefault(f"{section}.{m.group(1)}", line)
+    for key, (low, high) in RANGES.items():
+        span = f"{_num(low)}..{_num(high)}"
+        rows = [line for line in table if line.startswith(f"| `{key}` |")]
+        assert len(rows) == 1 and f"`{span}`" in rows[0], (key, span, rows)
+        assert span in example_lines.get(key, ""), (key, span, example_lines.get(key))
+
+
+# -- no credentials in configuration errors -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "ftp://admin:hunter2@models.example.net/fleet/?password=s3cret",
+        "https://admin:hunter2@models.example.net/fleet/?password=s3cret",
+        "https://admin:hunter2@models.example.net/fleet/#password=s3cret",
+        "admin:hunter2@models.example.net/fleet/?password=s3cret",
+    ],
+)
+def test_a_bad_repository_url_is_refused_without_its_credentials(url: str, write_config) -> None:
+    path = write_config(f'[ota]\nrepository = "{url}"\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    text = str(info.value)
+    assert info.value.key == "ota.repository" and "models.example.net" in text
+    assert "hunter2" not in text and "s3cret" not in text and "hunter2" not in repr(info.value.value)
+
+
+def test_a_good_repository_url_with_credentials_is_kept_for_the_client() -> None:
+    cfg = parse_config({"ota": {"repository": "https://admin:hunter2@models.example.net/fleet"}})
+    assert cfg.ota.repository == "https://admin:hunter2@models.example.net/fleet/"
+
+
+@pytest.mark.parametrize(
+    "host", ["mqtts://broker.fleet", "user:hunter2@broker.fleet", "mqtts://broker.fleet/?token=hunter2", "a b"]
+)
+def test_the_broker_host_is_a_host_not_a_url(host: str) -> None:
+    with pytest.raises(ConfigError, match="host name or IP address") as info:
+        parse_config({"telemetry": {"host": host}})
+    assert info.value.key == "telemetry.host" and "hunter2" not in str(info.value)

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import struct
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import onnx
 import pytest
+from hostile_files import MAX_PEAK, sparse_file, traced_peak
 from onnx import TensorProto, helper, numpy_helper
 
 from edge.errors import InputError, ModelError
 from edge.inference import _onnx_graph
-from edge.inference.model import Model
+from edge.inference.model import MAX_MODEL_BYTES, MAX_OUTPUT_VALUES, MAX_TENSOR_BYTES, Model
 from edge.inference.preprocess import preprocess_image
 from edge.sensing.frames import PixelFormat
 from edge.sensing.synthetic import render_test_frames
@@ -286,8 +288,9 @@ def test_non_image_input(tmp_path):
         {"edge.preprocess": json.dumps({"size": [32]})},
         {"edge.labels": json.dumps(["only", "two"])},
         {"edge.output": "boxes"},
+        {"edge.labels": "[" * 100_000},
     ],
-    ids=["json", "std0", "size", "labels", "output-kind"],
+    ids=["json", "std0", "size", "labels", "output-kind", "nested-too-deeply"],
 )
 def test_malformed_metadata(tmp_path, metadata):
     with pytest.raises(ModelError, match="metadata"):
@@ -337,3 +340,89 @@ def test_graph_reader_is_bounded_on_truncated_or_hostile_bytes(digits_int8):
     # A length prefix claiming far more bytes than exist must not be trusted.
     with pytest.raises(ValueError, match="past"):
         _onnx_graph.read_graph(b"\x3a\xff\xff\xff\xff\x0f")
+
+
+# -- bounds on what a model file declares ----------------------------------------------------------------------------
+
+
+def test_oversized_model_file_is_refused_before_it_is_read(tmp_path):
+    import onnxruntime  # noqa: F401,PLC0415 -- imported before tracing, so the peak is what refusing costs
+
+    path = sparse_file(tmp_path / "huge.onnx", MAX_MODEL_BYTES + 1, head=b"\x08\x07")
+    with (
+        traced_peak() as peak,
+        pytest.raises(
+            ModelError, match=rf"huge\.onnx: the file is {MAX_MODEL_BYTES + 1} bytes, the limit is {MAX_MODEL_BYTES}"
+        ),
+    ):
+        Model(path)
+    assert peak[0] < MAX_PEAK
+
+
+def test_input_declaring_a_huge_tensor_is_refused_before_it_is_allocated(tmp_path):
+    path = save_graph(
+        tmp_path / "wide.onnx",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 20000, 20000])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 1, 1])],
+        [helper.make_node("GlobalAveragePool", ["x"], ["y"])],
+    )
+    with pytest.raises(
+        ModelError,
+        match=rf"input 'x' declares shape \[1, 3, 20000, 20000\] = 4800000000 bytes, the limit is {MAX_TENSOR_BYTES}",
+    ):
+        Model(path, warmup=0)
+
+
+def test_output_declaring_more_classes_than_the_limit_is_refused(tmp_path):
+    path = identity_model(tmp_path / "many.onnx", [1, 1, 2048, 1024], elem=TensorProto.UINT8)
+    with pytest.raises(ModelError, match=rf"output 'y' declares 2097152 values, the limit is {MAX_OUTPUT_VALUES}"):
+        Model(path, warmup=0)
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    """A length-delimited protobuf field."""
+    key, length = (number << 3) | 2, len(payload)
+    out = bytearray([key])
+    while True:
+        out.append((length & 0x7F) | (0x80 if length > 0x7F else 0))
+        length >>= 7
+        if not length:
+            return bytes(out + payload)
+
+
+@pytest.mark.parametrize(
+    ("graph", "match"),
+    [
+        (_field(1, b"") * (_onnx_graph.MAX_ENTRIES + 1), f"more than {_onnx_graph.MAX_ENTRIES} nodes"),
+        (
+            _field(1, _field(1, b"") * (_onnx_graph.MAX_NODE_NAMES + 1)),
+            f"more than {_onnx_graph.MAX_NODE_NAMES} inputs",
+        ),
+        (_field(5, b"\x08\x01" * (_onnx_graph.MAX_DIMS + 1)), f"more than {_onnx_graph.MAX_DIMS} dimensions"),
+        (_field(5, b"") * (_onnx_graph.MAX_ENTRIES + 1), f"more than {_onnx_graph.MAX_ENTRIES} initializers"),
+        (
+            _field(11, _field(1, b"") * (_onnx_graph.MAX_ENTRIES + 1)),
+            f"more than {_onnx_graph.MAX_ENTRIES} graph inputs",
+        ),
+    ],
+    ids=["nodes", "node-inputs", "dims", "initializers", "graph-inputs"],
+)
+def test_graph_reader_refuses_a_small_file_that_would_expand_into_many_objects(graph, match):
+    # Two bytes per entry in the file; kept, each would be a Python object of ~100 bytes.
+    with pytest.raises(ValueError, match=match):
+        _onnx_graph.read_graph(_field(7, graph))
+
+
+def test_graph_reader_leaves_large_unpacked_tensors_undecoded():
+    floats = b"".join(b"\x25" + struct.pack("<f", 1.5) for _ in range(_onnx_graph.MAX_DECODED + 1))  # field 4, fixed32
+    small = b"".join(b"\x25" + struct.pack("<f", 1.5) for _ in range(3))
+    summary = _onnx_graph.read_graph(
+        _field(7, _field(5, floats + _field(8, b"w")) + _field(5, small + _field(8, b"s")))
+    )
+    assert summary.initializers["w"].values is None
+    assert summary.initializers["s"].values == (1.5, 1.5, 1.5)
+
+
+def test_graph_reader_refuses_packed_floats_of_a_partial_width():
+    with pytest.raises(ValueError, match="not a multiple of 4"):
+        _onnx_graph.read_graph(_field(7, _field(5, _field(4, b"\x00" * 6))))

@@ -8,15 +8,39 @@ walks the protobuf wire format itself (sans-IO: bytes in, values out).
 Invariants: only the fields listed below are decoded; every other field is skipped by its length without being
 parsed; every length is checked against the buffer before it is used, so a truncated or hostile file raises
 ``ValueError`` and never reads out of bounds or recurses without limit (the walk is at most three messages deep).
+What is kept is bounded too, so a small file cannot expand into many objects: at most ``MAX_ENTRIES`` nodes,
+initializers and graph inputs, ``MAX_NODE_NAMES`` inputs or outputs per node, ``MAX_DIMS`` dimensions per tensor and
+``MAX_OPSETS`` operator sets (each violation a ``ValueError`` naming the count and the limit), and only tensors of at
+most ``MAX_DECODED`` values are decoded. The file's size is bounded by the caller (``edge.inference.model``).
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sized
 from dataclasses import dataclass, field
+from typing import Final
 
-__all__ = ["GraphSummary", "Initializer", "Node", "read_graph"]
+__all__ = [
+    "MAX_DECODED",
+    "MAX_DIMS",
+    "MAX_ENTRIES",
+    "MAX_NODE_NAMES",
+    "MAX_OPSETS",
+    "GraphSummary",
+    "Initializer",
+    "Node",
+    "read_graph",
+]
+
+# Bounds on what the walk keeps. Real models are far below them: a large transformer has tens of thousands of nodes,
+# a Concat a few dozen inputs, a tensor at most 8 dimensions, a model a handful of opset imports.
+MAX_ENTRIES: Final = 200_000
+MAX_NODE_NAMES: Final = 4096
+MAX_DIMS: Final = 64
+MAX_OPSETS: Final = 64
+# Scales and zero points are scalars or per-channel vectors; anything larger is a weight, not worth decoding here.
+MAX_DECODED: Final = 4096
 
 # ONNX TensorProto.DataType values the box uses.
 FLOAT = 1
@@ -100,6 +124,12 @@ def _text(buf: memoryview, a: int, b: int) -> str:
     return bytes(buf[a:b]).decode("utf-8", errors="replace")
 
 
+def _bounded(items: Sized, limit: int, what: str) -> None:
+    """Refuse one more entry once ``items`` holds ``limit`` of them."""
+    if len(items) >= limit:
+        raise ValueError(f"more than {limit} {what} (the limit)")
+
+
 def _node(buf: memoryview, a: int, b: int) -> Node:
     inputs: list[str] = []
     outputs: list[str] = []
@@ -108,16 +138,14 @@ def _node(buf: memoryview, a: int, b: int) -> Node:
         if wire != _LEN:
             continue
         if number == 1:
+            _bounded(inputs, MAX_NODE_NAMES, "inputs in a node")
             inputs.append(_text(buf, x, y))
         elif number == 2:
+            _bounded(outputs, MAX_NODE_NAMES, "outputs in a node")
             outputs.append(_text(buf, x, y))
         elif number == 4:
             op_type = _text(buf, x, y)
     return Node(op_type, tuple(inputs), tuple(outputs))
-
-
-# Scales and zero points are scalars or per-channel vectors; anything larger is a weight, not worth decoding here.
-_MAX_DECODED = 4096
 
 
 def _initializer(buf: memoryview, a: int, b: int) -> Initializer:
@@ -128,36 +156,54 @@ def _initializer(buf: memoryview, a: int, b: int) -> Initializer:
     floats: list[float] = []
     ints: list[int] = []
     external = False
+    too_many = False  # more than MAX_DECODED values: a weight, left undecoded (values None)
     for number, wire, x, y in _fields(buf, a, b):
         if number == 1:
             if wire == _VARINT:
+                _bounded(dims, MAX_DIMS, "dimensions in a tensor")
                 dims.append(x)
             elif wire == _LEN:
                 pos = x
                 while pos < y:
+                    _bounded(dims, MAX_DIMS, "dimensions in a tensor")
                     d, pos = _varint(buf, pos, y)
                     dims.append(d)
         elif number == 2 and wire == _VARINT:
             data_type = x
-        elif number == 4 and wire == _LEN and y - x <= 4 * _MAX_DECODED:
-            floats.extend(v for (v,) in struct.iter_unpack("<f", bytes(buf[x:y])))
-        elif number == 4 and wire == _I32:
-            floats.append(struct.unpack("<f", bytes(buf[x:y]))[0])
-        elif number in (5, 7) and wire == _LEN and y - x <= 10 * _MAX_DECODED:
-            pos = x
-            while pos < y:
-                v, pos = _varint(buf, pos, y)
-                ints.append(v - (1 << 64) if v >= 1 << 63 else v)
-        elif number in (5, 7) and wire == _VARINT:
-            ints.append(x - (1 << 64) if x >= 1 << 63 else x)
         elif number == 8 and wire == _LEN:
             name = _text(buf, x, y)
-        elif number == 9 and wire == _LEN and y - x <= 8 * _MAX_DECODED:
-            raw = bytes(buf[x:y])
         elif number == 14 and wire == _VARINT:
             external = x == 1
+        elif too_many:
+            continue
+        elif number == 4 and wire == _LEN:
+            if (y - x) % 4:
+                raise ValueError(f"packed float data of {y - x} bytes is not a multiple of 4")
+            if y - x > 4 * (MAX_DECODED - len(floats)):
+                too_many = True
+            else:
+                floats.extend(v for (v,) in struct.iter_unpack("<f", bytes(buf[x:y])))
+        elif number == 4 and wire == _I32:
+            too_many = len(floats) >= MAX_DECODED
+            if not too_many:
+                floats.append(struct.unpack("<f", bytes(buf[x:y]))[0])
+        elif number in (5, 7) and wire == _LEN:
+            pos = x
+            while pos < y and not too_many:
+                v, pos = _varint(buf, pos, y)
+                ints.append(v - (1 << 64) if v >= 1 << 63 else v)
+                too_many = len(ints) > MAX_DECODED
+        elif number in (5, 7) and wire == _VARINT:
+            too_many = len(ints) >= MAX_DECODED
+            if not too_many:
+                ints.append(x - (1 << 64) if x >= 1 << 63 else x)
+        elif number == 9 and wire == _LEN:
+            if y - x > 8 * MAX_DECODED:
+                too_many = True
+            else:
+                raw = bytes(buf[x:y])
     values: tuple[float, ...] | None = None
-    if not external:
+    if not external and not too_many:
         if raw is not None:
             values = _decode_raw(raw, data_type)
         elif floats:
@@ -187,10 +233,11 @@ def read_graph(data: bytes) -> GraphSummary:
         data: the model file's bytes.
 
     Returns:
-        The graph summary (no weights are copied; only tensors of at most 4096 elements are decoded).
+        The graph summary (no weights are copied; only tensors of at most ``MAX_DECODED`` values are decoded).
 
     Raises:
-        ValueError: the bytes are not a well-formed protobuf message, or carry no graph.
+        ValueError: the bytes are not a well-formed protobuf message, carry no graph, or hold more entries than the
+            bounds of the module docstring.
     """
     buf = memoryview(data)
     graph: tuple[int, int] | None = None
@@ -199,6 +246,7 @@ def read_graph(data: bytes) -> GraphSummary:
         if number == 7 and wire == _LEN:
             graph = (a, b)
         elif number == 8 and wire == _LEN:
+            _bounded(opsets, MAX_OPSETS, "operator set imports")
             domain, version = "", 0
             for n2, w2, x, y in _fields(buf, a, b):
                 if n2 == 1 and w2 == _LEN:
@@ -211,16 +259,22 @@ def read_graph(data: bytes) -> GraphSummary:
     nodes: list[Node] = []
     initializers: dict[str, Initializer] = {}
     inputs: list[str] = []
+    decoded = 0  # initializers read, including any that repeat a name
     for number, wire, a, b in _fields(buf, *graph):
         if wire != _LEN:
             continue
         if number == 1:
+            _bounded(nodes, MAX_ENTRIES, "nodes in the graph")
             nodes.append(_node(buf, a, b))
         elif number == 5:
+            if decoded >= MAX_ENTRIES:
+                raise ValueError(f"more than {MAX_ENTRIES} initializers in the graph (the limit)")
+            decoded += 1
             init = _initializer(buf, a, b)
             initializers[init.name] = init
         elif number == 11:
             for n2, w2, x, y in _fields(buf, a, b):
                 if n2 == 1 and w2 == _LEN:
+                    _bounded(inputs, MAX_ENTRIES, "graph inputs")
                     inputs.append(_text(buf, x, y))
     return GraphSummary(tuple(nodes), initializers, tuple(inputs), opsets)

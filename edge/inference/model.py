@@ -3,6 +3,11 @@
 A :class:`Model` is loaded once, validated completely at load (one input with a static or resolvable shape, a
 supported dtype, readable metadata), warmed up, and then only ``run`` is on the hot path.
 
+A model file is outside input (an OTA release, an operator's file): its size is checked against
+:data:`MAX_MODEL_BYTES` before it is read or handed to onnxruntime, the graph walk of :mod:`._onnx_graph` is bounded,
+and the tensors the box allocates from declared shapes (the input buffer, the bound first output) are checked against
+:data:`MAX_TENSOR_BYTES` and :data:`MAX_OUTPUT_VALUES` first.
+
 The metadata contract (ONNX ``metadata_props``; every key optional, see docs/models.md):
 
 - ``edge.name``, ``edge.version``: identity; the fallbacks are the file stem and ``"0"``.
@@ -26,7 +31,7 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -34,7 +39,17 @@ import numpy.typing as npt
 from edge.errors import InputError, ModelError
 from edge.inference import _onnx_graph
 
-__all__ = ["InputSpec", "Model", "OutputSpec"]
+__all__ = ["MAX_MODEL_BYTES", "MAX_OUTPUT_VALUES", "MAX_TENSOR_BYTES", "InputSpec", "Model", "OutputSpec"]
+
+# The largest model file the box reads: it is held in memory whole while onnxruntime builds its session from it.
+# A protobuf message cannot exceed 2 GiB anyway; an edge model is a few MB (MobileNetV2 fp32: 14 MB).
+MAX_MODEL_BYTES: Final = 2**30
+# The largest input tensor a model may declare: the box allocates its input buffer at load and the preprocessor
+# fills one per frame. A 1 x 3 x 2048 x 2048 float32 input is 48 MiB.
+MAX_TENSOR_BYTES: Final = 64 * 2**20
+# The first output is read as one vector of class scores (top-k, one label each) and bound to a buffer allocated at
+# load: more classes than this is not a classifier, and their fallback labels alone would take hundreds of MB.
+MAX_OUTPUT_VALUES: Final = 1 << 20
 
 Layout = Literal["NCHW", "NHWC"]
 InputDType = Literal["float32", "uint8", "int8"]
@@ -91,6 +106,32 @@ def _fail(path: Path, reason: str) -> ModelError:
     return ModelError(f"model {path}: {reason}")
 
 
+def _read_bounded(path: Path, max_bytes: int) -> bytes:
+    """The bytes of a model file, refusing one larger than ``max_bytes`` before reading it."""
+    try:
+        with path.open("rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > max_bytes:
+                raise _fail(path, f"the file is {size} bytes, the limit is {max_bytes}")
+            # One byte past the size from the stat (read() allocates what it is asked for): a file that grows
+            # meanwhile is refused, not read on without bound.
+            data = f.read(size + 1)
+    except FileNotFoundError as e:
+        raise _fail(path, "no such file") from e
+    except OSError as e:
+        raise _fail(path, f"cannot read ({e.strerror or e})") from e
+    if len(data) > size:
+        raise _fail(path, f"the file grew while it was read (it was {size} bytes)")
+    return data
+
+
+def _check_tensor(path: Path, what: str, shape: tuple[int, ...], itemsize: int) -> None:
+    """Refuse a declared tensor larger than ``MAX_TENSOR_BYTES`` before anything of its size is allocated."""
+    nbytes = math.prod(shape) * itemsize
+    if nbytes > MAX_TENSOR_BYTES:
+        raise _fail(path, f"{what} declares shape {list(shape)} = {nbytes} bytes, the limit is {MAX_TENSOR_BYTES}")
+
+
 def _json_meta(meta: dict[str, str], key: str, path: Path) -> Any:
     if key not in meta:
         return None
@@ -98,6 +139,8 @@ def _json_meta(meta: dict[str, str], key: str, path: Path) -> Any:
         return json.loads(meta[key])
     except json.JSONDecodeError as e:
         raise _fail(path, f"metadata {key!r} is not valid JSON ({e})") from e
+    except RecursionError as e:  # "[[[[..." nested past the interpreter's limit: hostile, not a crash of ours
+        raise _fail(path, f"metadata {key!r} is nested too deeply") from e
 
 
 def _resolve_shape(raw: list[Any], size: tuple[int, int] | None, path: Path) -> tuple[tuple[int, ...], Layout]:
@@ -179,8 +222,10 @@ class Model:
             optimization: graph optimisation level, ``disabled`` | ``basic`` | ``extended`` | ``all``.
 
         Raises:
-            ModelError: the file is missing, unreadable, not ONNX, or its input cannot be used (zero or several
-                inputs, unresolvable dynamic dimensions, unsupported dtype, malformed metadata).
+            ModelError: the file is missing, unreadable, larger than :data:`MAX_MODEL_BYTES` (checked before it is
+                read), not ONNX, or its input cannot be used (zero or several inputs, unresolvable dynamic dimensions,
+                unsupported dtype, malformed metadata, an input over :data:`MAX_TENSOR_BYTES`, a first output of more
+                than :data:`MAX_OUTPUT_VALUES` values).
             InputError: an argument is out of range.
         """
         import onnxruntime as ort  # noqa: PLC0415 -- loaded with the first model, not with the package
@@ -192,12 +237,7 @@ class Model:
         if optimization not in _OPTIMIZATION:
             raise InputError(f"optimization must be one of {_OPTIMIZATION}, got {optimization!r}")
         self.path = Path(path)
-        try:
-            data = self.path.read_bytes()
-        except FileNotFoundError as e:
-            raise _fail(self.path, "no such file") from e
-        except OSError as e:
-            raise _fail(self.path, f"cannot read ({e.strerror or e})") from e
+        data = _read_bounded(self.path, MAX_MODEL_BYTES)
         self.sha256 = hashlib.sha256(data).hexdigest()
         self.file_size = len(data)
 
@@ -237,6 +277,12 @@ class Model:
         )
         if not self.outputs:
             raise _fail(self.path, "the graph has no outputs")
+        values = self._output_size()
+        if values is not None and values > MAX_OUTPUT_VALUES:
+            raise _fail(
+                self.path,
+                f"output {self.outputs[0].name!r} declares {values} values, the limit is {MAX_OUTPUT_VALUES} classes",
+            )
         self.labels = self._read_labels()
         self.output_kind = self._read_output_kind()
         counts: dict[str, int] = {}
@@ -256,6 +302,7 @@ class Model:
         self._bound: npt.NDArray[Any] | None = None
         # Serialises the bound fast path only; a concurrent caller takes the (thread-safe) session.run path instead.
         self._bind_lock = threading.Lock()
+        _check_tensor(self.path, f"input {self._input_name!r}", self._shape, self._np_dtype.itemsize)
         out0 = self.outputs[0]
         out_dtype = _OUTPUT_DTYPES.get(out0.type)
         if out_dtype is not None and all(d is not None for d in out0.shape):

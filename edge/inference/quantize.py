@@ -19,23 +19,33 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-import zipfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
 
 from edge._fs import atomic_write
+from edge.arrays import ArrayLimits, NpzArchive, is_npy, read_npy
 from edge.errors import ConfigError, InputError, ModelError
+from edge.inference.model import MAX_MODEL_BYTES
 
 __all__ = ["load_calibration", "quantize_static_model"]
 
 F32 = npt.NDArray[np.float32]
 
-# Upper bound on a calibration set: MinMax keeps every activation of every sample in memory while it runs.
-MAX_CALIBRATION_SAMPLES = 10_000
+# Upper bounds on a calibration set: MinMax keeps every activation of every sample in memory while it runs, and the
+# samples are stacked into one float32 array first. 2 GiB holds 3,500 float32 samples of 3 x 224 x 224, many more
+# than MinMax needs (a few hundred).
+MAX_CALIBRATION_SAMPLES: Final = 10_000
+MAX_CALIBRATION_BYTES: Final = 2 * 2**30
+CALIBRATION_LIMITS: Final = ArrayLimits(
+    max_file_bytes=MAX_CALIBRATION_BYTES,
+    max_array_bytes=MAX_CALIBRATION_BYTES,
+    max_total_bytes=MAX_CALIBRATION_BYTES,
+    max_arrays=MAX_CALIBRATION_SAMPLES,
+)
 
 
 def _finish_calibration(samples: list[npt.NDArray[Any]], source: str) -> F32:
@@ -93,36 +103,59 @@ def load_calibration(path: str | os.PathLike[str]) -> F32:
             raise InputError(
                 f"calibration directory {source} has {len(files)} .npy files, limit {MAX_CALIBRATION_SAMPLES}"
             )
+        # The files' sizes bound the arrays (each header must match its file), so their sum bounds the whole set.
+        total = sum(f.stat().st_size for f in files)
+        if total > MAX_CALIBRATION_BYTES:
+            raise InputError(
+                f"calibration directory {source} holds {total} bytes of .npy files, limit {MAX_CALIBRATION_BYTES}"
+            )
         samples = []
         for f in files:
             try:
-                samples.append(np.load(f, allow_pickle=False))
-            except (OSError, ValueError) as e:
-                raise InputError(f"calibration sample {f} is not a readable .npy file: {e}") from e
+                samples.append(read_npy(f, CALIBRATION_LIMITS))
+            except OSError as e:
+                raise InputError(f"calibration sample {f} is not a readable .npy file: {e.strerror or e}") from e
         return _finish_calibration(samples, source)
     if not p.is_file():
         raise InputError(f"calibration set {source} does not exist")
     try:
-        loaded = np.load(p, allow_pickle=False)
-        if not isinstance(loaded, np.lib.npyio.NpzFile):
+        if is_npy(p):
             raise InputError(f"calibration set {source} is a single .npy array, expected an .npz or a directory")
-        with loaded as data:
-            if "inputs" in data.files:
-                return _check_floats(np.asarray(data["inputs"]), source)
-            return _finish_calibration([np.asarray(data[k]) for k in data.files], source)
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise InputError(f"calibration set {source} is not a readable .npz file: {e}") from e
+        with NpzArchive(p, CALIBRATION_LIMITS, label=f"calibration set {source}") as data:
+            if "inputs" in data.names:
+                return _check_floats(data.read("inputs"), source)
+            return _finish_calibration([data.read(k) for k in data.names], source)
+    except OSError as e:
+        raise InputError(f"calibration set {source} is not a readable .npz file: {e.strerror or e}") from e
 
 
 def _load_onnx(path: Path) -> Any:
+    """Parse a model file with ``onnx``, after bounding its size; weights stored outside the file are refused.
+
+    Raises:
+        ModelError: missing, larger than ``MAX_MODEL_BYTES``, not ONNX, or with external data.
+    """
     import onnx  # noqa: PLC0415 -- only the quantizer needs onnx; the service never imports it
 
     try:
-        return onnx.load(str(path))
+        size = path.stat().st_size
+    except FileNotFoundError as e:
+        raise ModelError(f"model {path}: no such file") from e
+    except OSError as e:
+        raise ModelError(f"model {path}: cannot read ({e.strerror or e})") from e
+    if size > MAX_MODEL_BYTES:
+        raise ModelError(f"model {path}: the file is {size} bytes, the limit is {MAX_MODEL_BYTES}")
+    try:
+        # External data would make onnx open any file the model names (any size, any place): the box loads models
+        # from their bytes alone, so a model that needs them is refused below rather than followed.
+        model = onnx.load(str(path), load_external_data=False)
     except FileNotFoundError as e:
         raise ModelError(f"model {path}: no such file") from e
     except Exception as e:  # onnx raises DecodeError and friends from protobuf: all mean "not a model"
         raise ModelError(f"model {path}: not a readable ONNX file ({type(e).__name__}: {e})") from e
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
+        raise ModelError(f"model {path}: weights stored in external files are not supported (save them in the model)")
+    return model
 
 
 def _static_input_shape(model: Any, path: Path) -> tuple[str, tuple[int, ...]]:

@@ -15,6 +15,9 @@ Invariants:
   that rule, ngclient's length and hash check over the whole file catches the mix, and the ``.part`` is dropped.
 
 Metadata downloads (``download_bytes``) are small and go to memory without resuming.
+
+Every error message names its URL through ``edge.log.redact``: the messages travel on into logs, the OTA state file
+and telemetry, and the repository URL may carry credentials.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ from typing import IO, Final
 import urllib3
 from tuf.api import exceptions
 from tuf.ngclient.fetcher import FetcherInterface
+
+from edge.log import redact
 
 __all__ = ["FetchStats", "ResumableFetcher"]
 
@@ -130,12 +135,12 @@ class ResumableFetcher(FetcherInterface):
             )
         except urllib3.exceptions.MaxRetryError as e:
             if isinstance(e.reason, urllib3.exceptions.TimeoutError):
-                raise exceptions.SlowRetrievalError(f"timed out connecting for {url}") from e
-            raise exceptions.DownloadError(f"cannot reach {url}: {e.reason}") from e
+                raise exceptions.SlowRetrievalError(redact(f"timed out connecting for {url}")) from e
+            raise exceptions.DownloadError(redact(f"cannot reach {url}: {e.reason}")) from e
         except urllib3.exceptions.TimeoutError as e:
-            raise exceptions.SlowRetrievalError(f"timed out waiting for {url}") from e
+            raise exceptions.SlowRetrievalError(redact(f"timed out waiting for {url}")) from e
         except (urllib3.exceptions.HTTPError, OSError) as e:
-            raise exceptions.DownloadError(f"cannot reach {url}: {e}") from e
+            raise exceptions.DownloadError(redact(f"cannot reach {url}: {e}")) from e
 
     def _stream(self, response: urllib3.BaseHTTPResponse, url: str) -> Generator[bytes, None, None]:
         """The body of ``response`` in chunks; transport failures become ``DownloadError`` (always releases it)."""
@@ -146,10 +151,10 @@ class ResumableFetcher(FetcherInterface):
                 yield chunk
             complete = True
         except urllib3.exceptions.TimeoutError as e:
-            raise exceptions.SlowRetrievalError(f"{url}: no data for too long") from e
+            raise exceptions.SlowRetrievalError(redact(f"{url}: no data for too long")) from e
         except (urllib3.exceptions.HTTPError, OSError) as e:
             # A closed connection before Content-Length bytes arrived is a ProtocolError (IncompleteRead): a cut.
-            raise exceptions.DownloadError(f"{url}: connection lost: {e}") from e
+            raise exceptions.DownloadError(redact(f"{url}: connection lost: {e}")) from e
         finally:
             if not complete:
                 # Unread body bytes (maybe endless) must not go back to the pool: drop the connection instead.
@@ -166,7 +171,7 @@ class ResumableFetcher(FetcherInterface):
         response = self._request(url)
         if response.status >= 400:
             response.release_conn()
-            raise exceptions.DownloadHTTPError(f"HTTP {response.status} for {url}", response.status)
+            raise exceptions.DownloadHTTPError(redact(f"HTTP {response.status} for {url}"), response.status)
         return self._stream(response, url)
 
     def download_bytes(self, url: str, max_length: int) -> bytes:
@@ -182,7 +187,9 @@ class ResumableFetcher(FetcherInterface):
             for chunk in chunks:
                 self._count(len(chunk), target=False)
                 if len(buf) + len(chunk) > max_length:
-                    raise exceptions.DownloadLengthMismatchError(f"{url}: more than the allowed {max_length} bytes")
+                    raise exceptions.DownloadLengthMismatchError(
+                        redact(f"{url}: more than the allowed {max_length} bytes")
+                    )
                 buf += chunk
         return bytes(buf)
 
@@ -235,7 +242,7 @@ class ResumableFetcher(FetcherInterface):
                 self.stats.last_resumed_from = offset
         if response.status >= 400:
             response.release_conn()
-            raise exceptions.DownloadHTTPError(f"HTTP {response.status} for {url}", response.status)
+            raise exceptions.DownloadHTTPError(redact(f"HTTP {response.status} for {url}"), response.status)
         if response.status == 200:
             offset = 0
         self._append(response, url, part, offset, max_length)
@@ -263,7 +270,7 @@ class ResumableFetcher(FetcherInterface):
                         self._count(len(chunk), target=True)
                         if received + len(chunk) > max_length:
                             raise exceptions.DownloadLengthMismatchError(
-                                f"{url}: more than the allowed {max_length} bytes arrived"
+                                redact(f"{url}: more than the allowed {max_length} bytes arrived")
                             )
                         f.write(chunk)
                         received += len(chunk)

@@ -27,8 +27,8 @@ at least ``min_agreement``.
 from __future__ import annotations
 
 import math
+import os
 import re
-import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,11 +37,14 @@ from typing import Any, Final, Literal
 import numpy as np
 import numpy.typing as npt
 
+from edge.arrays import ArrayLimits, NpzArchive
+from edge.errors import InputError
 from edge.ota.errors import ManifestError
 
 __all__ = [
     "FLOAT_FILE",
     "GOLDEN_FILE",
+    "GOLDEN_LIMITS",
     "MAX_GOLDEN_BYTES",
     "MODEL_FILE",
     "Companion",
@@ -62,7 +65,11 @@ SCHEMA: Final = 1
 MODEL_FILE: Final = "model.onnx"
 FLOAT_FILE: Final = "model-float.onnx"
 GOLDEN_FILE: Final = "golden.npz"
+# The golden samples may take this much on disk and, once inflated, in memory: every array and all of them together.
 MAX_GOLDEN_BYTES: Final = 64 * 2**20
+GOLDEN_LIMITS: Final = ArrayLimits(
+    max_file_bytes=MAX_GOLDEN_BYTES, max_array_bytes=MAX_GOLDEN_BYTES, max_total_bytes=MAX_GOLDEN_BYTES, max_arrays=8
+)
 _NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 _VERSION = re.compile(r"(0|[1-9][0-9]{0,8})(\.(0|[1-9][0-9]{0,8})){0,3}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -276,30 +283,34 @@ class GoldenSamples:
         return int(self.inputs.shape[0])
 
 
-def parse_golden(data: bytes, *, input_info: InputInfo | None = None) -> GoldenSamples:
+def parse_golden(data: bytes, *, input_info: InputInfo | None = None, label: str = "golden file") -> GoldenSamples:
     """Parse golden samples from the bytes of an ``.npz`` file (no pickles).
+
+    Every size the file declares is checked before anything is allocated from it (:data:`GOLDEN_LIMITS`, see
+    :mod:`edge.arrays`): the file, each member's uncompressed size and their sum, each array's shape x dtype.
 
     Args:
         data: the file's contents.
         input_info: when given, every sample must match its shape (batch axis excepted) and dtype.
+        label: how messages name the file.
 
     Raises:
-        ManifestError: not an npz, pickled or missing arrays, wrong dtypes or shapes, non-finite values.
+        ManifestError: not an npz, pickled or missing arrays, a declared size over the limits, wrong dtypes or
+            shapes, non-finite values.
     """
-    import io  # noqa: PLC0415
-
     if len(data) > MAX_GOLDEN_BYTES:
-        raise ManifestError(f"golden file is {len(data)} bytes, more than {MAX_GOLDEN_BYTES}")
+        raise ManifestError(f"{label} is {len(data)} bytes, more than {MAX_GOLDEN_BYTES}")
     try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as z:
-            if set(z.files) != {"inputs", "outputs"}:
-                raise ManifestError(f"golden file must hold exactly 'inputs' and 'outputs', found {sorted(z.files)}")
-            inputs = np.asarray(z["inputs"])
-            outputs = np.asarray(z["outputs"])
+        with NpzArchive(data, GOLDEN_LIMITS, label=label) as z:
+            if set(z.names) != {"inputs", "outputs"}:
+                raise ManifestError(f"{label} must hold exactly 'inputs' and 'outputs', found {sorted(z.names)}")
+            inputs = z.read("inputs")
+            outputs = z.read("outputs")
     except ManifestError:
         raise
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError, KeyError) as e:
-        raise ManifestError(f"golden file is not a readable npz without pickles: {e}") from e
+    except InputError as e:
+        # The reader's message names the file, the declared size and the limit; only the error's type changes.
+        raise ManifestError(str(e)) from e
     if inputs.ndim < 2 or inputs.shape[0] < 1:
         raise ManifestError(f"golden inputs must be (N, ...) with N >= 1, got shape {inputs.shape}")
     if outputs.dtype != np.float32 or outputs.ndim != 2 or outputs.shape[0] != inputs.shape[0]:
@@ -329,10 +340,16 @@ def read_golden_bytes(path: Path) -> bytes:
         ManifestError: the file is too large.
         OSError: it cannot be read (callers say whose fault that is).
     """
-    size = path.stat().st_size
-    if size > MAX_GOLDEN_BYTES:
-        raise ManifestError(f"golden file {path} is {size} bytes, more than {MAX_GOLDEN_BYTES}")
-    return path.read_bytes()
+    with path.open("rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > MAX_GOLDEN_BYTES:
+            raise ManifestError(f"golden file {path} is {size} bytes, more than {MAX_GOLDEN_BYTES}")
+        # One byte past the size from the stat (read() allocates what it is asked for): a file that grows meanwhile
+        # is refused, not read on without bound.
+        data = f.read(size + 1)
+    if len(data) > size:
+        raise ManifestError(f"golden file {path} grew while it was read (it was {size} bytes)")
+    return data
 
 
 def load_golden(path: str | Path, *, input_info: InputInfo | None = None) -> GoldenSamples:
@@ -342,7 +359,7 @@ def load_golden(path: str | Path, *, input_info: InputInfo | None = None) -> Gol
         data = read_golden_bytes(p)
     except OSError as e:
         raise ManifestError(f"cannot read golden file {p}: {e}") from e
-    return parse_golden(data, input_info=input_info)
+    return parse_golden(data, input_info=input_info, label=f"golden file {p}")
 
 
 # -- canonical JSON: no floats ---------------------------------------------------------------------------------------

@@ -166,11 +166,16 @@ class Slots:
         """
         path = self.slot_dir(slot) / MANIFEST
         try:
-            data = path.read_bytes()
+            with path.open("rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                # Never read an oversized file whole: the size from the stat, then one byte more to see growth.
+                data = f.read(size + 1) if size <= _MAX_MANIFEST_BYTES else b""
         except OSError as e:
             raise SlotInvalid(f"slot {slot}: cannot read {MANIFEST} ({e.strerror or e})") from e
-        if len(data) > _MAX_MANIFEST_BYTES:
-            raise SlotInvalid(f"slot {slot}: {MANIFEST} is {len(data)} bytes")
+        if size > _MAX_MANIFEST_BYTES or len(data) > size:
+            raise SlotInvalid(
+                f"slot {slot}: {path} is {max(size, len(data))} bytes or growing, the limit is {_MAX_MANIFEST_BYTES}"
+            )
         try:
             body = json.loads(data)
             return _record(body)

@@ -11,18 +11,44 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import Final, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
+from edge.arrays import ArrayLimits, NpzArchive, read_npy
 from edge.config import SourceConfig
 from edge.errors import ConfigError, InputError
 from edge.sensing.frames import Frame, PixelFormat, Reading
 
-__all__ = ["ArraySource", "DirectorySource", "Source", "SyntheticSource", "open_source"]
+__all__ = [
+    "FRAMES_FILE_LIMITS",
+    "FRAME_FILE_LIMITS",
+    "MAX_FRAMES_FILE_BYTES",
+    "MAX_FRAME_FILE_BYTES",
+    "ArraySource",
+    "DirectorySource",
+    "Source",
+    "SyntheticSource",
+    "open_source",
+]
 
 Item = Frame | Reading
+
+# An ``.npz`` source is held in memory whole (every frame, for looping): its file and its inflated arrays are bounded
+# well below a box's RAM. A recording larger than this is a directory of ``.npy`` frames, read one at a time.
+MAX_FRAMES_FILE_BYTES: Final = 512 * 2**20
+# One ``.npy`` frame of a directory source: an 8K (7680 x 4320) RGB frame is 95 MiB.
+MAX_FRAME_FILE_BYTES: Final = 128 * 2**20
+FRAMES_FILE_LIMITS: Final = ArrayLimits(
+    max_file_bytes=MAX_FRAMES_FILE_BYTES,
+    max_array_bytes=MAX_FRAMES_FILE_BYTES,
+    max_total_bytes=MAX_FRAMES_FILE_BYTES,
+    max_arrays=16,
+)
+FRAME_FILE_LIMITS: Final = ArrayLimits(
+    max_file_bytes=MAX_FRAME_FILE_BYTES, max_array_bytes=MAX_FRAME_FILE_BYTES, max_total_bytes=MAX_FRAME_FILE_BYTES
+)
 
 
 class Source(Protocol):
@@ -139,14 +165,19 @@ class SyntheticSource(ArraySource):
 
 
 def _load_npz(path: Path) -> tuple[npt.NDArray[np.uint8], list[int] | None]:
+    """The frames (and labels) of an ``.npz`` source, every declared size checked first (``FRAMES_FILE_LIMITS``)."""
     try:
-        with np.load(path, allow_pickle=False) as data:
-            if "frames" not in data:
+        with NpzArchive(path, FRAMES_FILE_LIMITS) as data:
+            if "frames" not in data.names:
                 raise InputError(f"{path}: no array named 'frames'")
-            frames = data["frames"]
-            labels = [int(x) for x in data["labels"]] if "labels" in data else None
-    except (OSError, ValueError) as e:
-        raise InputError(f"{path}: not a readable .npz file ({e})") from e
+            frames = data.read("frames")
+            raw_labels = data.read("labels") if "labels" in data.names else None
+    except OSError as e:
+        raise InputError(f"{path}: not a readable .npz file ({e.strerror or e})") from e
+    try:
+        labels = None if raw_labels is None else [int(x) for x in raw_labels]
+    except (TypeError, ValueError) as e:
+        raise InputError(f"{path}: 'labels' must be one integer per frame ({e})") from e
     return frames, labels
 
 
@@ -175,8 +206,9 @@ class DirectorySource(_Paced):
                 if not self._wait_turn():
                     return
                 try:
-                    data = np.load(f, allow_pickle=False)
-                except (OSError, ValueError):
+                    data = read_npy(f, FRAME_FILE_LIMITS)
+                except (OSError, InputError):
+                    # A malformed, oversized or pickled file is one bad input, counted like a bad frame.
                     self._bad += 1
                     continue
                 yield Frame(data, self._format, seq, time.time())

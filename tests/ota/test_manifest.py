@@ -9,6 +9,7 @@ import json
 
 import numpy as np
 import pytest
+from hostile_files import MAX_PEAK, TiB, bomb, npy_header, sparse_file, traced_peak, zip_of
 from securesystemslib.formats import encode_canonical
 
 from edge.errors import InputError
@@ -21,6 +22,7 @@ from edge.ota.manifest import (
     GoldenSpec,
     InputInfo,
     ModelManifest,
+    load_golden,
     parse_golden,
     target_path,
     validate_name,
@@ -229,3 +231,38 @@ def test_pickled_golden_samples_are_refused() -> None:
     np.savez(buf, inputs=np.array([{"a": 1}], dtype=object), outputs=GOOD_OUT)
     with pytest.raises(ManifestError, match="pickles"):
         parse_golden(buf.getvalue())
+
+
+# -- hostile golden files: refused from what they declare, before anything of that size is allocated ---------------
+
+
+def test_golden_zip_bomb_is_refused_without_inflating() -> None:
+    data = bomb(2 * MAX_GOLDEN_BYTES)  # 128 MiB of zeros in ~130 KiB
+    assert len(data) < MAX_GOLDEN_BYTES // 100
+    declared = rf"golden file: array 'inputs' declares \d+ bytes uncompressed, the limit is {MAX_GOLDEN_BYTES}"
+    with traced_peak() as peak, pytest.raises(ManifestError, match=declared):
+        parse_golden(data, input_info=INPUT)
+    assert peak[0] < MAX_PEAK
+
+
+def test_golden_header_declaring_a_terabyte_array_is_refused_unallocated(tmp_path) -> None:
+    path = tmp_path / "golden.npz"
+    path.write_bytes(zip_of({"inputs.npy": npy_header((TiB, 1, 1, 1), "|u1"), "outputs.npy": npy_header((1, 10))}))
+    declared = rf"golden file {path}: array 'inputs': the .npy header declares .* = {TiB} bytes, the limit is"
+    with traced_peak() as peak, pytest.raises(ManifestError, match=declared):
+        load_golden(path, input_info=INPUT)
+    assert peak[0] < MAX_PEAK
+
+
+def test_oversized_golden_file_is_refused_before_it_is_read(tmp_path) -> None:
+    path = sparse_file(tmp_path / "golden.npz", MAX_GOLDEN_BYTES + 1)
+    with traced_peak() as peak, pytest.raises(ManifestError, match=rf"{path} is {MAX_GOLDEN_BYTES + 1} bytes, more"):
+        load_golden(path)
+    assert peak[0] < MAX_PEAK
+
+
+def test_pickled_golden_arrays_are_refused_without_unpickling() -> None:
+    # The "pickle" of a class whose unpickling would run code: refused from the header's dtype, never loaded.
+    structured = np.zeros(3, dtype=[("x", "<f4"), ("payload", "O")])
+    with pytest.raises(ManifestError, match="pickles are refused"):
+        parse_golden(npz(inputs=structured, outputs=GOOD_OUT))

@@ -13,10 +13,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from hostile_files import MAX_PEAK, sparse_file, traced_peak
 from onnx import helper, numpy_helper
 
 from edge.errors import InputError
-from edge.inference.model import Model
+from edge.inference.model import MAX_MODEL_BYTES, Model
 from edge.ota.errors import TrialFailed
 from edge.ota.manifest import (
     FLOAT_FILE,
@@ -399,3 +400,13 @@ def test_the_trial_session_does_not_disturb_the_running_one(rel: Releases) -> No
     assert result.model is not running and result.max_error == 0.0
     assert during > 0 and wrong == []
     assert np.array_equal(running.run(g.inputs[:1]), expected[0])
+
+
+def test_oversized_candidate_is_load_failed_without_being_read(rel: Releases, tmp_path: Path) -> None:
+    # A slot file swapped for a huge one after download: the size is refused before a byte is read.
+    m = manifest_for(rel.int8)
+    huge = sparse_file(tmp_path / "model.onnx", MAX_MODEL_BYTES + 1, head=rel.int8.read_bytes())
+    with traced_peak() as peak:
+        err = expect_failure("load_failed", lambda: run_trial(m, {"int8": huge}, None))
+    assert peak[0] < MAX_PEAK
+    assert f"the file is {MAX_MODEL_BYTES + 1} bytes, the limit is {MAX_MODEL_BYTES}" in err.detail
