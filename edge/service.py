@@ -228,4 +228,6 @@ def _wire_updater(
             request_update=agent.request_update,
             request_rollback=agent.request_rollback,
             on_verified=lambda cmd: agent.prove_time(cmd.issued_at),
+            # The command floor follows the OTA floor's lower bound, time/reset lowers both, the status shows both.
+            time_floor=agent.time_floor,
         )

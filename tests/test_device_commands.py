@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -25,9 +26,11 @@ from mqtt_broker import GATEWAY_ID, Broker
 from edge.config import parse_config
 from edge.errors import ConfigError
 from edge.gateway.ca import FleetCA
-from edge.gateway.commands import sign_command
+from edge.gateway.commands import Command, CommandRejected, sign_command
 from edge.identity.keys import generate_device_identity, load_private_key
+from edge.ota.clock import TimeFloor
 from edge.records import ReadingRecord
+from edge.telemetry.commands import CommandExecutor, DeviceControls
 from edge.telemetry.device import DeviceTelemetry
 from edge.telemetry.envelope import open_envelope
 from edge.telemetry.outbox import Outbox
@@ -36,6 +39,7 @@ from edge.telemetry.sink import TelemetrySink
 
 ROOT = Path(__file__).resolve().parent.parent
 DEVICE = "box-1"
+YEAR = 365 * 86400.0
 
 
 class Gateway:
@@ -237,6 +241,19 @@ def test_replayed_command_rejected(rig) -> None:
     assert not again["ok"] and again["error"] == "replayed" and again["command"] == "ping"
 
 
+def test_far_future_command_does_not_lock_the_box_out_of_the_next_correct_one(rig) -> None:
+    # A fleet whose clock jumped ten years ahead signs one command; the fleet's next command, at the right time, must
+    # still run (before the horizon rule the box's floor jumped with it and every later command was "expired").
+    gw = rig["gateway"]
+    far = gw.send(signed(rig, "ping", now=time.time() + 10 * YEAR))
+    assert far["ok"], far
+    correct = gw.send(signed(rig, "ping"))
+    assert correct["ok"], correct
+    status = gw.send(signed(rig, "status"))["result"]
+    assert status["time"]["command_floor"] <= time.time()  # the far-future issued-at did not move the floor ahead
+    assert status["time"]["command_not_before"] == 0.0 and status["time"]["ota_floor"] is None
+
+
 def test_expired_command_rejected(rig) -> None:
     reply = rig["gateway"].send(signed(rig, "ping", now=time.time() - 120, ttl_s=60))
     assert reply["error"] == "expired"
@@ -275,6 +292,12 @@ def test_fleet_command_cli_signs_sends_and_prints_the_reply(rig, pki, tmp_path) 
         f'[broker]\nhost = "{rig["broker"].host}"\nport = {rig["broker"].port}\n'
         f'ca = "{creds.ca}"\ncert = "{creds.cert}"\nkey = "{creds.key}"\n'
     )
+    # `edge fleet command` connects as an operator identity (<fleet dir>/operator/NAME.pem), never as the gateway.
+    # This module's broker grants the fleet's topics to "gateway" only, so that is the operator's name here.
+    operator = rig["fleet"].directory / "operator"
+    operator.mkdir(exist_ok=True)
+    shutil.copy(creds.cert, operator / f"{GATEWAY_ID}.pem")
+    shutil.copy(creds.key, operator / f"{GATEWAY_ID}.key")
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -284,6 +307,7 @@ def test_fleet_command_cli_signs_sends_and_prints_the_reply(rig, pki, tmp_path) 
             timeout=60,
             check=False,
             cwd=ROOT,
+            env={**os.environ, "EDGE_FLEET_OPERATOR": GATEWAY_ID},
         )
 
     proc = cli(DEVICE, "ping")
@@ -394,3 +418,90 @@ def test_corrupt_nonce_file_disables_commands_instead_of_forgetting_nonces(tmp_p
         gw.close()
     assert stats["commands_rejected"] == {"unavailable": 1}
     assert (data / "command-nonces.cbor").read_bytes() == b"\xbf not a nonce set"  # left for an operator to inspect
+
+
+def test_box_poisoned_before_the_rule_is_recovered_by_time_reset(tmp_path, pki, broker) -> None:
+    """A nonce file written before the horizon rule, its floor ten years ahead: every correct command is expired. A
+    time/reset issued at the floor the box reports in its status (what `edge fleet command --at-box-floor` does,
+    tests/gateway/test_time_reset_cli.py) brings the box back, and a command of the fleet from before the reset whose
+    nonce the poisoned floor made the box forget cannot be replayed."""
+    data = tmp_path / "data"
+    fleet = FleetCA.init(tmp_path / "fleet", now=datetime.datetime.now(datetime.UTC))
+    provision(data, pki, fleet)
+    poisoned = time.time() + 10 * YEAR
+    (data / "command-nonces.cbor").write_bytes(cbor2.dumps({1: 1, 2: poisoned, 3: []}, canonical=True))
+    # Accepted before the poisoning (an hour-long command), its nonce since forgotten: a replay candidate.
+    before = sign_command(fleet.commands_key, DEVICE, "ping", {}, now=time.time() - 5, ttl_s=3600)
+    cfg = parse_config(
+        {
+            "device": {"id": DEVICE, "data_dir": str(data)},
+            "sink": {"kind": "telemetry"},
+            "telemetry": {"host": broker.host, "port": broker.port},
+        }
+    )
+    telemetry = DeviceTelemetry(cfg, model_id="m@1", model_sha256="0" * 64, backend="numpy")
+    # The OTA time floor, written by the same old code after the same command.
+    ota_floor_file = data / "time-floor.json"
+    ota_floor_file.write_text(json.dumps({"floor": poisoned, "source": "command"}))
+    ota_floor = TimeFloor(ota_floor_file)
+    telemetry.enable_ota(
+        request_update=lambda *_a: {"accepted": False},
+        request_rollback=lambda *_a: {"accepted": False},
+        time_floor=ota_floor,
+    )
+    gw = Gateway(broker, pki)
+    try:
+        telemetry.start()
+        birth = json.loads(gw.wait("status", 1)[0])
+        assert birth["time"]["command_floor"] == poisoned == birth["time"]["ota_floor"]
+        locked = gw.send(sign_command(fleet.commands_key, DEVICE, "ping", {}, now=time.time()))
+        assert locked["error"] == "expired" and "time/reset" in locked["detail"]
+        started = time.time()
+        reset = sign_command(
+            fleet.commands_key, DEVICE, "time/reset", {"to": started}, now=max(started, birth["time"]["command_floor"])
+        )
+        reply = gw.send(reset)
+        assert reply["ok"] and reply["command"] == "time/reset" and reply["result"]["lowered"] is True, reply
+        assert started <= reply["result"]["command_floor"] <= time.time()
+        assert reply["result"]["command_not_before"] == reply["result"]["command_floor"]
+        assert started <= reply["result"]["ota_floor"] == ota_floor.floor() <= time.time()
+        assert TimeFloor(ota_floor_file).floor() == ota_floor.floor()  # persisted
+        republished = json.loads(gw.wait("status", 2)[-1])  # the box says so in its status at once
+        assert republished["time"] == {k: reply["result"][k] for k in republished["time"]}
+        assert gw.send(sign_command(fleet.commands_key, DEVICE, "ping", {}, now=time.time()))["ok"]
+        replayed = gw.send(before)
+        assert replayed["error"] == "expired" and "before the time reset" in replayed["detail"]
+        assert gw.send(reset)["error"] == "replayed"
+    finally:
+        stats = telemetry.close()
+        gw.close()
+    assert stats["commands_rejected"] == {"expired": 2, "replayed": 1}
+    assert stats["commands_executed"] == {"time/reset": 1, "ping": 1}
+
+
+def test_time_reset_arguments_are_checked_before_any_floor_moves() -> None:
+    # A reset whose "to" is later than its own issue time would be a way to push floors forward: refused, as are
+    # a missing or non-numeric "to"; a box without floors says so.
+    calls: list[float] = []
+
+    def reset_time(to: float) -> dict:
+        calls.append(to)
+        return {"lowered": True}
+
+    def controls(**kw) -> DeviceControls:
+        return DeviceControls(republish_status=dict, set_batching=lambda *_a: None, set_log_level=lambda _l: None, **kw)
+
+    def command(args: dict, issued_at: float = 1_800_000_000.0) -> Command:
+        return Command(DEVICE, "time/reset", args, b"\x01" * 16, issued_at, issued_at + 60)
+
+    executor = CommandExecutor(controls(reset_time=reset_time))
+    for bad in ({"to": 1_800_000_001.0}, {}, {"to": "now"}, {"to": True}, {"to": 1.0, "x": 1}):
+        with pytest.raises(CommandRejected) as ei:
+            executor.execute(command(bad), 0.0)
+        assert ei.value.reason == "invalid_argument" and ei.value.command is not None
+    assert calls == []
+    assert executor.execute(command({"to": 1_799_999_000}), 0.0) == {"lowered": True}
+    assert calls == [1_799_999_000.0]
+    with pytest.raises(CommandRejected) as ei:
+        CommandExecutor(controls()).execute(command({"to": 1_799_999_000}), 0.0)
+    assert ei.value.reason == "unavailable"

@@ -13,22 +13,38 @@ Checks, in order; the first that fails decides (each raises a ``CommandRejected`
 5. the payload against the schema                                      -> ``malformed`` (a signed but invalid map)
 6. addressed to another device                                         -> ``wrong_device`` (A's command replayed to B)
 7. expires-at - issued-at > ``max_ttl_s``                               -> ``too_long`` (a signed "forever" command)
-8. expired by the box's clock or by fleet time (below)                 -> ``expired``
+8. expired by the box's time, or issued before the last ``time/reset`` (below) -> ``expired``
 9. name not in the allowed set (when the verifier is given one)        -> ``unknown_command``
 10. nonce seen before                                                  -> ``replayed``
 11. the nonce set full of unexpired nonces                            -> ``nonce_store_full``
 
 Clock policy for boxes without a real-time clock: the box may boot with a clock far behind. A command issued in the
-box's "future" is therefore fine, as long as it has not expired by the box's clock. Replay is stopped by the nonce
+box's "future" is therefore fine, as long as it has not expired by the box's time. Replay is stopped by the nonce
 set, not by the clock, and the nonce set must never forget a nonce while the command could still be accepted:
 
-- Every accepted command's issued-at is fleet time the fleet signed, so ``floor`` = the largest issued-at accepted
-  so far is a lower bound of the true time that never moves backwards (it is persisted with the nonces). A command
-  is expired if ``max(now, floor) > expires_at``.
-- A nonce is forgotten only once ``floor`` has passed its expires-at, never because of the box's clock: after a
-  reboot with the clock in 1970, a forgotten nonce's command is still expired by the persisted floor.
+- The box's time is ``max(now, floor, build_time)``: its clock, the nonce set's **floor** (fleet time proven by
+  accepted commands, persisted with the nonces, never lowered except by ``time/reset``) and the release time of the
+  code it runs (``edge.ota.clock.BUILD_TIME`` on a box). A command is expired if that time is past its expires-at.
+- An accepted command's issued-at raises the floor, but only up to the box's own
+  ``base = max(now, build_time, proven)`` (``proven``: the OTA time floor less ``MAX_AHEAD_S``, which two
+  independent keys must agree on to pass the box's clock; ``edge.ota.clock``). A far-future command (a fleet clock
+  gone wrong, a stolen command key) is still executed while unexpired, but it cannot move the floor past the box's
+  own time and so cannot expire the fleet's later, correct commands. No margin beyond ``base``: commands live 60 s
+  by default, so a floor even minutes ahead would expire them. The bound is measured from the box's clock, never from
+  the floor, so a sequence of commands each slightly ahead cannot ratchet it.
+- A nonce is forgotten only once the floor has passed its expires-at, never because of the box's clock: after a
+  reboot with the clock in 1970, a forgotten nonce's command is still expired by the persisted floor. Retention
+  follows from the bound: on a box with a set clock the floor tracks the clock and nonces go as their commands
+  expire; on a box whose clock is unset and that has no agreeing OTA time, the floor stays at ``base`` and nonces are
+  kept until the set is full (then new commands are refused, never an unexpired nonce forgotten).
 - The set is bounded (``DEFAULT_NONCE_CAPACITY``); full of unexpired nonces, it refuses new commands rather than
   forget one.
+- ``time/reset`` (``CommandVerifier.reset_time``) lowers a floor some wrong time pushed into the future (a file
+  written before this rule, a wrong box clock, two sources that agreed on a wrong time) to the fleet's time ``to``,
+  never below ``base``, and sets **not-before** to it: from then on a command issued before ``to`` is expired, so
+  none of the fleet's earlier commands can run again, even one whose nonce the high floor made the box forget. What a
+  reset cannot recall: a command issued *after* ``to`` (future-dated by the wrong clock) that the box accepted and
+  then forgot under the high floor stays replayable until it expires (docs/commands.md).
 
 ``FileNonceStore`` persists the set atomically (``edge._fs.atomic_write``) before a command is accepted, so a reboot
 does not reopen a replay window; ``NonceSet`` is its sans-IO core.
@@ -52,6 +68,7 @@ from edge._fs import atomic_write
 from edge.errors import ConfigError, InputError
 from edge.identity.errors import InvalidDeviceIdError
 from edge.identity.keys import validate_device_id
+from edge.ota.clock import base_time
 from edge.telemetry._cbor import DECODE_ERRORS, loads_strict
 from edge.telemetry.cose import ALG_EDDSA, COSE_SIGN1_TAG, HEADER_ALG, HEADER_KID, decode_sign1, sign1
 from edge.telemetry.errors import BadSignatureError, MalformedEnvelopeError
@@ -385,10 +402,13 @@ class NonceStore(Protocol):
     """Where a verifier remembers the nonces of accepted commands (see the module docstring's clock policy)."""
 
     def floor(self) -> float:
-        """The largest issued-at of any accepted command (fleet time), 0.0 if none."""
+        """The fleet time proven by accepted commands (each issued-at, bounded by the box's time), 0.0 if none."""
 
-    def remember(self, nonce: bytes, *, issued_at: float, expires_at: float) -> None:
-        """Record the nonce of a command that passed every other check.
+    def not_before(self) -> float:
+        """Commands issued before this time are expired (set by ``time/reset``), 0.0 if never reset."""
+
+    def remember(self, nonce: bytes, *, issued_at: float, expires_at: float, limit: float) -> None:
+        """Record the nonce of a command that passed every other check; raise the floor to ``min(issued_at, limit)``.
 
         Raises:
             CommandReplayed: the nonce is known.
@@ -396,18 +416,31 @@ class NonceStore(Protocol):
             CommandsUnavailable: the nonce could not be made durable.
         """
 
+    def reset(self, to: float) -> bool:
+        """Lower the floor to ``to`` and set not-before to it, if ``to`` is below the floor; True if it was.
 
-_FILE_VERSION: Final = 1
+        Raises:
+            CommandsUnavailable: the change could not be made durable (nothing changed).
+        """
+
+
+_FILE_VERSION: Final = 1  # without not-before: what a set never reset is still written as, for older firmware
+_FILE_VERSION_RESET: Final = 2  # with not-before (key 4)
 _FILE_ENTRY_BYTES: Final = 32  # a [bstr16, float64] pair is 28 bytes of CBOR
 
 
+def _finite(x: object) -> bool:
+    return type(x) is float and math.isfinite(x)
+
+
 class NonceSet:
-    """The sans-IO nonce set: nonces with their expires-at, and the fleet-time floor.
+    """The sans-IO nonce set: nonces with their expires-at, the fleet-time floor and the not-before time.
 
     Args:
         capacity: the most nonces held (>= 1).
         entries: nonce -> expires-at to start from.
         floor: the fleet-time floor to start from.
+        not_before: commands issued before this are expired (the last ``time/reset``).
     """
 
     def __init__(
@@ -416,12 +449,14 @@ class NonceSet:
         *,
         entries: Mapping[bytes, float] | None = None,
         floor: float = 0.0,
+        not_before: float = 0.0,
     ) -> None:
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
         self.capacity = capacity
         self._entries: dict[bytes, float] = dict(entries or {})
         self._floor = float(floor)
+        self._not_before = float(not_before)
 
     def __len__(self) -> int:
         """How many nonces are held."""
@@ -432,20 +467,25 @@ class NonceSet:
         return nonce in self._entries
 
     def floor(self) -> float:
-        """The largest issued-at accepted so far (fleet time), 0.0 if none."""
+        """The fleet time proven by accepted commands, 0.0 if none."""
         return self._floor
+
+    def not_before(self) -> float:
+        """Commands issued before this are expired, 0.0 if never reset."""
+        return self._not_before
 
     def copy(self) -> NonceSet:
         """An independent copy (the file store changes a copy and keeps it only once it is on disk)."""
-        return NonceSet(self.capacity, entries=self._entries, floor=self._floor)
+        return NonceSet(self.capacity, entries=self._entries, floor=self._floor, not_before=self._not_before)
 
-    def remember(self, nonce: bytes, *, issued_at: float, expires_at: float) -> None:
+    def remember(self, nonce: bytes, *, issued_at: float, expires_at: float, limit: float = math.inf) -> None:
         """Record a nonce, forgetting those that fleet time has passed.
 
         Args:
             nonce: the command's nonce.
-            issued_at: its issued-at (raises the floor).
+            issued_at: its issued-at (raises the floor, up to ``limit``).
             expires_at: its expires-at (how long the nonce must be kept).
+            limit: the box's own time (``CommandVerifier``): a command from further in the future proves only this.
 
         Raises:
             CommandReplayed: the nonce is held (nothing changes).
@@ -453,50 +493,79 @@ class NonceSet:
         """
         if nonce in self._entries:
             raise CommandReplayed(f"nonce {nonce.hex()} was seen before")
-        floor = max(self._floor, issued_at)
+        floor = max(self._floor, min(issued_at, limit))
         # Forget only what fleet time has passed: such a command is expired by the floor, whatever the box's clock.
         kept = {n: exp for n, exp in self._entries.items() if exp >= floor}
         if len(kept) >= self.capacity:
-            raise NonceStoreFull(f"{len(kept)} unexpired command nonces held (capacity {self.capacity})")
+            raise NonceStoreFull(
+                f"{len(kept)} unexpired command nonces held (capacity {self.capacity}); they go as the box's time "
+                "passes their expiry (a box whose clock is unset needs NTP or a confirmed OTA time for that)"
+            )
         kept[nonce] = expires_at
         self._entries = kept
         self._floor = floor
 
+    def reset(self, to: float) -> bool:
+        """Lower the floor to ``to`` and make every command issued before ``to`` expired (``time/reset``).
+
+        Nothing happens when ``to`` is not below the floor: then nothing was forgotten that a lower floor would make
+        acceptable again. No nonce is forgotten by a reset (the floor only goes down).
+
+        Args:
+            to: the fleet's time, already bounded below by the box's own time (``CommandVerifier.reset_time``).
+
+        Returns:
+            True when the floor went down.
+        """
+        if not to < self._floor:
+            return False
+        self._floor = float(to)
+        self._not_before = float(to)
+        return True
+
     def encode(self) -> bytes:
-        """The set as canonical CBOR: ``{1: version, 2: floor, 3: [[nonce, expires-at], ...]}``."""
+        """The set as canonical CBOR: ``{1: 1, 2: floor, 3: [[nonce, expires-at], ...]}``, and ``4: not-before``
+        with version 2 once the set was reset (a set never reset stays readable by older firmware)."""
         pairs = sorted([n, float(e)] for n, e in self._entries.items())
-        return bytes(cbor2.dumps({1: _FILE_VERSION, 2: self._floor, 3: pairs}, canonical=True))
+        body: dict[int, object] = {1: _FILE_VERSION, 2: self._floor, 3: pairs}
+        if self._not_before:
+            body.update({1: _FILE_VERSION_RESET, 4: self._not_before})
+        return bytes(cbor2.dumps(body, canonical=True))
 
     @classmethod
     def decode(cls, data: bytes, capacity: int = DEFAULT_NONCE_CAPACITY) -> NonceSet:
-        """Parse ``encode``'s output.
+        """Parse ``encode``'s output (either version).
 
         Args:
             data: the bytes.
             capacity: the capacity of the result (a file holding more nonces is still loaded, none forgotten).
 
         Returns:
-            The set.
+            The set. A floor far in the future (a file written before the horizon rule) is kept as it is: lowering it
+            here could reopen the replay of nonces it made the box forget; ``time/reset`` is the way down.
 
         Raises:
-            ValueError: the bytes are not a nonce set of this version.
+            ValueError: the bytes are not a nonce set of a known version.
         """
         try:
             body = loads_strict(data, 3)
         except DECODE_ERRORS as e:
             raise ValueError(f"not well-formed CBOR: {e}") from e
-        if type(body) is not dict or set(body) != {1, 2, 3} or body[1] != _FILE_VERSION:
-            raise ValueError("not a version-1 nonce set")
-        floor, pairs = body[2], body[3]
-        if type(floor) is not float or not math.isfinite(floor) or type(pairs) is not list:
-            raise ValueError("bad floor or entry list")
+        if type(body) is not dict or body.get(1) not in (_FILE_VERSION, _FILE_VERSION_RESET):
+            raise ValueError("not a version-1 or version-2 nonce set")
+        keys = {1, 2, 3} if body[1] == _FILE_VERSION else {1, 2, 3, 4}
+        if set(body) != keys:
+            raise ValueError(f"a version-{body[1]} nonce set has keys {sorted(keys)}")
+        floor, pairs, not_before = body[2], body[3], body.get(4, 0.0)
+        if not _finite(floor) or not _finite(not_before) or type(pairs) is not list:
+            raise ValueError("bad floor, not-before or entry list")
         entries: dict[bytes, float] = {}
         for p in pairs:
             ok = type(p) is list and len(p) == 2 and type(p[0]) is bytes and len(p[0]) == NONCE_BYTES
-            if not ok or type(p[1]) is not float or not math.isfinite(p[1]) or p[0] in entries:
+            if not ok or not _finite(p[1]) or p[0] in entries:
                 raise ValueError("bad nonce entry")
             entries[p[0]] = p[1]
-        return cls(max(capacity, len(entries)), entries=entries, floor=floor)
+        return cls(max(capacity, len(entries)), entries=entries, floor=floor, not_before=not_before)
 
 
 class FileNonceStore:
@@ -534,10 +603,14 @@ class FileNonceStore:
         return len(self._set)
 
     def floor(self) -> float:
-        """The largest issued-at accepted so far (fleet time), 0.0 if none."""
+        """The fleet time proven by accepted commands, 0.0 if none."""
         return self._set.floor()
 
-    def remember(self, nonce: bytes, *, issued_at: float, expires_at: float) -> None:
+    def not_before(self) -> float:
+        """Commands issued before this are expired, 0.0 if never reset."""
+        return self._set.not_before()
+
+    def remember(self, nonce: bytes, *, issued_at: float, expires_at: float, limit: float = math.inf) -> None:
         """Record a nonce durably (see ``NonceSet.remember``); the file is written before this returns.
 
         Raises:
@@ -546,11 +619,26 @@ class FileNonceStore:
             CommandsUnavailable: the file cannot be written (the nonce is not recorded and the command must not run).
         """
         candidate = self._set.copy()
-        candidate.remember(nonce, issued_at=issued_at, expires_at=expires_at)
+        candidate.remember(nonce, issued_at=issued_at, expires_at=expires_at, limit=limit)
+        self._commit(candidate, "the command nonce")
+
+    def reset(self, to: float) -> bool:
+        """Lower the floor durably (see ``NonceSet.reset``); the file is written before this returns.
+
+        Raises:
+            CommandsUnavailable: the file cannot be written (nothing changed).
+        """
+        candidate = self._set.copy()
+        if not candidate.reset(to):
+            return False
+        self._commit(candidate, "the time reset")
+        return True
+
+    def _commit(self, candidate: NonceSet, what: str) -> None:
         try:
             atomic_write(self.path, candidate.encode(), mode=0o600)
         except OSError as e:
-            raise CommandsUnavailable(f"cannot persist the command nonce to {self.path}: {e.strerror}") from e
+            raise CommandsUnavailable(f"cannot persist {what} to {self.path}: {e.strerror}") from e
         self._set = candidate
 
 
@@ -560,7 +648,7 @@ class FileNonceStore:
 class CommandVerifier:
     """Verifies commands for one device (see the module docstring for the checks and the clock policy).
 
-    Not thread-safe: call ``verify`` from one thread (the MQTT network thread does).
+    Not thread-safe: call ``verify`` and ``reset_time`` from one thread (the MQTT network thread does).
 
     Args:
         public_key: the fleet command key.
@@ -568,6 +656,8 @@ class CommandVerifier:
         seen: the nonce store.
         max_ttl_s: the longest lifetime accepted (expires-at - issued-at).
         allowed: the command names accepted; None: any (the executor decides).
+        build_time: the release time of the code the box runs (``edge.ota.clock.BUILD_TIME``); 0.0 for a verifier
+            that is not a box's (a simulator).
 
     Raises:
         InvalidDeviceIdError: ``device_id`` is not valid.
@@ -582,6 +672,7 @@ class CommandVerifier:
         seen: NonceStore,
         max_ttl_s: float = DEFAULT_MAX_TTL_S,
         allowed: Collection[str] | None = None,
+        build_time: float = 0.0,
     ) -> None:
         if not max_ttl_s > 0:
             raise ValueError(f"max_ttl_s must be > 0, got {max_ttl_s}")
@@ -590,13 +681,25 @@ class CommandVerifier:
         self.seen = seen
         self.max_ttl_s = float(max_ttl_s)
         self.allowed = None if allowed is None else frozenset(allowed)
+        self.build_time = float(build_time)
 
-    def verify(self, data: bytes, now: float) -> Command:
+    def base(self, now: float, proven: float = 0.0) -> float:
+        """The box's own time, which no single signed time can move: ``max(now, build time, proven)``.
+
+        Args:
+            now: the box's clock.
+            proven: a time the box proved by other means (the OTA time floor's ``lower_bound``), 0.0 if none.
+        """
+        return max(base_time(now, self.build_time), proven)
+
+    def verify(self, data: bytes, now: float, *, proven: float = 0.0) -> Command:
         """Verify one message from ``devices/<id>/commands``.
 
         Args:
             data: the message bytes (untrusted).
             now: the box's clock, epoch seconds (may be far behind on a box without RTC).
+            proven: a time the box proved by other means (``TimeFloor.lower_bound``), 0.0 if none: the floor may
+                rise up to ``base(now, proven)``.
 
         Returns:
             The command; its nonce is recorded, so the same bytes are refused next time.
@@ -631,15 +734,49 @@ class CommandVerifier:
         ttl = cmd.expires_at - cmd.issued_at
         if ttl > self.max_ttl_s:
             raise CommandTooLong(f"lifetime {ttl:.0f} s exceeds {self.max_ttl_s:.0f} s", command=cmd)
-        clock = max(now, self.seen.floor())
-        if clock > cmd.expires_at:
-            which = "box clock" if now >= self.seen.floor() else "fleet time of the last accepted command"
-            raise CommandExpired(f"expired at {cmd.expires_at:.3f}, now {clock:.3f} ({which})", command=cmd)
+        self._check_time(cmd, now)
         if self.allowed is not None and cmd.name not in self.allowed:
             raise UnknownCommand(f"unknown command {cmd.name!r}", command=cmd)
         try:
-            self.seen.remember(cmd.nonce, issued_at=cmd.issued_at, expires_at=cmd.expires_at)
+            self.seen.remember(
+                cmd.nonce, issued_at=cmd.issued_at, expires_at=cmd.expires_at, limit=self.base(now, proven)
+            )
         except CommandRejected as e:
             e.command = cmd
             raise
         return cmd
+
+    def _check_time(self, cmd: Command, now: float) -> None:
+        floor = self.seen.floor()
+        times = {"box clock": now, "fleet time of the last accepted command": floor, "build time": self.build_time}
+        which, clock = max(times.items(), key=lambda kv: kv[1] if math.isfinite(kv[1]) else -math.inf)
+        if clock > cmd.expires_at:
+            raise CommandExpired(
+                f"expired at {cmd.expires_at:.3f}, the box's time is {clock:.3f} ({which}); a box whose floor is "
+                "wrongly ahead is recovered by time/reset (docs/commands.md)",
+                command=cmd,
+            )
+        not_before = self.seen.not_before()
+        if cmd.issued_at < not_before:
+            raise CommandExpired(
+                f"issued at {cmd.issued_at:.3f}, before the time reset to {not_before:.3f}: only commands issued "
+                "since then are accepted",
+                command=cmd,
+            )
+
+    def reset_time(self, to: float, now: float, *, proven: float = 0.0) -> bool:
+        """Apply a verified ``time/reset``: lower the floor to ``max(to, base(now, proven))`` and refuse every command
+        issued before that from now on (see the module docstring).
+
+        Args:
+            to: the fleet's time the command carries.
+            now: the box's clock.
+            proven: as for ``verify``.
+
+        Returns:
+            True when the floor went down; False when it was not above that time (nothing changes then).
+
+        Raises:
+            CommandsUnavailable: the change could not be made durable (nothing changed).
+        """
+        return self.seen.reset(max(float(to), self.base(now, proven)))

@@ -100,6 +100,17 @@ def open_updater(
             raise ConfigError("ota.root", str(root_path), f"a readable trusted root.json ({e.strerror or e})") from e
         paths.state.mkdir(parents=True, exist_ok=True)
         floor = TimeFloor(paths.time_floor)
+        if floor.ahead(time.time()):
+            # A floor from before the horizon rule, or two sources that agreed on a wrong time: kept (the box cannot
+            # tell), reported in the status, and lowered only by the fleet's time/reset (docs/ota.md, Clocks).
+            event(
+                log,
+                logging.WARNING,
+                "time floor is ahead of the box's clock: metadata may look expired until the fleet runs time/reset",
+                path=str(paths.time_floor),
+                floor=floor.floor(),
+                source=floor.source,
+            )
         trust = TrustClient(
             repo_url=url,
             metadata_dir=paths.metadata,
@@ -179,7 +190,7 @@ class OtaAgent:
     Args:
         updater: the updater (its ``on_commit``/``on_revert`` hooks are the service's).
         check_interval_s: seconds between periodic checks (the first runs at start).
-        time_floor: the TUF client's time floor, raised by verified commands' issue times (None: no repository).
+        time_floor: the TUF client's time floor, offered verified commands' issue times (None: no repository).
     """
 
     def __init__(self, updater: Updater, *, check_interval_s: float, time_floor: TimeFloor | None = None) -> None:
@@ -211,13 +222,24 @@ class OtaAgent:
         """Queue leaving ``name@version`` (the ``models/rollback`` command's hook); returns the reply's result."""
         return self._submit(_Request("rollback", name, version, False, rollout))
 
-    def prove_time(self, issued_at: float) -> None:
-        """A verified command's issue time is proven time (signed by the fleet): raise the time floor to it."""
+    @property
+    def time_floor(self) -> TimeFloor | None:
+        """The TUF client's time floor (None without a repository)."""
+        return self._floor
+
+    def prove_time(self, issued_at: float, clock: float | None = None) -> None:
+        """Offer a verified command's issue time (signed by the fleet command key) to the time floor, which believes
+        it within its horizon, or beyond it once a TUF timestamp agrees (``edge.ota.clock``).
+
+        Args:
+            issued_at: the command's issued-at.
+            clock: the box's clock when the command arrived (None: now).
+        """
         if self._floor is not None:
             try:
-                self._floor.prove(issued_at, "command")
+                self._floor.prove(issued_at, "command", kind="command", clock=time.time() if clock is None else clock)
             except OSError as e:
-                event(log, logging.WARNING, "time floor not saved", error=str(e))
+                event(log, logging.WARNING, "time floor not saved", path=str(self._floor.path), error=str(e))
 
     # -- the thread -----------------------------------------------------------------------------------------------
 

@@ -7,9 +7,11 @@ this module adds:
 - Trust anchor: the root provisioned at enrollment is passed as ``bootstrap`` on every refresh. ngclient then
   re-verifies the chain of newer roots it cached in ``metadata_dir/root_history`` from that anchor, so a rotated root
   survives restarts while a tampered cache cannot introduce a root the chain does not sign.
-- Time: every expiry check uses ``max(clock(), time_floor.floor())``, so a box whose clock reset to 1970 cannot be
-  frozen on metadata that expired before a time it has already proven. After each successful refresh the signed
-  ``x-edge-issued`` time of the timestamp raises the floor.
+- Time: every expiry check uses ``time_floor.now(clock())`` (``max(clock, floor, build time)``), so a box whose clock
+  reset to 1970 cannot be frozen on metadata that expired before a time it has already proven. After each successful
+  refresh the signed ``x-edge-issued`` time of the timestamp is offered to the floor, which believes it only up to
+  an hour past the box's own clock unless a fleet command agrees (``edge.ota.clock``): a timestamp key thief cannot
+  make later, genuine metadata look expired.
 - Provenance: :meth:`TrustClient.release` also checks that the manifest names the publisher role that signed it.
 - Downloads go through :class:`~edge.ota.fetch.ResumableFetcher` (resume, limits while streaming); a file reaches
   ``dest`` only after ngclient checked its length and hashes, by an atomic rename.
@@ -154,13 +156,13 @@ class TrustClient:
         return self._fetcher.stats
 
     def effective_time(self) -> float:
-        """The time every expiry check uses: ``max(clock(), time floor)``."""
+        """The time every expiry check uses: ``max(clock(), time floor, build time)``."""
         return self._floor.now(self._clock())
 
     def refresh(self) -> None:
         """Load and verify the newest top-level metadata (root chain, timestamp, snapshot, targets).
 
-        On success the timestamp's signed ``x-edge-issued`` raises the time floor.
+        On success the timestamp's signed ``x-edge-issued`` is offered to the time floor (``TimeFloor.prove``).
 
         Raises:
             UpdateRejected: the metadata failed a check or could not be downloaded (see :func:`rejection`).
@@ -297,8 +299,10 @@ class TrustClient:
         except ValueError as e:
             log.warning("timestamp v%d has a malformed %s %r: %s", timestamp.version, ISSUED_FIELD, raw, e)
             return
-        if self._floor.prove(issued.timestamp(), f"tuf timestamp v{timestamp.version}"):
-            log.info("time floor raised to %s by timestamp v%d", issued.isoformat(), timestamp.version)
+        by = f"tuf timestamp v{timestamp.version}"
+        if self._floor.prove(issued.timestamp(), by, kind="tuf", clock=self._clock()):
+            raised = dt.datetime.fromtimestamp(self._floor.floor(), dt.UTC).isoformat()
+            log.info("time floor raised to %s by timestamp v%d (signed %s)", raised, timestamp.version, raw)
 
 
 def _set_reference_time(updater: Updater, effective: float) -> None:

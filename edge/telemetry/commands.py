@@ -23,6 +23,10 @@ Commands:
   version that failed on this box before. ``unavailable`` when updates are off.
 - ``models/rollback`` ``{"name": N, "version": V, "rollout": ID (optional)}``: leave version V (a rollout was
   aborted): the model that ran before it becomes active again, and V is never retried unless forced.
+- ``time/reset`` ``{"to": T}``: the fleet's recovery for a box whose time floors are wrongly in the future. Lowers
+  the command floor and the OTA time floor to T (the fleet's true time; never below the box's own clock and build
+  time), and from then on the box refuses every command issued before T. T must not be after the command's own
+  issued-at (the fleet issues it at the box's reported floor, so that it is not expired there). docs/commands.md.
 
 Invariants: nothing runs unless it verified; every refusal is a ``CommandRejected`` with a stable ``reason``.
 """
@@ -44,12 +48,14 @@ __all__ = [
     "CommandExecutor",
     "DeviceControls",
     "InvalidArgument",
+    "TIME_RESET",
     "SettingNotLive",
     "UnknownSetting",
     "reply_for",
 ]
 
-COMMAND_NAMES: Final = frozenset({"ping", "status", "set", "models/update", "models/rollback"})
+TIME_RESET: Final = "time/reset"
+COMMAND_NAMES: Final = frozenset({"ping", "status", "set", "models/update", "models/rollback", TIME_RESET})
 
 
 class SettingNotLive(CommandRejected):
@@ -81,6 +87,8 @@ class DeviceControls:
         request_update: queue an update ``(name, version, force, rollout)``; returns the reply's result. None when
             over-the-air updates are off.
         request_rollback: queue leaving a version ``(name, version, rollout)``; None when updates are off.
+        reset_time: apply ``time/reset`` to the box's floors ``(to)``; returns the reply's result (the floors
+            afterwards). None: the box has no floors to reset (``unavailable``).
     """
 
     republish_status: Callable[[], Mapping[str, Any]]
@@ -88,6 +96,7 @@ class DeviceControls:
     set_log_level: Callable[[str], None]
     request_update: Callable[[str, str, bool, str | None], Mapping[str, Any]] | None = None
     request_rollback: Callable[[str, str, str | None], Mapping[str, Any]] | None = None
+    reset_time: Callable[[float], Mapping[str, Any]] | None = None
 
 
 class CommandExecutor:
@@ -133,6 +142,8 @@ class CommandExecutor:
             return self._set(cmd)
         if cmd.name in ("models/update", "models/rollback"):
             return self._models(cmd)
+        if cmd.name == TIME_RESET:
+            return self._reset_time(cmd)
         raise UnknownCommand(f"unknown command {cmd.name!r} (known: {', '.join(sorted(COMMAND_NAMES))})", command=cmd)
 
     @staticmethod
@@ -190,6 +201,23 @@ class CommandExecutor:
         if not update and self._controls.request_rollback is not None:
             return dict(self._controls.request_rollback(name, version, rollout))
         raise CommandsUnavailable("over-the-air updates are off on this box (ota.repository is empty)", command=cmd)
+
+    def _reset_time(self, cmd: Command) -> dict[str, Any]:
+        self._expect_args(cmd, {"to"})
+        to = cmd.args["to"]
+        if isinstance(to, bool) or not isinstance(to, int | float) or not 0 <= to <= cmd.issued_at:
+            raise InvalidArgument(
+                f"time/reset: 'to' must be epoch seconds no later than the command's issued-at ({cmd.issued_at:.3f}), "
+                f"got {to!r:.40}",
+                command=cmd,
+            )
+        if self._controls.reset_time is None:
+            raise CommandsUnavailable("time/reset: this box keeps no time floors", command=cmd)
+        try:
+            return dict(self._controls.reset_time(float(to)))
+        except CommandRejected as e:  # the nonce file could not be written: the reply says so
+            e.command = cmd
+            raise
 
 
 def reply_for(result: Mapping[str, Any] | CommandRejected, cmd: Command | None = None) -> dict[str, Any]:

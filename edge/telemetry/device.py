@@ -4,12 +4,15 @@ Topics (``<id>`` is the device id, also the CN of its certificate, so the broker
 
 - ``devices/<id>/telemetry``: signed envelopes, QoS 1, in counter order.
 - ``devices/<id>/status``: retained JSON. A birth message on every (re)connect (state "online", model, versions,
-  did:key, outbox backlog), the Last Will (state "offline", reason "lost") if the connection dies, and state
-  "offline", reason "shutdown" on a clean stop. Sparkplug-style: the gateway derives online/offline from it.
+  did:key, outbox backlog, and ``time``: ``build``, ``command_floor``, ``command_not_before``, ``ota_floor``, so the
+  fleet can reach a box whose floor is wrongly in the future), the Last Will (state "offline", reason "lost") if the
+  connection dies, and state "offline", reason "shutdown" on a clean stop. Sparkplug-style: the gateway derives
+  online/offline from it.
 - ``devices/<id>/commands``: subscribed at QoS 1. A command runs only if it is signed by the fleet command key
   (``telemetry.fleet_key``), addressed to this device, unexpired and never seen before (``edge.gateway.commands``;
   the nonces persist in ``<data_dir>/command-nonces.cbor``). Without a provisioned key every command is rejected
-  ``unsigned``; the service runs on either way.
+  ``unsigned``; the service runs on either way. The verifier bounds the nonce set's floor by the box's own time and
+  the OTA time floor (``edge.ota.clock``), and ``time/reset`` lowers both floors.
 - ``devices/<id>/replies``: one JSON reply per command message, QoS 1, not retained (``edge.telemetry.commands``).
   Every rejection is also counted by reason (``commands_rejected``) and logged.
 """
@@ -41,7 +44,8 @@ from edge.gateway.commands import (
 from edge.identity.did import did_key_from_public
 from edge.identity.keys import load_private_key, load_public_key
 from edge.log import event
-from edge.telemetry.commands import COMMAND_NAMES, CommandExecutor, DeviceControls, reply_for
+from edge.ota.clock import BUILD_TIME, TimeFloor, horizon
+from edge.telemetry.commands import COMMAND_NAMES, TIME_RESET, CommandExecutor, DeviceControls, reply_for
 from edge.telemetry.outbox import Outbox
 from edge.telemetry.publisher import Publisher
 from edge.telemetry.schema import DEFAULT_LIMITS
@@ -135,11 +139,13 @@ class DeviceTelemetry:
         )
         self._drain_timeout = tc.drain_timeout_s
         self._on_verified: Callable[[Command], None] | None = None
+        self._time_floor: TimeFloor | None = None
         self._executor = CommandExecutor(
             DeviceControls(
                 republish_status=self._republish_status,
                 set_batching=self.sink.set_batching,
                 set_log_level=lambda level: logging.getLogger("edge").setLevel(level.upper()),
+                reset_time=self._reset_time,
             )
         )
 
@@ -149,13 +155,17 @@ class DeviceTelemetry:
         request_update: Callable[[str, str, bool, str | None], Mapping[str, Any]],
         request_rollback: Callable[[str, str, str | None], Mapping[str, Any]],
         on_verified: Callable[[Command], None] | None = None,
+        time_floor: TimeFloor | None = None,
     ) -> None:
         """Route ``models/update`` and ``models/rollback`` to the updater; ``on_verified`` sees every verified command
-        (the updater takes its signed issue time as proven time). Call before ``start``."""
+        but ``time/reset`` (the updater offers its signed issue time to the time floor; a reset's issue time is the
+        box's wrong floor on purpose). ``time_floor``: the OTA time floor, which bounds the command floor, is lowered
+        by ``time/reset`` and is reported in the status. Call before ``start``."""
         self._executor = CommandExecutor(
             replace(self._executor.controls, request_update=request_update, request_rollback=request_rollback)
         )
         self._on_verified = on_verified
+        self._time_floor = time_floor
 
     def set_model(self, model_id: str, model_sha256: str) -> None:
         """Report a newly active model: the next status messages name it, and one is published now if connected."""
@@ -171,8 +181,43 @@ class DeviceTelemetry:
         if state == "online":
             body.update(self._facts)
             body["outbox_backlog"] = self.outbox.stats().backlog_envelopes
+            body["time"] = self._times()
         body.update(extra)
         return json.dumps(body, separators=(",", ":")).encode()
+
+    def _times(self) -> dict[str, float | None]:
+        """The box's times for its status: what the fleet needs to issue a command the box will not find expired."""
+        seen = None if self._verifier is None else self._verifier.seen
+        return {
+            "build": BUILD_TIME,
+            "command_floor": None if seen is None else seen.floor(),
+            "command_not_before": None if seen is None else seen.not_before(),
+            "ota_floor": None if self._time_floor is None else self._time_floor.floor(),
+        }
+
+    def _proven(self) -> float:
+        return 0.0 if self._time_floor is None else self._time_floor.lower_bound()
+
+    def _reset_time(self, to: float) -> dict[str, Any]:
+        """``time/reset``: lower the OTA time floor, then the command floor (bounded below by the OTA floor's
+        ``lower_bound``, so the OTA floor goes first), and publish the new status."""
+        if self._verifier is None:  # unreachable: without a verifier no command gets here
+            raise CommandsUnavailable("time/reset: commands are disabled")
+        now = time.time()
+        if self._time_floor is not None:
+            try:
+                self._time_floor.reset(to, clock=now)
+            except OSError as e:
+                raise CommandsUnavailable(f"time/reset: cannot write {self._time_floor.path}: {e.strerror}") from e
+        lowered = self._verifier.reset_time(to, now, proven=self._proven())
+        times = self._times()
+        event(log, logging.WARNING, "time floors reset by the fleet", to=to, lowered=lowered, **times)
+        if self.transport.connected:
+            try:
+                self._republish_status()
+            except (TransportError, ValueError) as e:
+                event(log, logging.WARNING, "status not republished", error=str(e))
+        return {"lowered": lowered, **times}
 
     def _republish_status(self) -> dict[str, Any]:
         body = self._status("online")
@@ -187,8 +232,8 @@ class DeviceTelemetry:
         try:
             if self._verifier is None:
                 raise self._no_commands()  # a fresh exception per message: a reused one would grow its traceback
-            cmd = self._verifier.verify(payload, now)
-            if self._on_verified is not None:
+            cmd = self._verifier.verify(payload, now, proven=self._proven())
+            if self._on_verified is not None and cmd.name != TIME_RESET:
                 self._on_verified(cmd)
             reply = reply_for(self._executor.execute(cmd, now), cmd)
         except CommandRejected as e:
@@ -263,5 +308,15 @@ def _open_command_verifier(cfg: Config, device_id: str) -> tuple[CommandVerifier
         # Local misconfiguration, but telemetry matters more than commands: run on, refuse commands, say why.
         event(log, logging.ERROR, "commands disabled", error=str(e))
         return None, partial(CommandsUnavailable, f"commands disabled: {e}")
-    verifier = CommandVerifier(key, device_id, seen=seen, allowed=COMMAND_NAMES)
+    verifier = CommandVerifier(key, device_id, seen=seen, allowed=COMMAND_NAMES, build_time=BUILD_TIME)
+    if seen.floor() > horizon(time.time(), BUILD_TIME):
+        # A nonce file from before the horizon rule (or a box clock that was far ahead): kept as it is, because
+        # lowering it could reopen replays; the status reports it and the fleet runs time/reset (docs/commands.md).
+        event(
+            log,
+            logging.WARNING,
+            "command floor is ahead of the box's clock: commands will be expired until the fleet runs time/reset",
+            path=str(nonces),
+            floor=seen.floor(),
+        )
     return verifier, partial(CommandUnsigned, "unreachable: the verifier exists")

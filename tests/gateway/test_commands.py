@@ -286,6 +286,120 @@ def test_sign_command_refuses_invalid_input(fleet_key, args, kw) -> None:
         sign_command(fleet_key, "no/slash", "ping", {}, now=T0)
 
 
+# -- time floors that cannot be poisoned (docs/commands.md, "Clock policy") -----------------------------------------
+
+YEAR = 365 * 86400.0
+BUILD = 1_790_000_000.0  # this test's firmware build time (a box's verifier gets edge.ota.clock.BUILD_TIME)
+
+
+def box_verifier(key: Ed25519PrivateKey, **kw) -> CommandVerifier:
+    kw.setdefault("build_time", BUILD)
+    return verifier(key, **kw)
+
+
+def test_far_future_command_does_not_expire_the_next_correct_command(fleet_key) -> None:
+    # A fleet whose clock jumped ten years ahead (or a command key thief) signs one command. The box runs it (it
+    # has not expired), but its issued-at moves the floor no further than the box's own clock.
+    v = box_verifier(fleet_key)
+    far = sign_command(fleet_key, DEVICE, "ping", {}, now=T0 + 10 * YEAR)
+    assert v.verify(far, T0).name == "ping"
+    assert v.seen.floor() == T0
+    correct = sign_command(fleet_key, DEVICE, "ping", {}, now=T0 + 1, ttl_s=60)
+    assert v.verify(correct, T0 + 2).issued_at == T0 + 1
+    assert rejected(v, far, now=T0 + 3).reason == "replayed"  # its nonce is kept until true time passes it
+
+
+def test_ratchet_of_commands_each_slightly_ahead_does_not_move_the_floor(fleet_key) -> None:
+    # Each command 50 minutes after the last: measured from the floor, the floor would walk a day ahead.
+    v = box_verifier(fleet_key)
+    for i in range(1, 30):
+        v.verify(sign_command(fleet_key, DEVICE, "ping", {}, now=T0 + i * 3000, ttl_s=60), T0 + i)
+        assert v.seen.floor() <= T0 + i
+    assert v.verify(sign_command(fleet_key, DEVICE, "ping", {}, now=T0 + 40, ttl_s=60), T0 + 40).name == "ping"
+
+
+def test_rtc_less_box_command_floor_follows_only_proven_time(fleet_key) -> None:
+    # The box's clock reads 1970. Alone, a command proves nothing past the build time; once the OTA floor has a time
+    # two keys agreed on, the command floor may follow it (less MAX_AHEAD_S, its lower_bound).
+    v = box_verifier(fleet_key)
+    v.verify(sign_command(fleet_key, DEVICE, "ping", {}, now=T0), 1000.0)
+    assert v.seen.floor() == BUILD
+    v.verify(sign_command(fleet_key, DEVICE, "ping", {}, now=T0 + 5), 1005.0, proven=T0 - 3600)
+    assert v.seen.floor() == T0 - 3600
+
+
+def test_command_that_expired_before_the_firmware_was_built_is_expired(fleet_key) -> None:
+    # A box in 1970 with nothing proven still knows it is no older than its firmware: an old captured command is out.
+    old = sign_command(fleet_key, DEVICE, "ping", {}, now=BUILD - 600, ttl_s=60)
+    e = rejected(box_verifier(fleet_key), old, now=0.0)
+    assert isinstance(e, CommandExpired) and "build time" in str(e)
+
+
+def poisoned_store(path: Path, floor: float) -> FileNonceStore:
+    """A nonce file as the code before the horizon rule wrote it after a far-future command: version 1, the floor
+    at that command's issued-at, every older nonce forgotten."""
+    path.write_bytes(cbor2.dumps({1: 1, 2: floor, 3: [[b"\x09" * 16, floor + 60.0]]}, canonical=True))
+    return FileNonceStore(path)
+
+
+def test_nonce_file_from_before_the_rule_is_kept_as_it_is(fleet_key, tmp_path) -> None:
+    # Lowering its floor on load could reopen replays of the nonces it made the box forget: it is kept, and every
+    # correct command is expired until the fleet runs time/reset. The error says so.
+    store = poisoned_store(tmp_path / "nonces.cbor", T0 + 10 * YEAR)
+    assert store.floor() == T0 + 10 * YEAR and store.not_before() == 0.0 and len(store) == 1
+    e = rejected(box_verifier(fleet_key, seen=store), sign_command(fleet_key, DEVICE, "ping", {}, now=T0), now=T0)
+    assert isinstance(e, CommandExpired) and "time/reset" in str(e)
+
+
+def test_time_reset_recovers_a_poisoned_box_and_no_pre_reset_command_replays(fleet_key, tmp_path) -> None:
+    path = tmp_path / "nonces.cbor"
+    # Before the fix: the box accepted X (an hour-long command), then a far-future command that forgot X's nonce.
+    x = sign_command(fleet_key, DEVICE, "set", {"key": "log.level", "value": "debug"}, now=T0, ttl_s=3600)
+    far = T0 + 10 * YEAR
+    v = box_verifier(fleet_key, seen=poisoned_store(path, far))
+    now = T0 + 10
+    assert rejected(v, sign_command(fleet_key, DEVICE, "ping", {}, now=now), now=now).reason == "expired"
+    # The fleet signs time/reset at the floor the box reports, carrying its true time.
+    reset = sign_command(fleet_key, DEVICE, "time/reset", {"to": now}, now=far)
+    cmd = v.verify(reset, now)
+    assert v.reset_time(cmd.args["to"], now)
+    assert (v.seen.floor(), v.seen.not_before()) == (now, now)
+    # Back: a correct command runs, also after a reboot (the reset is in the file, as version 2).
+    assert v.verify(sign_command(fleet_key, DEVICE, "ping", {}, now=now + 1), now + 1).name == "ping"
+    rebooted = box_verifier(fleet_key, seen=FileNonceStore(path))
+    assert rebooted.seen.not_before() == now and cbor2.loads(path.read_bytes())[1] == 2
+    # X's nonce was forgotten and X has not expired: only not-before stops its replay.
+    e = rejected(rebooted, x, now=now + 2)
+    assert isinstance(e, CommandExpired) and "before the time reset" in str(e)
+    assert rejected(rebooted, reset, now=now + 3).reason == "replayed"  # the reset itself cannot be replayed
+
+
+def test_time_reset_never_raises_the_floor_nor_lowers_it_below_the_box_clock(fleet_key) -> None:
+    seen = NonceSet()
+    v = box_verifier(fleet_key, seen=seen)
+    v.verify(sign_command(fleet_key, DEVICE, "ping", {}, now=T0), T0)
+    # A command key thief resets "to" ten years ahead: nothing changes, no command is refused for it.
+    assert not v.reset_time(T0 + 10 * YEAR, T0)
+    assert (seen.floor(), seen.not_before()) == (T0, 0.0)
+    # A fleet clock far behind resets to the build time: the floor goes no lower than the box's own clock.
+    seen.remember(b"\x07" * 16, issued_at=T0 + 500, expires_at=T0 + 560)
+    assert v.reset_time(BUILD, T0 + 100)
+    assert seen.floor() == T0 + 100 == seen.not_before()
+
+
+def test_nonce_set_of_version_2_round_trips_and_is_checked() -> None:
+    s = NonceSet(capacity=10, floor=T0)
+    s.remember(b"\x01" * 16, issued_at=T0, expires_at=T0 + 9)
+    assert cbor2.loads(s.encode())[1] == 1  # never reset: still version 1, readable by older firmware
+    assert s.reset(T0 - 5)
+    back = NonceSet.decode(s.encode(), capacity=10)
+    assert (back.floor(), back.not_before(), len(back)) == (T0 - 5, T0 - 5, 1)
+    with pytest.raises(ValueError, match="keys"):
+        NonceSet.decode(cbor2.dumps({1: 2, 2: T0, 3: []}))  # version 2 without not-before
+    with pytest.raises(ValueError, match="not-before"):
+        NonceSet.decode(cbor2.dumps({1: 2, 2: T0, 3: [], 4: float("nan")}))
+
+
 def test_worked_example_in_the_docs_is_exact() -> None:
     # docs/commands.md section 6: RFC 8032 TEST 1 key (public), fixed nonce and time; Ed25519 is deterministic.
     key = Ed25519PrivateKey.from_private_bytes(

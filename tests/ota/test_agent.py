@@ -95,6 +95,8 @@ def test_verified_command_times_raise_the_time_floor(tmp_path: Path, served) -> 
     up, _rec = make_updater(tmp_path, server.url, root)
     floor = TimeFloor(tmp_path / "floor.json")
     agent = OtaAgent(up, check_interval_s=3600, time_floor=floor)
-    agent.prove_time(2_000_000_000.0)
-    agent.prove_time(1_000_000_000.0)  # never lowered
+    agent.prove_time(2_000_000_000.0, clock=2_000_000_000.0)
+    agent.prove_time(1_000_000_000.0, clock=2_000_000_000.0)  # never lowered
+    assert TimeFloor(tmp_path / "floor.json").floor() == 2_000_000_000.0
+    agent.prove_time(2_100_000_000.0)  # far past the box's clock (now): believed only up to an hour past it
     assert TimeFloor(tmp_path / "floor.json").floor() == 2_000_000_000.0

@@ -58,6 +58,9 @@ def test_refresh_raises_the_time_floor_from_the_signed_timestamp(ota_env: OtaEnv
     ota_env.repo.refresh(now=later)
     ota_env.clock = 0.0  # the clock reset: the floor keeps the box inside the metadata's validity
     ota_env.client(floor=floor).refresh()
+    # With the clock unset, a timestamp alone is a claim (edge.ota.clock); a fleet command that agrees proves it.
+    assert floor.floor() == NOW.timestamp()
+    floor.prove(later.timestamp() + 60, "command", kind="command", clock=10.0)
     assert floor.floor() == later.timestamp()
 
 
@@ -84,7 +87,8 @@ def test_expiry_uses_the_effective_time(ota_env: OtaEnv) -> None:
         client.refresh()
     assert ei.value.reason == "expired"
     floor = TimeFloor(ota_env.box / "f2.json")
-    floor.prove((NOW + datetime.timedelta(days=2)).timestamp(), "command")
+    two_days = (NOW + datetime.timedelta(days=2)).timestamp()
+    floor.prove(two_days, "command", kind="command", clock=two_days)
     ota_env.clock = 0.0
     with pytest.raises(UpdateRejected) as ei:
         ota_env.client(floor=floor).refresh()
