@@ -25,6 +25,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import NameOID
 
 GATEWAY_ID = "gateway"
+# More gateway identities the tests run side by side (the broker binds each process's client id to its certificate).
+GATEWAY_IDS = (GATEWAY_ID, "gw-0", "gw-1", "gw-2")
 
 
 def _name(cn: str) -> x509.Name:
@@ -122,7 +124,9 @@ def free_port() -> int:
 class Broker:
     """One mosquitto process with TLS, client certificates, ACLs and persistence, on a loopback port of its own."""
 
-    def __init__(self, directory: Path, pki: TestPKI, *, port: int | None = None) -> None:
+    def __init__(
+        self, directory: Path, pki: TestPKI, *, port: int | None = None, gateways: tuple[str, ...] = GATEWAY_IDS
+    ) -> None:
         exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         if not Path(exe).exists():
             raise RuntimeError("mosquitto is not installed: `make test` installs it with apt-get")
@@ -134,7 +138,9 @@ class Broker:
         self.port = port or free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         acl = self.dir / "acl"
-        acl.write_text(f"user {GATEWAY_ID}\ntopic readwrite devices/#\n\npattern readwrite devices/%u/#\n")
+        # Gateway identities (each gateway process has its own certificate, its CN = its client id) read everything.
+        rules = "".join(f"user {g}\ntopic readwrite devices/#\n\n" for g in gateways)
+        acl.write_text(f"{rules}pattern readwrite devices/%u/#\n")
         self.log = self.dir / "mosquitto.log"
         self.conf = self.dir / "mosquitto.conf"
         run_as = (

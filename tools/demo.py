@@ -8,13 +8,17 @@
    releases published with golden samples: a good digits 2.0.0 (int8 with a float variant) and a broken 3.0.0
    (scrambled weights), served by a plain static HTTP server.
 4. mosquitto with that fragment, `edge gateway run`, and three `edge run` services on the bundled digits model
-   (the held-out frames as 160x120 YUYV camera frames) for about 30 seconds, with the broker restarted halfway.
+   (the held-out frames as 160x120 camera frames, one box YUYV, one NV12, one RGB888: three kinds of camera) for
+   about 30 seconds, with the broker restarted halfway.
 5. Two staged rollouts while the boxes run (`edge fleet rollout start ... --stages 10%,50%,100% --abort-on 5%`):
    2.0.0 goes through every stage and every box commits it without a restart; 3.0.0 fails its trial on the first
    box, which rolls back, and the rollout is aborted at the first stage; no box ever runs 3.0.0.
 6. The fleet summary, computed from what the gateway verified and stored (not from the boxes' own logs): per box
-   frames, accuracy against the labels, latency p50/p99, envelopes verified, gaps, rejects; the ledger totals; and
-   a ledger export re-verified the way a third party would, from the file and the box's did:key alone.
+   frames, accuracy against the labels, latency p50/p99, envelopes verified, gaps, rejects; the ledger: inferences
+   claimed and credited, and why the rest were not (the synthetic source cycles 64 renders, so each box is paid
+   once per render and model, and its repeats count as duplicate inputs: docs/gateway.md, "The ledger"); and a
+   ledger export signed with the fleet's ledger key, re-verified the way a third party would, from the file and
+   ledger.pub alone.
 
 Every process it starts is stopped before it exits, whatever happens.
 """
@@ -40,13 +44,14 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from edge.gateway.ledger import export_ledger, verify_export  # noqa: E402
+from edge.gateway.ledger import export_ledger, ledger_key, verify_export  # noqa: E402
 from edge.gateway.store import Store, open_store  # noqa: E402
 from edge.identity.did import public_from_did_key  # noqa: E402
 from edge.records import InferenceRecord  # noqa: E402
 from edge.telemetry.envelope import open_envelope  # noqa: E402
 
 BOXES = ("box-1", "box-2", "box-3")
+CAMERAS = ("YUYV", "NV12", "RGB888")  # one kind of camera each: their frames are distinct inputs
 EDGE = [sys.executable, "-m", "edge"]
 
 
@@ -126,7 +131,7 @@ def provision(fleet: Path, boxes: Path, port: int) -> None:
     print("fleet: CA, broker and gateway certificates, model repository, enrollment of", ", ".join(BOXES), flush=True)
     edge("fleet", "--dir", str(fleet), "ca", "init")
     edge("fleet", "--dir", str(fleet), "ca", "issue-server", "--host", "127.0.0.1", "--host", "localhost")
-    edge("fleet", "--dir", str(fleet), "ca", "issue-client", "gateway")
+    edge("fleet", "--dir", str(fleet), "ca", "issue-client", "gateway-1")  # the broker's client id is the CN
     edge("fleet", "--dir", str(fleet), "broker-config", "--port", str(port), "--bind", "127.0.0.1")
     # Before enrollment, so every bundle carries the repository's root (tuf-root.json).
     edge("fleet", "--dir", str(fleet), "models", "init")
@@ -195,7 +200,8 @@ def write_configs(
     gateway = work / "gateway.toml"
     gateway.write_text(
         f'[gateway]\nid = "gateway-1"\nfleet_dir = "{fleet}"\n'
-        f'[broker]\nhost = "127.0.0.1"\nport = {port}\n[metrics]\nport = {metrics}\n'
+        f'[broker]\nhost = "127.0.0.1"\nport = {port}\ncert = "gateway/gateway-1.pem"\nkey = "gateway/gateway-1.key"\n'
+        f"[metrics]\nport = {metrics}\n"
     )
     devices = []
     for i, box in enumerate(BOXES):
@@ -206,7 +212,7 @@ id = "{box}"
 data_dir = "{boxes / box}"
 [source]
 kind = "synthetic"
-pixel_format = "YUYV"
+pixel_format = "{CAMERAS[i]}"
 fps = {30 + 10 * i}
 [sink]
 kind = "telemetry"
@@ -230,6 +236,7 @@ def box_summary(store: Store, box: str) -> dict:
     correct = frames = 0
     latency: list[int] = []
     backends: set[str] = set()
+    inputs: set[tuple[str, str]] = set()  # distinct (model, input): what the credit rule pays for
     models: list[str] = []  # the model of each inference record, collapsed into runs: which ran, in what order
     for stored in store.envelopes(box):
         env = open_envelope(stored.data, key)  # re-checked here: the summary trusts only what verifies
@@ -238,6 +245,7 @@ def box_summary(store: Store, box: str) -> dict:
                 frames += 1
                 latency.append(r.latency_us)
                 backends.add(r.backend)
+                inputs.add((r.model_id, r.input_sha256))
                 if not models or models[-1] != r.model_id:
                     models.append(r.model_id)
                 correct += int(r.label is not None and bool(r.top_k) and r.top_k[0][0] == r.label)
@@ -254,6 +262,10 @@ def box_summary(store: Store, box: str) -> dict:
         "duplicates": sum(r.duplicates for r in rows),
         "backends": sorted(backends),
         "models": models,
+        "distinct_inputs": len(inputs),
+        "claimed": sum(r.claimed for r in rows),
+        "credited": sum(r.credited for r in rows),
+        "uncredited": {k: sum(r.uncredited()[k] for r in rows) for k in rows[0].uncredited()} if rows else {},
     }
 
 
@@ -285,7 +297,9 @@ def main() -> int:
         gateway = ps.start([*EDGE, "gateway", "run", "--config", str(gateway_cfg)], work / "gateway.log")
         wait_port(metrics_port, 30)
         print(
-            f"boxes: {len(BOXES)} x edge run, digits int8 on 160x120 YUYV frames, for {args.seconds:.0f} s", flush=True
+            f"boxes: {len(BOXES)} x edge run, digits int8 on 160x120 frames ({', '.join(CAMERAS)}), "
+            f"for {args.seconds:.0f} s",
+            flush=True,
         )
         boxes_running = [
             ps.start([*EDGE, "run", "--config", str(cfg)], cfg.with_name("edge.log")) for cfg in device_cfgs
@@ -329,10 +343,13 @@ def main() -> int:
             ledger = store.ledger()
             quarantine = store.quarantine_counts()
             exported = work / "box-1.ledger"
-            claimed = export_ledger(store, "box-1", exported)
+            claimed = export_ledger(store, "box-1", exported, key=ledger_key(fleet))
         finally:
             store.close()
-        checked = verify_export(exported)
+        # What a third party runs: the file and the fleet's ledger.pub, nothing else of the fleet.
+        from edge.identity.keys import load_public_key  # noqa: PLC0415
+
+        checked = verify_export(exported, ledger_key=load_public_key(fleet / "ledger.pub"))
 
     print("\n=== edge fleet demo: what the gateway verified and stored ===")
     print(
@@ -353,6 +370,12 @@ def main() -> int:
         f"inferences {inferences}, duplicates {sum(r.duplicates for r in ledger)} (QoS 1 redeliveries, stored once)"
     )
     print(f"rejects  {quarantine or 'none'}")
+    for box, s in summary.items():
+        reasons = ", ".join(f"{k} {v}" for k, v in s["uncredited"].items() if v) or "none"
+        print(
+            f"credit   {box}: {s['claimed']} inferences claimed, {s['credited']} credited (its distinct (model, input) "
+            f"pairs: {s['distinct_inputs']}); not credited: {reasons}"
+        )
     for status in (good, bad):
         outcomes = ", ".join(f"{d['device_id']} {d['outcome']}" + (f" ({d['reason']})" if d["reason"] else "")
                              for d in status["devices"])  # fmt: skip
@@ -364,14 +387,18 @@ def main() -> int:
     bad_rolled_back = [e for e in ota_events if e.kind == "ota.rolled_back" and e.data.get("version") == "3.0.0"]
     print(f"backend  {', '.join(sorted({b for s in summary.values() for b in s['backends']}))}")
     print(
-        f"export   box-1: {checked.envelopes} envelopes, {checked.records} records re-verified from the file and its "
-        f"did:key alone (claimed {claimed.envelopes}/{claimed.records})"
+        f"export   box-1: {checked.envelopes} envelopes, {checked.records} records, {checked.credited} inferences "
+        f"credited, re-verified from the file and ledger.pub alone (claimed {claimed.envelopes}/{claimed.records}/"
+        f"{claimed.credited})"
     )
     ok = (
         all(summary[b]["envelopes"] == sealed[b] and summary[b]["gaps"] == 0 for b in BOXES)
         and not quarantine
         and checked == claimed
         and all(s["frames"] > 0 for s in summary.values())
+        # Honest under the rule: each distinct input of each model earns once, a camera's repeats never, and no box
+        # is flagged for another's inputs (three kinds of camera see different bytes).
+        and all(s["credited"] == s["distinct_inputs"] and not s["uncredited"].get("copied") for s in summary.values())
         and good["state"] == "completed"
         and committed == set(BOXES)
         and bad["state"] == "aborted"

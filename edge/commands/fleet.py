@@ -28,10 +28,23 @@ if TYPE_CHECKING:
     from edge.gateway.registry import Registry
     from edge.gateway.store import Store
 
-__all__ = ["SUBCOMMANDS", "fleet_dir", "iso_utc", "load_ca", "open_fleet_store", "open_registry", "register"]
+__all__ = [
+    "SUBCOMMANDS",
+    "fleet_dir",
+    "iso_utc",
+    "load_ca",
+    "open_fleet_store",
+    "open_registry",
+    "operator_identity",
+    "register",
+]
 
 _MAX_CSR_FILE_BYTES = 64 * 1024
-_RELOAD_HINT = "reload the broker to apply it (systemctl reload mosquitto, or kill -HUP <pid>)"
+# How a registry change reaches the broker (edge.gateway.registry): live through a running gateway, else at start.
+_APPLY_HINT = (
+    "a running `edge gateway run` applies it to the broker within seconds; if none runs, restart the broker "
+    "(systemctl restart mosquitto), which loads broker/dynsec.json"
+)
 
 
 def _positive_int(text: str) -> int:
@@ -132,6 +145,43 @@ def _write_pair(out_dir: Path, name: str, cert_pem: bytes, key_pem: bytes) -> tu
     return cert, key
 
 
+def operator_identity(directory: Path) -> tuple[str, Path, Path]:
+    """The operator identity ``edge fleet command`` connects with: never a gateway's, whose client id (the CN) a
+    second connection would take over, disconnecting the running gateway.
+
+    ``$EDGE_FLEET_OPERATOR`` names it (default ``operator``); its files are ``<fleet dir>/operator/NAME.pem`` and
+    ``NAME.key``, as ``edge fleet ca issue-client NAME --operator`` writes them.
+
+    Args:
+        directory: the fleet directory.
+
+    Returns:
+        (name, certificate, key).
+
+    Raises:
+        ConfigError: the name is invalid or the files are missing; the message says how to issue them.
+    """
+    from edge.gateway.registry import DEFAULT_OPERATOR, OPERATOR_DIR  # noqa: PLC0415
+    from edge.identity.keys import validate_device_id  # noqa: PLC0415
+
+    name = os.environ.get("EDGE_FLEET_OPERATOR") or DEFAULT_OPERATOR
+    try:
+        validate_device_id(name)
+    except ValueError as e:
+        raise ConfigError("EDGE_FLEET_OPERATOR", name, "a valid identity name ([A-Za-z0-9][A-Za-z0-9_.-]*)") from e
+    cert, key = directory / OPERATOR_DIR / f"{name}.pem", directory / OPERATOR_DIR / f"{name}.key"
+    for path in (cert, key):
+        if not path.is_file():
+            raise ConfigError(
+                "operator identity",
+                str(path),
+                f"the certificate and key of operator {name!r} (`edge fleet command` never uses a gateway's identity: "
+                f"that would disconnect the running gateway); issue them with `edge fleet --dir {directory} ca "
+                f"issue-client {name} --operator`",
+            )
+    return name, cert, key
+
+
 # -- ca ---------------------------------------------------------------------------------------------------------------
 
 
@@ -163,12 +213,19 @@ def _register_ca(sub: Any) -> None:
 
     client = actions.add_parser(
         "issue-client",
-        help="issue a gateway identity's client certificate and grant it devices/# in the broker ACL",
-        description="Write NAME.pem and NAME.key (0600) into DIR (default: <fleet dir>/gateway), record NAME as a "
-        "gateway identity (broker/gateways) and rewrite the broker fragment.",
+        help="issue a gateway's (or with --operator an operator's) client certificate and grant it its broker rights",
+        description="Write NAME.pem and NAME.key (0600) into DIR, record NAME as a gateway identity "
+        "(broker/gateways: shared telemetry, status, commands, the broker's access rules) or, with --operator, as an "
+        "operator identity (broker/operators: commands and replies only, for `edge fleet command`), and rewrite the "
+        "broker files. The broker binds the client id to the CN: every gateway process needs its own identity.",
     )
-    client.add_argument("name", metavar="NAME", help="the identity (certificate CN = broker username)")
-    client.add_argument("--out-dir", metavar="DIR", help="where to write (default: <fleet dir>/gateway)")
+    client.add_argument("name", metavar="NAME", help="the identity (certificate CN = broker username = client id)")
+    client.add_argument(
+        "--operator", action="store_true", help="an operator identity for `edge fleet command`, not a gateway"
+    )
+    client.add_argument(
+        "--out-dir", metavar="DIR", help="where to write (default: <fleet dir>/gateway, or <fleet dir>/operator)"
+    )
     client.add_argument("--days", type=_positive_int, default=825, help="validity in days (default: %(default)s)")
     client.set_defaults(func=_ca_issue_client)
 
@@ -201,15 +258,19 @@ def _ca_issue_server(args: argparse.Namespace) -> int:
 
 
 def _ca_issue_client(args: argparse.Namespace) -> int:
+    from edge.gateway.registry import GATEWAY_DIR, OPERATOR_DIR  # noqa: PLC0415
+
     ca = load_ca(args)
     now = _now()
-    out = Path(args.out_dir) if args.out_dir else fleet_dir(args) / "gateway"
+    out = Path(args.out_dir) if args.out_dir else fleet_dir(args) / (OPERATOR_DIR if args.operator else GATEWAY_DIR)
     with open_registry(args) as registry:
-        registry.add_gateway(args.name)  # refuses an enrolled device's id before anything is issued
+        # Refuses an enrolled device's id, or a name of the other kind, before anything is issued.
+        (registry.add_operator if args.operator else registry.add_gateway)(args.name)
         cert, key = _write_pair(out, args.name, *ca.issue_client(args.name, now=now, days=args.days))
         fragment = registry.write_broker_fragment(ca, now=now)
     print(f"client certificate: {cert}\nclient key: {key}")
-    print(f"broker fragment: {fragment} ({_RELOAD_HINT})", file=sys.stderr)
+    kind = "operator" if args.operator else "gateway"
+    print(f"{kind} identity {args.name!r} in {fragment.parent}: {_APPLY_HINT}", file=sys.stderr)
     return 0
 
 
@@ -222,8 +283,9 @@ def _register_enroll(sub: Any) -> None:
         help="certify a device from its CSR, register it and write its bundle",
         description="Check the CSR (proof of possession, Ed25519, CN = a valid device id, SAN = its did:key), "
         "issue the device certificate, register the device, write devices/<id>/ (device.pem, fleet-ca.pem, "
-        "fleet-commands.pub: copy them into the box's keys directory) and rewrite the broker fragment. Prints the "
-        "bundle's path.",
+        "fleet-commands.pub: copy them into the box's keys directory) and rewrite the broker files. Prints the "
+        "bundle's path. A running `edge gateway run` gives the box its broker rights within seconds; without one, "
+        "restart the broker.",
     )
     p.add_argument("csr", metavar="CSR", help="the device's CSR (device.csr from `edge keys generate`)")
     p.add_argument("--days", type=_positive_int, default=825, help="certificate validity (default: %(default)s)")
@@ -254,7 +316,7 @@ def _enroll(args: argparse.Namespace) -> int:
         print(json.dumps(body, indent=2))
     else:
         print(bundle)
-    print(f"enrolled {record.device_id} ({record.did}); {_RELOAD_HINT}", file=sys.stderr)
+    print(f"enrolled {record.device_id} ({record.did}); {_APPLY_HINT}", file=sys.stderr)
     return 0
 
 
@@ -290,9 +352,11 @@ def _devices(args: argparse.Namespace) -> int:
 def _register_revoke(sub: Any) -> None:
     p = sub.add_parser(
         "revoke",
-        help="revoke a device: out of the broker ACL, into the CRL, its telemetry refused",
-        description="Mark the device revoked (idempotent), then rewrite the broker ACL without it and the CRL with "
-        "its certificate. Reload the broker afterwards.",
+        help="revoke a device: out of the broker's access rules, into the CRL, its telemetry refused",
+        description="Mark the device revoked (idempotent), then rewrite the broker's access rules without it and the "
+        "CRL with its certificate. A running `edge gateway run` deletes it from the broker within seconds, which "
+        "disconnects it and refuses it every topic (without one, restart the broker); reload the broker so that the "
+        "CRL refuses its TLS handshake too.",
     )
     p.add_argument("device_id", metavar="ID", help="the device id")
     p.set_defaults(func=_revoke)
@@ -302,22 +366,33 @@ def _revoke(args: argparse.Namespace) -> int:
     ca = load_ca(args)
     with open_registry(args) as registry:
         record = registry.revoke(args.device_id, ca=ca, now=_now())
-    print(f"revoked {record.device_id} at {iso_utc(record.revoked_at)}; {_RELOAD_HINT}")
+    print(
+        f"revoked {record.device_id} at {iso_utc(record.revoked_at)}; a running `edge gateway run` deletes it from the "
+        "broker within seconds, which disconnects it and refuses it every topic; if none runs, restart the broker "
+        "(systemctl restart mosquitto). Reload the broker as well (systemctl reload mosquitto) so that the CRL "
+        "refuses its TLS handshake."
+    )
     return 0
 
 
 def _register_broker_config(sub: Any) -> None:
     p = sub.add_parser(
         "broker-config",
-        help="rewrite the mosquitto fragment (listener, ACL, CRL) from the registry",
-        description="Rewrite broker/edge-fleet.conf, broker/acl and broker/crl.pem. Listener options given here "
-        "are kept (broker/listener.json) for every later rewrite. Include the fragment from mosquitto.conf with "
-        "`include_dir <fleet dir>/broker`.",
+        help="rewrite the mosquitto fragment (listener, access rules, CRL) from the registry",
+        description="Rewrite broker/edge-fleet.conf, broker/dynsec.json (the dynamic-security plugin's state) and "
+        "broker/crl.pem. Listener options given here are kept (broker/listener.json) for every later rewrite. "
+        "Include the fragment from mosquitto.conf with `include_dir <fleet dir>/broker`; restart the broker after a "
+        "listener change.",
     )
     p.add_argument("--port", type=_positive_int, help="the listener's TCP port (default 8883)")
     p.add_argument("--bind", metavar="ADDR", help="the address to listen on (default: every interface)")
     p.add_argument("--certfile", metavar="FILE", help="the broker's certificate (default: broker/server.pem)")
     p.add_argument("--keyfile", metavar="FILE", help="the broker's key (default: broker/server.key)")
+    p.add_argument(
+        "--dynsec-plugin",
+        metavar="PATH",
+        help="mosquitto's mosquitto_dynamic_security.so (default: found in /usr/lib/<multiarch>/ and the like)",
+    )
     p.set_defaults(func=_broker_config)
 
 
@@ -326,18 +401,20 @@ def _broker_config(args: argparse.Namespace) -> int:
 
     ca = load_ca(args)
     with open_registry(args) as registry:
-        if any(v is not None for v in (args.port, args.bind, args.certfile, args.keyfile)):
+        if any(v is not None for v in (args.port, args.bind, args.certfile, args.keyfile, args.dynsec_plugin)):
             old = registry.listener()
-            registry.set_listener(
-                BrokerListener(
-                    port=args.port if args.port is not None else old.port,
-                    bind=args.bind if args.bind is not None else old.bind,
-                    certfile=Path(args.certfile).absolute() if args.certfile else old.certfile,
-                    keyfile=Path(args.keyfile).absolute() if args.keyfile else old.keyfile,
-                )
+            new = BrokerListener(
+                port=args.port if args.port is not None else old.port,
+                bind=args.bind if args.bind is not None else old.bind,
+                certfile=Path(args.certfile).absolute() if args.certfile else old.certfile,
+                keyfile=Path(args.keyfile).absolute() if args.keyfile else old.keyfile,
+                dynsec_plugin=Path(args.dynsec_plugin).absolute() if args.dynsec_plugin else old.dynsec_plugin,
             )
+            registry.dynsec_plugin(new)  # a missing plugin is refused before it is recorded
+            registry.set_listener(new)
         fragment = registry.write_broker_fragment(ca, now=_now())
     print(fragment)
+    print(f"access rules: {_APPLY_HINT}; a listener change needs a broker restart", file=sys.stderr)
     return 0
 
 

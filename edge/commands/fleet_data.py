@@ -15,7 +15,7 @@ import threading
 import time
 from typing import Any
 
-from edge.commands.fleet import iso_utc, open_fleet_store
+from edge.commands.fleet import iso_utc, open_fleet_store, operator_identity
 from edge.errors import ConfigError
 
 __all__ = ["SUBCOMMANDS", "register_command", "register_ledger", "register_ledger_verify", "register_status"]
@@ -104,11 +104,13 @@ def register_ledger(sub: Any) -> None:
     """Add ``edge fleet ledger [--device ID] [--from DAY] [--to DAY] [--json] [--export FILE]``."""
     p = sub.add_parser(
         "ledger",
-        help="verified work per device and day; --export writes a re-verifiable proof of a device's work",
+        help="verified work per device and day; --export writes a signed, re-verifiable proof of a device's work",
         description="Per device and UTC day (by the gateway's receipt time): verified envelopes and records, "
-        "inferences by model, gaps, late and duplicate envelopes, rejects. With --export FILE (and --device), write "
-        "the device's stored envelopes and its did:key to FILE, which anyone can check with `edge fleet "
-        "ledger-verify FILE`.",
+        "inferences claimed and credited (and why the others were not: duplicate_input, copied, over_ceiling, "
+        "implausible_time), gaps, late and duplicate envelopes, rejects. With --export FILE (and --device), write "
+        "the device's stored envelopes, its did:key and the credit of each inference to FILE, signed with the "
+        "fleet's ledger key (<fleet dir>/ledger.key, made on first use); anyone holding ledger.pub can check it "
+        "with `edge fleet ledger-verify FILE --key ledger.pub`.",
     )
     p.add_argument("--device", metavar="ID", help="one device")
     p.add_argument("--from", dest="day_from", type=_day, metavar="DAY", help="first day (YYYY-MM-DD)")
@@ -124,9 +126,11 @@ def _ledger(args: argparse.Namespace) -> int:
     store = open_fleet_store(args)
     try:
         if args.export:
-            from edge.gateway.ledger import export_ledger  # noqa: PLC0415
+            from edge.commands.fleet import fleet_dir  # noqa: PLC0415
+            from edge.gateway.ledger import export_ledger, ledger_key  # noqa: PLC0415
 
-            totals = export_ledger(store, args.device, args.export, day_from=args.day_from, day_to=args.day_to)
+            key = ledger_key(fleet_dir(args))
+            totals = export_ledger(store, args.device, args.export, key=key, day_from=args.day_from, day_to=args.day_to)
             print(json.dumps({"export": args.export, "device_id": totals.device_id, **totals.claims()}, indent=2))
             return 0
         rows = store.ledger(device_id=args.device, day_from=args.day_from, day_to=args.day_to)
@@ -135,16 +139,32 @@ def _ledger(args: argparse.Namespace) -> int:
     fields = ("envelopes", "records", "readings", "events", "missing", "late", "duplicates", "rejects")
     if args.json:
         body = [
-            {"device_id": r.device_id, "day": r.day, "inferences": r.inferences, "announced_lost": r.announced_lost}
+            {
+                "device_id": r.device_id,
+                "day": r.day,
+                "inferences": r.inferences,
+                "claimed": r.claimed,
+                "credited": r.credited,
+                "uncredited": r.uncredited(),
+                "credits": r.credits,
+                "announced_lost": r.announced_lost,
+                "announced_lost_records": r.announced_lost_records,
+            }
             | {f: getattr(r, f) for f in fields}
             for r in rows
         ]
         print(json.dumps({"ledger": body}, indent=2))
         return 0
-    table = [[r.device_id, r.day, str(sum(r.inferences.values())), *(str(getattr(r, f)) for f in fields)] for r in rows]
-    print(_table(table, ["DEVICE", "DAY", "INFERENCES", *(f.upper() for f in fields)]))
-    total = sum(sum(r.inferences.values()) for r in rows)
-    print(f"\n{len({r.device_id for r in rows})} devices, {total} verified inferences")
+    reasons = ("duplicate_input", "copied", "over_ceiling", "implausible_time")
+    table = [
+        [r.device_id, r.day, str(r.claimed), str(r.credited), *(str(r.uncredited()[x]) for x in reasons)]
+        + [str(getattr(r, f)) for f in fields]
+        for r in rows
+    ]
+    header = ["DEVICE", "DAY", "CLAIMED", "CREDITED", "DUP_INPUT", "COPIED", "OVER_CEIL", "BAD_TIME"]
+    print(_table(table, header + [f.upper() for f in fields]))
+    claimed, credited = sum(r.claimed for r in rows), sum(r.credited for r in rows)
+    print(f"\n{len({r.device_id for r in rows})} devices, {claimed} inferences claimed, {credited} credited")
     return 0
 
 
@@ -152,18 +172,35 @@ def register_ledger_verify(sub: Any) -> None:
     """Add ``edge fleet ledger-verify FILE``."""
     p = sub.add_parser(
         "ledger-verify",
-        help="re-verify a ledger export from the file alone (what a third party runs)",
-        description="Check every envelope's signature against the device's did:key in the file, the hash chain "
-        "between consecutive counters, and the totals the header claims. Needs nothing but the file.",
+        help="re-verify a ledger export from the file and the fleet's ledger key (what a third party runs)",
+        description="Refuse an export the fleet's ledger key did not sign; check every envelope's signature "
+        "against the device's did:key in the file and the hash chain between consecutive counters; recompute the "
+        "credit of every inference with the gateway's rules, and the totals the header claims. Needs the file and "
+        "the ledger's public key (--key FILE, or --dir: <fleet dir>/ledger.pub).",
     )
     p.add_argument("file", metavar="FILE")
+    p.add_argument("--key", metavar="PUB", help="the fleet's ledger.pub (default: ledger.pub of --dir)")
     p.set_defaults(func=_ledger_verify)
 
 
 def _ledger_verify(args: argparse.Namespace) -> int:
-    from edge.gateway.ledger import verify_export  # noqa: PLC0415
+    from edge.commands.fleet import fleet_dir  # noqa: PLC0415
+    from edge.gateway.ledger import LEDGER_PUBLIC_FILE, verify_export  # noqa: PLC0415
+    from edge.identity.keys import load_public_key  # noqa: PLC0415
 
-    totals = verify_export(args.file)
+    path = args.key or fleet_dir(args) / LEDGER_PUBLIC_FILE
+    if not os.path.exists(path):
+        raise ConfigError(
+            "--key", str(path), "the fleet's ledger.pub (from the fleet operator): an export is checked against it"
+        )
+    from edge.gateway.errors import LedgerExportError  # noqa: PLC0415
+
+    try:
+        totals = verify_export(args.file, ledger_key=load_public_key(path))
+    except LedgerExportError as e:
+        # Exit 3: the file does not verify (a script can tell a forged or tampered export from a usage error).
+        print(f"edge: error: {args.file} does not verify: {e}", file=sys.stderr)
+        return 3
     print(json.dumps({"verified": args.file, "device_id": totals.device_id, "did": totals.did, **totals.claims()}))
     return 0
 
@@ -178,7 +215,9 @@ def register_command(sub: Any) -> None:
         help="send a signed command to a device and print its reply",
         description="Sign NAME with the fleet command key (expiry and nonce included), publish it to "
         "devices/DEVICE/commands as the gateway identity, and wait for the reply on devices/DEVICE/replies. "
-        "Commands: ping; status; set key=telemetry.batch_records value=50 (batching and log level change live).",
+        "Commands: ping; status; set key=telemetry.batch_records value=50 (batching and log level change live); "
+        "time/reset [to=EPOCH] (with --at-box-floor: recovers a box whose time floors are wrongly in the future; "
+        "docs/commands.md).",
     )
     p.add_argument("--config", required=True, metavar="FILE", help="the gateway configuration (broker, credentials)")
     p.add_argument("device", metavar="DEVICE")
@@ -186,6 +225,13 @@ def register_command(sub: Any) -> None:
     p.add_argument("args", nargs="*", metavar="KEY=VALUE", help="arguments (values parsed as JSON when they parse)")
     p.add_argument("--ttl", type=float, default=60.0, help="seconds the command stays valid (default: %(default)s)")
     p.add_argument("--wait", type=float, default=10.0, help="seconds to wait for the reply (default: %(default)s)")
+    p.add_argument(
+        "--at-box-floor",
+        action="store_true",
+        help="issue the command at the box's command floor from its last status in the fleet store, when that is "
+        "later than now, so that a box whose floor is wrongly in the future does not find it expired (for "
+        "time/reset; its 'to' defaults to now, the fleet's true time)",
+    )
     p.set_defaults(func=_command)
 
 
@@ -205,6 +251,31 @@ def _parse_args(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def _box_time(store_url: str, device: str, now: float) -> float:
+    """When to issue a command so that ``device`` does not find it expired: ``max(now, its reported command floor)``.
+
+    Raises:
+        ConfigError: the fleet store has no status of ``device`` with its times (names what to do).
+    """
+    from edge.gateway.store import open_store  # noqa: PLC0415
+
+    store = open_store(store_url)
+    try:
+        found = [s for s in (*store.statuses(), *store.strangers()) if s.device_id == device]
+    finally:
+        store.close()
+    times = found[0].info.get("time") if found else None
+    floor = times.get("command_floor") if isinstance(times, dict) else None
+    if isinstance(floor, bool) or not isinstance(floor, int | float):
+        raise ConfigError(
+            "--at-box-floor",
+            device,
+            f"a status of {device} with its time floors in the fleet store {store_url} (the gateway records it "
+            "while `edge gateway run` runs; boxes report them since the time/reset command exists)",
+        )
+    return max(now, float(floor))
+
+
 def _command(args: argparse.Namespace) -> int:
     from edge.gateway.ca import FleetCA  # noqa: PLC0415
     from edge.gateway.commands import sign_command  # noqa: PLC0415
@@ -215,11 +286,17 @@ def _command(args: argparse.Namespace) -> int:
     from edge.telemetry.publisher import NO_MATCHING_SUBSCRIBERS  # noqa: PLC0415
     from edge.telemetry.transport import MqttTransport  # noqa: PLC0415
 
-    cfg = load_gateway_config(args.config)
+    # The gateway's configuration gives the broker's address and the fleet; the identity is the operator's own.
+    cfg = load_gateway_config(args.config, resolve_id=False)
     device = validate_device_id(args.device)
     key = FleetCA.load(cfg.gateway.fleet_dir).commands_key
     nonce = os.urandom(16)
-    message = sign_command(key, device, args.name, _parse_args(args.args), now=time.time(), ttl_s=args.ttl, nonce=nonce)
+    now = time.time()
+    command_args = _parse_args(args.args)
+    if args.name == "time/reset":
+        command_args.setdefault("to", now)  # the fleet's true time: what the box's floors go back to
+    issued = _box_time(cfg.store_url, device, now) if args.at_box_floor else now
+    message = sign_command(key, device, args.name, command_args, now=issued, ttl_s=args.ttl, nonce=nonce)
     t = topics(device)
     got: dict[str, Any] = {}
     arrived = threading.Event()
@@ -234,8 +311,10 @@ def _command(args: argparse.Namespace) -> int:
             arrived.set()
 
     b = cfg.broker
-    # A one-shot client: an id of its own (the gateway's session stays untouched) and nothing to keep.
-    settings = mqtt_settings(cfg, client_id=f"{cfg.gateway.id}-cmd-{nonce.hex()[:8]}", session_expiry=0)
+    # A one-shot client with the operator's identity, never a gateway's: the broker makes the certificate's CN the
+    # client id, so a gateway's certificate here would take over (disconnect) the running gateway. Nothing to keep.
+    operator, operator_cert, operator_key = operator_identity(cfg.gateway.fleet_dir)
+    settings = mqtt_settings(cfg, client_id=operator, cert=operator_cert, key=operator_key, session_expiry=0)
     # Subscribed before the command is published, on the same connection, so the reply cannot overtake it.
     transport = MqttTransport(settings, on_message=on_reply, subscriptions=[t["replies"]])
     transport.start()

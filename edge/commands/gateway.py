@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Any
 
 __all__ = ["register"]
@@ -29,8 +30,14 @@ def register(sub: Any) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from edge.gateway.config import load_gateway_config  # noqa: PLC0415 -- gateway imports only for this command
+    from edge.gateway.errors import IngestFailedError  # noqa: PLC0415
     from edge.gateway.service import run_gateway  # noqa: PLC0415
 
-    stats = run_gateway(load_gateway_config(args.config))
+    try:
+        stats = run_gateway(load_gateway_config(args.config))
+    except IngestFailedError as e:
+        # Exit 1, not 2: the configuration is fine, the store failed. systemd's Restart=on-failure starts it again.
+        print(f"edge: error: {e}", file=sys.stderr)
+        return 1
     print(json.dumps({"gateway": vars(stats)}))
     return 0

@@ -11,6 +11,10 @@ Invariants:
 - ``LedgerTally`` holds increments (a late fill's ``missing`` is negative), written as ``column + increment``;
   its rows come out sorted by key, the order in which a batch takes the ledger's row locks, so two concurrent
   batches never deadlock on them.
+- Loss notices count each dropped counter once per device: a notice adds only the part of its range above the
+  device's ``lost_mark`` (the highest counter announced so far), so repeating a notice adds nothing and a device's
+  announced losses never exceed its counter range (``edge.telemetry._bounds`` says why that keeps every sum
+  inside 64 bits). A notice carried by a late envelope, below a later notice's range, adds nothing.
 """
 
 from __future__ import annotations
@@ -24,14 +28,16 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from edge.gateway._sql import LEDGER_COUNTERS
 from edge.gateway.errors import StoreError
 from edge.records import InferenceRecord, ReadingRecord
+from edge.telemetry._bounds import MAX_RECORDS_PER_ENVELOPE
 from edge.telemetry.schema import EventRecord, LossNotice, TelemetryRecord
 from edge.telemetry.verify import ChainLink
 
 __all__ = ["Backing", "BatchState", "ChainRow", "DeviceKey", "Hole", "LedgerTally"]
 
 _FIELD = {name: i for i, name in enumerate(LEDGER_COUNTERS)}
-_ENVELOPES, _RECORDS, _READINGS, _EVENTS, _LATE, _LOST = (
-    _FIELD[n] for n in ("envelopes", "records", "readings", "events", "late", "announced_lost")
+_ENVELOPES, _RECORDS, _READINGS, _EVENTS, _LATE, _LOST, _LOST_RECORDS = (
+    _FIELD[n]
+    for n in ("envelopes", "records", "readings", "events", "late", "announced_lost", "announced_lost_records")
 )
 
 
@@ -41,6 +47,7 @@ class DeviceKey:
 
     key: Ed25519PublicKey
     revoked_at: float | None
+    enrolled_at: float
 
 
 @dataclass(slots=True)
@@ -50,7 +57,24 @@ class ChainRow:
     head: ChainLink | None
     gaps: int
     last_accepted: float | None
+    lost_mark: int = 0
     dirty: bool = False
+
+    def announce(self, notice: LossNotice) -> tuple[int, int]:
+        """Count a loss notice against ``lost_mark`` (see the module docstring).
+
+        Returns:
+            (envelopes, records) it adds to the ledger.
+        """
+        mark = self.lost_mark
+        if notice.last_counter <= mark:
+            return 0, 0
+        self.lost_mark = notice.last_counter
+        self.dirty = True
+        if notice.first_counter > mark:
+            return notice.envelopes_dropped, notice.records_dropped
+        envelopes = min(notice.envelopes_dropped, notice.last_counter - mark)
+        return envelopes, min(notice.records_dropped, envelopes * MAX_RECORDS_PER_ENVELOPE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +123,9 @@ class LedgerTally:
             row = self.counts[device_id, day] = [0] * len(LEDGER_COUNTERS)
         row[_FIELD[name]] += n
 
-    def accepted(self, device_id: str, day: str, records: tuple[TelemetryRecord, ...], *, late: bool) -> None:
+    def accepted(
+        self, device_id: str, day: str, records: tuple[TelemetryRecord, ...], *, late: bool, chain: ChainRow
+    ) -> None:
         """Count an accepted envelope and its records.
 
         Args:
@@ -107,11 +133,12 @@ class LedgerTally:
             day: the UTC day it was received.
             records: its records.
             late: it filled a hole.
+            chain: the device's chain row (its loss notices move ``lost_mark``).
         """
         row = self.counts.get((device_id, day))
         if row is None:
             row = self.counts[device_id, day] = [0] * len(LEDGER_COUNTERS)
-        readings = events = lost = 0
+        readings = events = lost = lost_records = 0
         models: Counter[str] = Counter()
         for r in records:
             t = type(r)
@@ -122,13 +149,16 @@ class LedgerTally:
             elif t is EventRecord:
                 events += 1
             elif t is LossNotice:
-                lost += r.envelopes_dropped  # type: ignore[union-attr]
+                envelopes, dropped = chain.announce(r)  # type: ignore[arg-type]
+                lost += envelopes
+                lost_records += dropped
         row[_ENVELOPES] += 1
         row[_RECORDS] += len(records)
         row[_READINGS] += readings
         row[_EVENTS] += events
         row[_LATE] += late
         row[_LOST] += lost
+        row[_LOST_RECORDS] += lost_records
         for model, n in models.items():
             self.inferences[device_id, day, model] += n
 

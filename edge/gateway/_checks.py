@@ -11,7 +11,6 @@ import datetime
 import math
 import re
 import time
-import urllib.parse
 from typing import Final
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -21,10 +20,27 @@ from edge.gateway.store import DeviceRecord
 from edge.identity.did import did_key_from_public
 from edge.identity.errors import InvalidDeviceIdError
 from edge.identity.keys import validate_device_id
+from edge.log import redact  # the one redactor of URLs and secrets: store URLs go through it too
+from edge.telemetry._bounds import MAX_EPOCH
 
-__all__ = ["check_day", "check_device", "check_device_id", "check_time", "iso", "redact", "topic_device", "utc_day"]
+__all__ = [
+    "STATUS",
+    "TELEMETRY",
+    "check_day",
+    "check_device",
+    "check_device_id",
+    "check_time",
+    "iso",
+    "redact",
+    "topic_device",
+    "topic_device_any",
+    "topic_route",
+    "utc_day",
+]
 
-MAX_TIME: Final = 1e11
+MAX_TIME: Final = MAX_EPOCH
+TELEMETRY: Final = "telemetry"
+STATUS: Final = "status"
 _DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
 
 
@@ -48,23 +64,33 @@ def topic_device(topic: object) -> str | None:
         return None
 
 
-def redact(url: str) -> str:
-    """A store URL fit for messages and logs: a password (in the authority or the query) replaced by ``***``."""
+def topic_route(topic: object) -> tuple[str, str | None]:
+    """Where a message goes: ``(TELEMETRY, id)`` for ``devices/<id>/telemetry``, ``(STATUS, id)`` for
+    ``devices/<id>/status`` (``<id>`` a valid device id), else ``("other", topic_device_any(topic))``."""
+    if isinstance(topic, str):
+        parts = topic.split("/", 3)
+        if len(parts) == 3 and parts[0] == "devices" and parts[2] in (TELEMETRY, STATUS):
+            try:
+                return parts[2], validate_device_id(parts[1])
+            except InvalidDeviceIdError:
+                return "other", None
+    return "other", topic_device_any(topic)
+
+
+def topic_device_any(topic: object) -> str | None:
+    """The device whose namespace a topic is in (``devices/<id>/...``, a valid id), else None.
+
+    The broker lets only that device write there, so this is who sent it, whatever the message says.
+    """
+    if not isinstance(topic, str):
+        return None
+    parts = topic.split("/", 2)
+    if len(parts) < 3 or parts[0] != "devices":
+        return None
     try:
-        parts = urllib.parse.urlsplit(url)
-        netloc, query = parts.netloc, parts.query
-        if parts.password is not None:
-            host = parts.hostname or ""
-            host = f"[{host}]" if ":" in host else host
-            netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
-        if "password" in urllib.parse.parse_qs(query):
-            pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
-            query = urllib.parse.urlencode([(k, "***" if k == "password" else v) for k, v in pairs], safe="*")
-        if (netloc, query) == (parts.netloc, parts.query):
-            return url
-        return parts._replace(netloc=netloc, query=query).geturl()
-    except ValueError:  # a malformed port or netloc: say nothing of it
-        return "<store url>"
+        return validate_device_id(parts[1])
+    except InvalidDeviceIdError:
+        return None
 
 
 def utc_day(t: float) -> str:

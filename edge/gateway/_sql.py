@@ -4,13 +4,27 @@ Statements are written once with ``?`` placeholders and ``{blob}``, ``{real}``, 
 ``Dialect.sql`` fills them for SQLite or PostgreSQL (``%s`` placeholders, BYTEA, DOUBLE PRECISION, BIGINT, an
 identity column). No statement contains a literal ``?`` or ``%``: the placeholder swap is a plain replace.
 
+Versions: ``SCHEMA`` is version 1; ``MIGRATIONS[v]`` takes a database from version v - 1 to v. A new database is
+created at version 1 and migrated like an old one, so both always have the same schema. A migration runs inside the
+schema transaction (all of it or nothing) under the schema lock.
+
 Invariants of the schema (version ``SCHEMA_VERSION``):
 - ``envelopes``: one row per accepted (device, counter), the exact bytes; primary key (device_id, counter).
 - ``chains``: one row per registered device (created with the device, or on first ingest): the head link, the
-  number of open missing counters and the last accepted receipt time. It is the row ingest locks per device.
+  number of open missing counters, the last accepted receipt time and ``lost_mark``, the highest counter a loss
+  notice of the device has announced (each dropped counter is counted once). It is the row ingest locks per device.
 - ``holes``: open ranges of missing counters per device, disjoint, keyed by their low end, with the UTC day the
   gap was opened (a late fill lowers that day's ``missing``).
-- ``ledger`` / ``ledger_inferences``: counters per (device, UTC day[, model]), only ever incremented.
+- ``ledger`` / ``ledger_inferences``: counters per (device, UTC day[, model]), only ever incremented;
+  ``ledger_inferences`` counts claimed inferences and the credited ones among them, ``ledger_credits`` the others
+  (``edge.gateway.credit`` outcomes other than ``credited``) per (device, day, model, outcome).
+- ``claim_log``: the claims (``credit.claim_key`` -> first claimant) each batch made, one row per batch, in commit
+  order (``seq``); the store keeps the index in memory and reads here what other processes appended
+  (``edge.gateway.claims``). Rows older than the ledger's window are deleted.
+  ``credit_hours``: credited inferences per (device, model, UTC hour of the box's timeline) and the cap in force
+  when the hour's first credit was counted.
+- ``envelopes.credit``: NULL when every inference of the envelope was credited, else the JSON of the uncredited
+  records' indices by outcome (what a ledger export shows for that envelope).
 - ``quarantine``: every rejected input, newest by id. ``statuses``: the last status message per device id,
   registered or not.
 - ``events``: one row per ``EventRecord`` of an accepted envelope (OTA transitions and the like), keyed by
@@ -27,10 +41,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
-__all__ = ["ADDITIONS", "DIALECTS", "SCHEMA", "SCHEMA_VERSION", "Dialect"]
+__all__ = ["ADDITIONS", "DIALECTS", "MIGRATIONS", "SCHEMA", "SCHEMA_VERSION", "Dialect"]
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 
+# Version 1: never changes (a new database starts here and is migrated).
 SCHEMA: Final = (
     """CREATE TABLE devices (
         device_id TEXT PRIMARY KEY,
@@ -113,6 +128,41 @@ SCHEMA: Final = (
     )""",
 )
 
+MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {
+    # Version 2 (issue 11): the ledger counts work, not messages; loss notices count each dropped counter once.
+    2: (
+        "ALTER TABLE chains ADD COLUMN lost_mark {int} NOT NULL DEFAULT 0",
+        "ALTER TABLE ledger ADD COLUMN announced_lost_records {int} NOT NULL DEFAULT 0",
+        "ALTER TABLE envelopes ADD COLUMN credit TEXT",
+        # One row per ingest batch that claimed inputs: the log of the in-memory claim index (edge.gateway.claims).
+        """CREATE TABLE claim_log (
+            seq {id_pk},
+            created {real} NOT NULL,
+            data {blob} NOT NULL
+        )""",
+        "CREATE INDEX claim_log_created ON claim_log (created)",
+        """CREATE TABLE ledger_credits (
+            device_id TEXT NOT NULL,
+            day TEXT NOT NULL,
+            model_id TEXT NOT NULL,
+            outcome TEXT NOT NULL,
+            count {int} NOT NULL,
+            PRIMARY KEY (device_id, day, model_id, outcome)
+        )""",
+        """CREATE TABLE credit_hours (
+            device_id TEXT NOT NULL,
+            model_id TEXT NOT NULL,
+            hour {int} NOT NULL,
+            credited {int} NOT NULL,
+            cap {int} NOT NULL,
+            PRIMARY KEY (device_id, model_id, hour)
+        )""",
+        "ALTER TABLE ledger_inferences ADD COLUMN credited {int} NOT NULL DEFAULT 0",
+        # Version 1 credited every inference it counted: its days keep that credit.
+        "UPDATE ledger_inferences SET credited = count",
+    ),
+}
+
 # Run at every open, after the version check (see the module docstring): each must be idempotent.
 ADDITIONS: Final = (
     """CREATE TABLE IF NOT EXISTS events (
@@ -140,6 +190,7 @@ LEDGER_COUNTERS: Final = (
     "duplicates",
     "rejects",
     "announced_lost",
+    "announced_lost_records",
 )
 
 # Statements are built from our own identifiers only (column names, dialect keywords); values are always bound.
@@ -150,16 +201,28 @@ UPSERT_LEDGER = (
     + ", ".join(f"{c} = ledger.{c} + excluded.{c}" for c in LEDGER_COUNTERS)
 )
 UPSERT_INFERENCES = (
-    "INSERT INTO ledger_inferences (device_id, day, model_id, count) VALUES (?, ?, ?, ?)"
-    " ON CONFLICT (device_id, day, model_id) DO UPDATE SET count = ledger_inferences.count + excluded.count"
+    "INSERT INTO ledger_inferences (device_id, day, model_id, count, credited) VALUES (?, ?, ?, ?, ?)"
+    " ON CONFLICT (device_id, day, model_id) DO UPDATE SET count = ledger_inferences.count + excluded.count,"
+    " credited = ledger_inferences.credited + excluded.credited"
 )
 INSERT_ENVELOPE = (
-    "INSERT INTO envelopes (device_id, counter, received_at, day, records, hash, prev, data)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+    "INSERT INTO envelopes (device_id, counter, received_at, day, records, hash, prev, data, credit)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 UPDATE_CHAIN = (
-    "UPDATE chains SET head_counter = ?, head_hash = ?, head_prev = ?, gaps = ?, last_accepted = ? WHERE device_id = ?"
+    "UPDATE chains SET head_counter = ?, head_hash = ?, head_prev = ?, gaps = ?, last_accepted = ?, lost_mark = ?"
+    " WHERE device_id = ?"
 )
+UPSERT_CREDITS = (
+    "INSERT INTO ledger_credits (device_id, day, model_id, outcome, count) VALUES (?, ?, ?, ?, ?)"
+    " ON CONFLICT (device_id, day, model_id, outcome) DO UPDATE SET count = ledger_credits.count + excluded.count"
+)
+# The cap stays the one in force when the hour's first credit was counted: an hour is judged by one rule.
+UPSERT_HOURS = (
+    "INSERT INTO credit_hours (device_id, model_id, hour, credited, cap) VALUES (?, ?, ?, ?, ?)"
+    " ON CONFLICT (device_id, model_id, hour) DO UPDATE SET credited = credit_hours.credited + excluded.credited"
+)
+INSERT_CLAIM_LOG = "INSERT INTO claim_log (created, data) VALUES (?, ?)"
 INSERT_QUARANTINE = (
     "INSERT INTO quarantine (received_at, topic, device_id, kind, reason, size, hash, payload)"
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
@@ -216,7 +279,7 @@ class Dialect:
             text = text.replace("{" + slot + "}", value)
         return text.replace("?", self.placeholder)
 
-    def in_list(self, column: str, values: Sequence[str]) -> tuple[str, list[object]]:
+    def in_list(self, column: str, values: Sequence[object]) -> tuple[str, list[object]]:
         """A condition ``column`` is one of ``values``, with its parameters.
 
         Args:

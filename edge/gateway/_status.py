@@ -1,5 +1,10 @@
 """Device status messages to stored rows, and how a new message changes the stored one. Sans-IO.
 
+A status message is a box's word on its own topic (``devices/<id>/status``, which the broker lets only that box
+write), parsed here under bounds before anything is stored: at most ``MAX_STATUS_BYTES`` of strict UTF-8 JSON (no
+NaN or infinities, no duplicate keys, no lone surrogates), an object nested at most ``MAX_STATUS_DEPTH`` deep.
+Anything else is a ``GatewayInputError`` (the message is quarantined), never another exception.
+
 Invariants:
 - The content is the device's word and is kept as received (``info``, canonical JSON); only the fields the
   operator view needs are extracted, leniently: a ``state`` other than ``online``/``offline`` becomes ``unknown``,
@@ -19,13 +24,23 @@ from typing import Any, Final
 
 from edge.gateway._checks import check_device_id, check_time
 from edge.gateway.errors import GatewayInputError
+from edge.telemetry._bounds import INT64_MAX
 
-__all__ = ["MAX_STATUS_CHARS", "StatusRow", "merge_status", "parse_status"]
+__all__ = [
+    "MAX_STATUS_BYTES",
+    "MAX_STATUS_CHARS",
+    "MAX_STATUS_DEPTH",
+    "StatusRow",
+    "decode_status",
+    "merge_status",
+    "parse_status",
+]
 
-MAX_STATUS_CHARS: Final = 64 * 1024  # of the re-encoded JSON; the ingest loop bounds the raw message (16 KiB)
+MAX_STATUS_BYTES: Final = 16 * 1024  # the raw message; a box's birth message is about 300 bytes
+MAX_STATUS_CHARS: Final = 64 * 1024  # of the re-encoded JSON (escapes can grow it)
+MAX_STATUS_DEPTH: Final = 8  # containers inside containers; a box's status is two deep
 _STATES: Final = frozenset({"online", "offline"})
 _MAX_TEXT: Final = 128
-_UINT_MAX: Final = (1 << 63) - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +56,64 @@ class StatusRow:
     info: str
 
 
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise ValueError("duplicate key in a JSON object")
+    return out
+
+
+def _depth_ok(value: Any, limit: int) -> bool:
+    """Whether ``value`` nests at most ``limit`` containers deep (stops at the first level too deep)."""
+    stack = [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, dict | list):
+            if d > limit:
+                return False
+            stack.extend((x, d + 1) for x in (v.values() if isinstance(v, dict) else v))
+    return True
+
+
+def decode_status(device_id: str, payload: bytes) -> dict[str, Any] | None:
+    """Decode a status message under the bounds of the module docstring.
+
+    Args:
+        device_id: the device of the topic (for messages).
+        payload: the message as received.
+
+    Returns:
+        The JSON object, or None for an empty message (a retained status being cleared).
+
+    Raises:
+        GatewayInputError: oversized, not strict UTF-8 JSON, not an object, or nested too deep.
+    """
+    if not isinstance(payload, bytes | bytearray):
+        raise GatewayInputError(f"status of {device_id!r} is not bytes")
+    if len(payload) > MAX_STATUS_BYTES:
+        raise GatewayInputError(f"status of {device_id!r} is {len(payload)} bytes, limit {MAX_STATUS_BYTES}")
+    if not payload:
+        return None
+    try:
+        text = bytes(payload).decode("utf-8")
+        body = json.loads(text, parse_constant=_no_constants, object_pairs_hook=_unique)
+        # json turns "\ud800" escapes into lone surrogates, which no database can store as text.
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except RecursionError as e:  # the C scanner's own depth guard, before ours
+        raise GatewayInputError(f"status of {device_id!r} nests deeper than {MAX_STATUS_DEPTH}") from e
+    except (ValueError, UnicodeError) as e:  # JSONDecodeError, bad UTF-8, surrogates, NaN, duplicate keys
+        raise GatewayInputError(f"status of {device_id!r} is not strict UTF-8 JSON: {str(e)[:120]}") from e
+    if not isinstance(body, dict):
+        raise GatewayInputError(f"status of {device_id!r} is not a JSON object: {type(body).__name__}")
+    if not _depth_ok(body, MAX_STATUS_DEPTH):
+        raise GatewayInputError(f"status of {device_id!r} nests deeper than {MAX_STATUS_DEPTH}")
+    return body
+
+
 def parse_status(device_id: str, status: Mapping[str, Any], at: float) -> StatusRow:
     """The row a status message would make for a device never heard before.
 
@@ -53,17 +126,21 @@ def parse_status(device_id: str, status: Mapping[str, Any], at: float) -> Status
         The row.
 
     Raises:
-        GatewayInputError: invalid device id or time, not a JSON-encodable mapping, or over 64 KiB as JSON.
+        GatewayInputError: invalid device id or time, not a strict JSON-encodable mapping, nested deeper than
+            ``MAX_STATUS_DEPTH``, or over 64 KiB as JSON.
     """
     check_device_id(device_id)
     at = check_time(at, "status time")
     if not isinstance(status, Mapping):
         raise GatewayInputError(f"status of {device_id!r} is not a JSON object: {type(status).__name__}")
     try:
-        # NaN is allowed: json.loads accepts it from the wire, and the ingest loop must not fail on it.
-        info = json.dumps(dict(status), ensure_ascii=False, sort_keys=True, separators=(",", ":"))
-    except (TypeError, ValueError) as e:
-        raise GatewayInputError(f"status of {device_id!r} is not JSON: {e}") from e
+        if not _depth_ok(status, MAX_STATUS_DEPTH):
+            raise ValueError(f"nested deeper than {MAX_STATUS_DEPTH}")
+        # Canonical, strict JSON that every backend stores as text: no NaN, no lone surrogates (encode checks).
+        info = json.dumps(dict(status), ensure_ascii=False, sort_keys=True, separators=(",", ":"), allow_nan=False)
+        info.encode("utf-8")
+    except (TypeError, ValueError, RecursionError) as e:  # UnicodeEncodeError is a ValueError
+        raise GatewayInputError(f"status of {device_id!r} is not JSON: {str(e)[:120]}") from e
     if len(info) > MAX_STATUS_CHARS:
         raise GatewayInputError(f"status of {device_id!r} is {len(info)} characters, limit {MAX_STATUS_CHARS}")
     state, reason, model, backlog = (status.get(k) for k in ("state", "reason", "model", "outbox_backlog"))
@@ -73,7 +150,7 @@ def parse_status(device_id: str, status: Mapping[str, Any], at: float) -> Status
         since=at,
         last_seen=at,
         model=model[:_MAX_TEXT] if isinstance(model, str) else None,
-        outbox_backlog=backlog if type(backlog) is int and 0 <= backlog <= _UINT_MAX else None,
+        outbox_backlog=backlog if type(backlog) is int and 0 <= backlog <= INT64_MAX else None,
         info=info,
     )
 

@@ -4,15 +4,23 @@ Backends (``_store_sqlite``, ``_store_postgres``) supply the connection, the tra
 error types to translate; every rule lives here, once.
 
 Ingest of one batch, in one transaction:
-1. The topic of each message names its device (``devices/<id>/telemetry``); any other topic is rejected as
-   ``wrong_topic`` without verifying anything (the device it is attributed to is the unverified kid, if readable).
-2. The registered devices among the topics are loaded with one query, and their chain rows locked with one query in
-   sorted order (created first if missing): every later read of a chain happens under that lock.
-3. Each message is verified in order by ``ChainVerifier`` over a ``BatchState``; accepted envelopes, chain heads,
-   quarantine rows and ledger increments are collected in memory.
-4. Everything is written with one ``executemany`` per table, ledger rows in sorted order; the event records of
+1. Each message is routed by its topic: ``devices/<id>/telemetry`` to the verifier, ``devices/<id>/status`` to the
+   status parser; anything else is rejected as ``wrong_topic`` without verifying anything. A message is attributed
+   to the device of its topic, the identity the broker authenticated (only that device may write there), never to
+   an id its content claims: rejects count against the box that sent them.
+2. The registered devices among the telemetry topics are loaded with one query, and their chain rows locked with one
+   query in sorted order (created first if missing): every later read of a chain happens under that lock.
+3. Each telemetry message is verified in order by ``ChainVerifier`` over a ``BatchState``; accepted envelopes, chain
+   heads, quarantine rows and ledger increments are collected in memory. Status messages are parsed under bounds;
+   the last valid one of each device in the batch is stored, earlier ones are ``superseded``.
+4. The inference records of the accepted envelopes are credited (``edge.gateway.credit``): the batch's claims are
+   inserted into ``claims`` (sorted, so concurrent batches take those row locks in one order), the owners of keys
+   claimed before are read back only when some insert was skipped, and the per-hour counts are read for the
+   ceiling.
+5. Everything is written with one ``executemany`` per table, ledger rows in sorted order; the event records of
    accepted envelopes go to ``events`` in the same transaction (a duplicate adds none: it is not accepted).
-A database failure anywhere rolls the whole batch back and raises ``StoreError``; bad input never raises.
+A database failure anywhere rolls the whole batch back and raises ``StoreError`` (``StoreUnavailableError`` when the
+database could not be reached or was busy); bad input never raises.
 """
 
 from __future__ import annotations
@@ -22,16 +30,35 @@ import contextlib
 import dataclasses
 import json
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edge.gateway import _sql as q
 from edge.gateway._batch import BatchState, ChainRow, DeviceKey, Hole, LedgerTally
-from edge.gateway._checks import check_day, check_device, check_time, iso, redact, topic_device, utc_day
+from edge.gateway._checks import (
+    STATUS,
+    TELEMETRY,
+    check_day,
+    check_device,
+    check_time,
+    iso,
+    redact,
+    topic_device_any,
+    topic_route,
+    utc_day,
+)
 from edge.gateway._sql import Dialect
-from edge.gateway._status import StatusRow, merge_status, parse_status
-from edge.gateway.errors import DeviceExistsError, GatewayInputError, StoreError, UnknownDeviceError
+from edge.gateway._status import StatusRow, decode_status, merge_status, parse_status
+from edge.gateway.claims import ClaimBatch, ClaimIndex, decode_batch, encode_batch
+from edge.gateway.credit import HOUR_S, BatchCredits, CreditRules, Outcome, Owner, Resolution
+from edge.gateway.errors import (
+    DeviceExistsError,
+    GatewayInputError,
+    StoreError,
+    StoreUnavailableError,
+    UnknownDeviceError,
+)
 from edge.gateway.store import (
     DeviceEvent,
     DeviceRecord,
@@ -41,8 +68,8 @@ from edge.gateway.store import (
     LedgerRow,
     StoredEnvelope,
 )
-from edge.telemetry.envelope import envelope_hash, parse_envelope
-from edge.telemetry.errors import MalformedEnvelopeError
+from edge.telemetry._bounds import MAX_COUNTER
+from edge.telemetry.envelope import Envelope, envelope_hash
 from edge.telemetry.schema import EventRecord, TelemetryLimits
 from edge.telemetry.verify import ChainLink, ChainVerifier, Verdict, VerdictKind
 
@@ -52,7 +79,9 @@ V = VerdictKind
 
 QUARANTINE_PAYLOAD_BYTES: Final = 64 * 1024
 _MAX_TOPIC_CHARS: Final = 1024
-_COUNTER_MAX: Final = (1 << 63) - 1
+_MAX_REASON_CHARS: Final = 1024
+_IN_CHUNK: Final = 10000  # ids per IN list: far below SQLite's 32766 bound parameters
+_PRUNE_EVERY_S: Final = 600.0  # claim log rows beyond the ledger's window are deleted this often
 _PAGE_ROWS: Final = 64  # envelopes per page when streaming: ~1 MB at 14 KB each, bounded by 64 x the size limit
 _KEY_CACHE_MAX: Final = 65536
 
@@ -80,6 +109,18 @@ class _DayCache:
         return day
 
 
+class ClaimSession(Protocol):
+    """Where a batch reads the claim log's tail and appends its claims (see ``SqlStore._claims_session``)."""
+
+    durable: bool  # True: what is appended is committed when the session ends (before the batch's transaction)
+
+    def query(self, sql: str, params: Sequence[object] = ()) -> list[tuple[Any, ...]]:
+        """Run one statement (dialect SQL); returns its rows, if any."""
+
+    def append(self, created: float, data: bytes) -> int:
+        """Append a claim log row; returns its ``seq``."""
+
+
 class SqlStore(abc.ABC):
     """Everything of ``edge.gateway.store.Store`` except the connection; see the module docstring.
 
@@ -88,18 +129,24 @@ class SqlStore(abc.ABC):
 
     dialect: Dialect
 
-    def __init__(self, url: str, limits: TelemetryLimits) -> None:
-        """Connect and create or check the schema.
+    def __init__(self, url: str, limits: TelemetryLimits, rules: CreditRules) -> None:
+        """Connect and create, migrate or check the schema.
 
         Args:
             url: the URL it was opened with (kept as ``url``).
             limits: the telemetry limits for verification.
+            rules: the ledger's crediting rules.
 
         Raises:
             StoreError: cannot connect, or the schema is newer than this code.
         """
         self.url = url
         self._limits = limits
+        self._rules = rules
+        self._claims: ClaimIndex | None = None  # loaded at the first batch that credits anything
+        self._claims_seq = 0
+        self._claims_pruned_at = 0.0
+        self._pending_claims: tuple[ClaimBatch, int, int, int] | None = None
         self._key_objects: dict[bytes, Ed25519PublicKey] = {}
         self._sql_cache: dict[str, str] = {}
         self._closed = False
@@ -126,6 +173,10 @@ class SqlStore(abc.ABC):
         """The driver's exception types, translated to ``StoreError``."""
 
     @abc.abstractmethod
+    def _transient_errors(self) -> tuple[type[BaseException], ...]:
+        """The driver's exception types that mean "unreachable or busy, try again" (``StoreUnavailableError``)."""
+
+    @abc.abstractmethod
     def _transaction(self) -> contextlib.AbstractContextManager[None]:
         """A write transaction: committed on success, rolled back on any exception."""
 
@@ -138,8 +189,8 @@ class SqlStore(abc.ABC):
         """Run one statement; returns its row count."""
 
     @abc.abstractmethod
-    def _executemany(self, sql: str, rows: Sequence[Sequence[object]]) -> None:
-        """Run one statement for many parameter rows."""
+    def _executemany(self, sql: str, rows: Sequence[Sequence[object]]) -> int:
+        """Run one statement for many parameter rows; returns the rows it changed in all."""
 
     @abc.abstractmethod
     def _query(self, sql: str, params: Sequence[object] = ()) -> list[tuple[Any, ...]]:
@@ -160,6 +211,8 @@ class SqlStore(abc.ABC):
             raise StoreError(f"{self.dialect.name} store {operation}: the store is closed")
         try:
             yield
+        except self._transient_errors() as e:
+            raise StoreUnavailableError(f"{self.dialect.name} store {operation} failed: {e}") from e
         except self._driver_errors() as e:
             raise StoreError(f"{self.dialect.name} store {operation} failed: {e}") from e
 
@@ -171,12 +224,18 @@ class SqlStore(abc.ABC):
             if version is None:
                 for statement in q.SCHEMA:
                     self._execute(self._sql(statement))
-                self._execute(self._sql("INSERT INTO schema_version (version) VALUES (?)"), (q.SCHEMA_VERSION,))
-            elif version != q.SCHEMA_VERSION:
+                version = 1
+                self._execute(self._sql("INSERT INTO schema_version (version) VALUES (?)"), (version,))
+            if version > q.SCHEMA_VERSION:
                 raise StoreError(
                     f"{redact(self.url)}: schema version {version}, this code knows {q.SCHEMA_VERSION}"
-                    + (" (written by a newer gateway: upgrade it)" if version > q.SCHEMA_VERSION else "")
+                    " (written by a newer gateway: upgrade it)"
                 )
+            while version < q.SCHEMA_VERSION:
+                version += 1
+                for statement in q.MIGRATIONS[version]:
+                    self._execute(self._sql(statement))
+                self._execute(self._sql("INSERT INTO schema_version (version) VALUES (?)"), (version,))
             for statement in q.ADDITIONS:
                 self._execute(self._sql(statement))
 
@@ -251,83 +310,151 @@ class SqlStore(abc.ABC):
 
         Raises:
             GatewayInputError: a ``received_at`` is not epoch seconds (the caller's clock, not the device's input).
-            StoreError: the database failed; nothing was committed, so the messages must not be acknowledged.
+            StoreUnavailableError: the database could not be reached or was busy; nothing was committed.
+            StoreError: the database refused the batch; nothing was committed.
         """
         for msg in batch:
             check_time(msg.received_at, "received_at")
         if not batch:
             return []
+        # Claims the transaction logs are kept in memory only once it committed: a rolled-back batch claimed nothing.
+        self._pending_claims = None
         with self._guard("ingest"), self._transaction():
-            return self._ingest(batch)
+            results = self._ingest(batch)
+        self._keep_claims()  # SQLite: they committed with the batch
+        return results
 
     def _ingest(self, batch: Sequence[Inbound]) -> list[IngestResult]:
-        topic_devices = [topic_device(m.topic) for m in batch]
-        ids = sorted({d for d in topic_devices if d is not None})
+        routes = [topic_route(m.topic) for m in batch]
+        ids = sorted({dev for kind, dev in routes if kind == TELEMETRY and dev is not None})
         devices = self._load_device_keys(ids)
         chains = self._lock_chains([i for i in ids if devices[i] is not None])
         tally = LedgerTally()
         state = BatchState(self, devices, chains, tally)
         verifier = ChainVerifier(state, state, self._limits)
+        credits = BatchCredits(self._rules)
         days = _DayCache()
-        envelope_rows: list[tuple[object, ...]] = []
+        accepted: list[tuple[Envelope, float, str, bytes]] = []
         event_rows: list[tuple[object, ...]] = []
         quarantine_rows: list[tuple[object, ...]] = []
+        statuses: dict[str, tuple[int, StatusRow]] = {}
         results: list[IngestResult] = []
-        for msg, dev in zip(batch, topic_devices, strict=True):
+        for msg, (kind, dev) in zip(batch, routes, strict=True):
             t = float(msg.received_at)
             day = days(t)
-            state.at(t, day)
-            v = verifier.verify(msg.payload, topic_device=dev) if dev is not None else self._bad_topic(msg)
+            if kind == STATUS and dev is not None:
+                results.append(self._status(msg, dev, t, day, statuses, results, quarantine_rows, state, tally))
+                continue
+            if kind != TELEMETRY or dev is None:
+                v = self._bad_topic(msg)
+            else:
+                state.at(t, day)
+                v = verifier.verify(msg.payload, topic_device=dev)
             if v.accepted:
                 env = v.envelope
-                assert env is not None  # accepted verdicts carry the envelope
-                envelope_rows.append(
-                    (env.device_id, env.counter, t, day, len(env.records), env.hash, env.prev, msg.payload)
-                )
-                tally.accepted(env.device_id, day, env.records, late=v.kind is V.LATE)
-                event_rows.extend(_event_rows(env.device_id, env.counter, t, env.records))
-                chain = chains[env.device_id]
+                assert env is not None and dev is not None  # accepted verdicts carry the envelope; dev is its kid
+                chain = chains[dev]
+                accepted.append((env, t, day, msg.payload))
+                tally.accepted(dev, day, env.records, late=v.kind is V.LATE, chain=chain)
+                device_key = devices[dev]
+                assert device_key is not None  # its key verified the envelope
+                credits.add(dev, env.counter, day, t, device_key.enrolled_at, env.records)
+                event_rows.extend(_event_rows(dev, env.counter, t, env.records))
                 if chain.last_accepted is None or t > chain.last_accepted:
                     chain.last_accepted = t
-                results.append(IngestResult(v, True))
+                results.append(IngestResult(v, True, v.kind.value, dev))
             elif v.kind is V.DUPLICATE:
-                assert v.device_id is not None  # the chain check ran: the kid is known
-                tally.add(v.device_id, day, "duplicates")
-                results.append(IngestResult(v, True))
+                assert dev is not None  # the topic check passed: the kid is the topic's device
+                tally.add(dev, day, "duplicates")
+                results.append(IngestResult(v, True, v.kind.value, dev))
             else:
+                # Attributed to the topic's device (the identity the broker authenticated), never to the kid: a box
+                # cannot get its forgeries counted against another box.
+                who = dev if kind == TELEMETRY else topic_device_any(msg.topic)
                 if v.kind is V.UNKNOWN_DEVICE:
                     v = _explain_revoked(v, state, t)
-                who = v.device_id or dev
-                if who is not None and state.device(who) is not None:
-                    tally.add(who, day, "rejects")
-                quarantine_rows.append(_quarantine_row(msg, who, v))
-                results.append(IngestResult(v, False))
+                self._reject(who, day, state, tally)
+                quarantine_rows.append(_quarantine_row(msg, who, str(v.kind), _reason(v, who), v.envelope_hash))
+                results.append(IngestResult(v, False, v.kind.value, who))
+        envelope_rows = [
+            (env.device_id, env.counter, t, day, len(env.records), env.hash, env.prev, data, None)
+            for env, t, day, data in accepted
+        ]
         self._write_batch(envelope_rows, chains, quarantine_rows, tally)
         if event_rows:
             self._executemany(self._sql(q.INSERT_EVENT), event_rows)
+        for dev in sorted(statuses):  # sorted: concurrent batches take status row locks in one order
+            self._upsert_status(dev, statuses[dev][1])
+        # Last, so that the claims lock covers the credit decision and its few rows, never the bulk of the batch.
+        resolution = self._credit(credits, max(float(m.received_at) for m in batch)) if accepted else None
+        self._write_credits(tally, resolution)
         return results
+
+    def _reject(self, who: str | None, day: str, state: BatchState, tally: LedgerTally) -> None:
+        if who is not None and state.device(who) is not None:
+            tally.add(who, day, "rejects")
+
+    def _status(  # noqa: PLR0917 -- the batch's running state, passed down once
+        self,
+        msg: Inbound,
+        dev: str,
+        t: float,
+        day: str,
+        statuses: dict[str, tuple[int, StatusRow]],
+        results: list[IngestResult],
+        quarantine_rows: list[tuple[object, ...]],
+        state: BatchState,
+        tally: LedgerTally,
+    ) -> IngestResult:
+        """One status message: parsed under bounds, coalesced per device (the last one of the batch is stored)."""
+        try:
+            body = decode_status(dev, msg.payload)
+            if body is None:
+                # An empty retained message clears the topic: nothing to record.
+                return IngestResult(None, True, "cleared", dev)
+            row = parse_status(dev, body, t)
+        except GatewayInputError as e:
+            self._reject(dev, day, state, tally)
+            quarantine_rows.append(_quarantine_row(msg, dev, "malformed", f"status: {e}", None))
+            return IngestResult(None, False, "malformed", dev)
+        previous = statuses.get(dev)
+        if previous is not None:
+            results[previous[0]] = IngestResult(None, True, "superseded", dev)
+        statuses[dev] = (len(results), row)
+        return IngestResult(None, True, "recorded", dev)
 
     def _bad_topic(self, msg: Inbound) -> Verdict:
         """The verdict for a message on a topic that is not ``devices/<id>/telemetry``; nothing is verified."""
         data = msg.payload
-        kid: str | None = None
-        h = None
-        if isinstance(data, bytes) and len(data) <= self._limits.max_envelope_bytes:
-            with contextlib.suppress(MalformedEnvelopeError):
-                kid = parse_envelope(data, self._limits)[0]  # unverified: used only to attribute the reject
-            h = envelope_hash(data)
-        reason = f"topic {str(msg.topic)!r:.120} is not devices/<device id>/telemetry"
-        return Verdict(V.WRONG_TOPIC, reason, kid, envelope_hash=h)
+        h = envelope_hash(data) if isinstance(data, bytes) and len(data) <= self._limits.max_envelope_bytes else None
+        reason = f"topic {str(msg.topic)!r:.120} is not devices/<device id>/telemetry or /status"
+        return Verdict(V.WRONG_TOPIC, reason, None, envelope_hash=h)
+
+    def quarantine(self, batch: Sequence[Inbound], kind: str, reason: str) -> None:
+        """Quarantine messages unverified, complete (see ``Store.quarantine``)."""
+        for msg in batch:
+            check_time(msg.received_at, "received_at")
+        days = _DayCache()
+        rows, tally = [], LedgerTally()
+        with self._guard("quarantine"), self._transaction():
+            for msg in batch:
+                who = topic_device_any(msg.topic)
+                data = msg.payload if isinstance(msg.payload, bytes) else b""
+                h = envelope_hash(data) if len(data) <= self._limits.max_envelope_bytes else None
+                rows.append(_quarantine_row(msg, who, kind, reason, h, keep=self._limits.max_envelope_bytes))
+                if who is not None and self.load_device_key(who) is not None:
+                    tally.add(who, days(float(msg.received_at)), "rejects")
+            self._write_batch([], {}, rows, tally)
 
     def _load_device_keys(self, ids: list[str]) -> dict[str, DeviceKey | None]:
         found: dict[str, DeviceKey | None] = dict.fromkeys(ids)
         if ids:
             cond, params = self.dialect.in_list("device_id", ids)
-            for device_id, raw, revoked_at in self._query(
-                f"SELECT device_id, public_key, revoked_at FROM devices WHERE {cond}",  # noqa: S608
+            for device_id, raw, revoked_at, enrolled_at in self._query(
+                f"SELECT device_id, public_key, revoked_at, enrolled_at FROM devices WHERE {cond}",  # noqa: S608
                 params,
             ):
-                found[device_id] = DeviceKey(self._key_object(bytes(raw)), revoked_at)
+                found[device_id] = DeviceKey(self._key_object(bytes(raw)), revoked_at, enrolled_at)
         return found
 
     def _key_object(self, raw: bytes) -> Ed25519PublicKey:
@@ -357,18 +484,18 @@ class SqlStore(abc.ABC):
             return {}
         cond, params = self.dialect.in_list("device_id", ids)
         rows = self._query(
-            "SELECT device_id, head_counter, head_hash, head_prev, gaps, last_accepted FROM chains"  # noqa: S608
+            "SELECT device_id, head_counter, head_hash, head_prev, gaps, last_accepted, lost_mark FROM chains"  # noqa: S608
             f" WHERE {cond} ORDER BY device_id{self.dialect.lock_rows}",
             params,
         )
         return {
-            dev: ChainRow(None if c is None else ChainLink(c, bytes(h), bytes(p)), gaps, last)
-            for dev, c, h, p, gaps, last in rows
+            dev: ChainRow(None if c is None else ChainLink(c, bytes(h), bytes(p)), gaps, last, mark)
+            for dev, c, h, p, gaps, last, mark in rows
         }
 
     def _write_batch(
         self,
-        envelope_rows: list[tuple[object, ...]],
+        envelope_rows: Sequence[tuple[object, ...]],
         chains: dict[str, ChainRow],
         quarantine_rows: list[tuple[object, ...]],
         tally: LedgerTally,
@@ -376,7 +503,7 @@ class SqlStore(abc.ABC):
         if envelope_rows:
             self._executemany(self._sql(q.INSERT_ENVELOPE), envelope_rows)
         chain_rows = [
-            (c.head.counter, c.head.hash, c.head.prev, c.gaps, c.last_accepted, dev)
+            (c.head.counter, c.head.hash, c.head.prev, c.gaps, c.last_accepted, c.lost_mark, dev)
             for dev, c in sorted(chains.items())
             if c.dirty and c.head is not None
         ]
@@ -387,9 +514,119 @@ class SqlStore(abc.ABC):
         ledger_rows = tally.ledger_rows()
         if ledger_rows:
             self._executemany(self._sql(q.UPSERT_LEDGER), ledger_rows)
-        inference_rows = tally.inference_rows()
+
+    # Credits (inside the ingest transaction; the rules are edge.gateway.credit's)
+
+    def _credit(self, credits: BatchCredits, now: float) -> Resolution:
+        """Decide the batch's credits: who claimed its inputs before, under the claims lock, then the ceilings."""
+        min_hour = int((now - self._rules.max_age_s) // HOUR_S) - 1  # the window, an hour of slack
+        with self._claims_session() as session:
+            index = self._claim_index(now, session)
+            owners = {
+                k: Owner(dev, c)
+                for k, (dev, c) in index.lookup(credits.keys(), min_hour).items()
+                # A claim naming this batch's own envelope was logged by an earlier attempt whose batch then failed
+                # (the claims commit first on PostgreSQL): it is this batch's claim, not an earlier one.
+                if not credits.claims_own(k, dev, c)
+            }
+            batch = credits.new_claims(owners)
+            if len(batch):
+                seq = session.append(now, encode_batch(batch))
+                self._pending_claims = (batch, seq, int(now // HOUR_S), min_hour)
+        if session.durable:
+            self._keep_claims()
+        buckets = credits.buckets()
+        hours = {(d, m, h): (n, cap) for d, m, h, n, cap in self._credit_hours(buckets)} if buckets else {}
+        return credits.resolve(owners, hours)
+
+    def _keep_claims(self) -> None:
+        """Add the logged claims to the index once they are durable (they committed)."""
+        pending, self._pending_claims = self._pending_claims, None
+        if pending is not None and self._claims is not None:
+            claims, seq, hour, min_hour = pending
+            self._claims.add(claims, hour, min_hour)
+            self._claims_seq = max(self._claims_seq, seq)
+
+    @abc.abstractmethod
+    def _claims_session(self) -> contextlib.AbstractContextManager[ClaimSession]:
+        """Claim decisions, serialised with other stores on this database: the tail of the log is read and this
+        batch's claims appended inside it (SQLite: the batch's own transaction; PostgreSQL: a short transaction of
+        its own under an advisory lock, so the lock is not held while the batch's bulk commits)."""
+
+    def _claim_index(self, now: float, session: ClaimSession) -> ClaimIndex:
+        """The claim index, with every claim other processes logged since this store last looked (under the lock).
+
+        Raises:
+            StoreUnavailableError: a claim log row is corrupt: the index cannot be trusted until it is repaired.
+        """
+        index = self._claims
+        if index is None:
+            # First use: rebuild from the claims within the window (older work is not credited anyway).
+            index = ClaimIndex()
+            rows = session.query(
+                self._sql("SELECT seq, created, data FROM claim_log WHERE created >= ? ORDER BY seq"),
+                (now - self._rules.max_age_s - 2 * HOUR_S,),
+            )
+        else:
+            rows = session.query(
+                self._sql("SELECT seq, created, data FROM claim_log WHERE seq > ? ORDER BY seq"),
+                (self._claims_seq,),
+            )
+        min_hour = int((now - self._rules.max_age_s) // HOUR_S) - 1
+        for seq, created, data in rows:
+            try:
+                index.add(decode_batch(bytes(data)), int(created // HOUR_S), min_hour)
+            except StoreError as e:
+                raise StoreUnavailableError(
+                    f"{e} (claim_log seq {seq}): delete that row and restart; its claims are forgotten, nothing else"
+                ) from e
+            self._claims_seq = max(self._claims_seq, int(seq))
+        self._claims = index
+        if now - self._claims_pruned_at >= _PRUNE_EVERY_S:
+            session.query(self._sql("DELETE FROM claim_log WHERE created < ?"), (now - self._rules.max_age_s - 86400,))
+            self._claims_pruned_at = now
+        return index
+
+    def _write_credits(self, tally: LedgerTally, resolution: Resolution | None) -> None:
+        """The ledger's inference counts (claimed and credited) and, when something was not credited, why."""
+        credited = {} if resolution is None else resolution.tally
+        inference_rows = [
+            (dev, day, model, n, credited.get((dev, day, model, Outcome.CREDITED.value), 0))
+            for dev, day, model, n in tally.inference_rows()
+        ]
         if inference_rows:
             self._executemany(self._sql(q.UPSERT_INFERENCES), inference_rows)
+        if resolution is None:
+            return
+        if resolution.exceptions:  # the envelopes with an uncredited inference (rare): their credit column
+            self._executemany(
+                self._sql("UPDATE envelopes SET credit = ? WHERE device_id = ? AND counter = ?"),
+                [(text, dev, counter) for (dev, counter), text in sorted(resolution.exceptions.items())],
+            )
+        if resolution.hours:
+            self._executemany(self._sql(q.UPSERT_HOURS), resolution.hours)
+        rows = [(*key, n) for key, n in sorted(resolution.tally.items()) if key[3] != Outcome.CREDITED.value]
+        if rows:
+            self._executemany(self._sql(q.UPSERT_CREDITS), rows)
+
+    def _credit_hours(self, buckets: list[tuple[str, str, int]]) -> list[tuple[Any, ...]]:
+        """(device, model, hour, credited, cap) of the stored buckets among ``buckets``.
+
+        One query for the batch: its devices and the span of its hours (usually one or two), filtered here.
+        """
+        out: list[tuple[Any, ...]] = []
+        devices = sorted({d for d, _m, _h in buckets})
+        lo, hi = min(h for _d, _m, h in buckets), max(h for _d, _m, h in buckets)
+        for i in range(0, len(devices), _IN_CHUNK):
+            cond, params = self.dialect.in_list("device_id", devices[i : i + _IN_CHUNK])
+            p = self.dialect.placeholder
+            out += self._query(
+                "SELECT device_id, model_id, hour, credited, cap FROM credit_hours"  # noqa: S608
+                f" WHERE {cond} AND hour >= {p} AND hour <= {p}",
+                [*params, lo, hi],
+            )
+        wanted = set(buckets)
+        return [r for r in out if (r[0], r[1], r[2]) in wanted]
 
     # Backing (for BatchState, inside the ingest transaction)
 
@@ -440,11 +677,15 @@ class SqlStore(abc.ABC):
         """
         new = parse_status(device_id, status, at)
         with self._guard("record_status"), self._transaction():
-            if self._execute(self._sql(q.INSERT_STATUS), (device_id, *dataclasses.astuple(new))):
-                return
-            (old,) = self._query(self._sql(q.SELECT_STATUS + self.dialect.lock_rows), (device_id,))
-            row = merge_status(StatusRow(*old), new)
-            self._execute(self._sql(q.UPDATE_STATUS), (*dataclasses.astuple(row), device_id))
+            self._upsert_status(device_id, new)
+
+    def _upsert_status(self, device_id: str, new: StatusRow) -> None:
+        """Store ``new`` as the device's status, merged with the stored one (inside a transaction)."""
+        if self._execute(self._sql(q.INSERT_STATUS), (device_id, *dataclasses.astuple(new))):
+            return
+        (old,) = self._query(self._sql(q.SELECT_STATUS + self.dialect.lock_rows), (device_id,))
+        row = merge_status(StatusRow(*old), new)
+        self._execute(self._sql(q.UPDATE_STATUS), (*dataclasses.astuple(row), device_id))
 
     def statuses(self) -> list[DeviceStatus]:
         """The status of every registered device, ordered by id (see ``Store.statuses``)."""
@@ -507,14 +748,27 @@ class SqlStore(abc.ABC):
                 params,
             )
             models = self._query(
-                self._sql(f"SELECT device_id, day, model_id, count FROM ledger_inferences WHERE 1 = 1{where}"),  # noqa: S608
+                self._sql(
+                    f"SELECT device_id, day, model_id, count, credited FROM ledger_inferences WHERE 1 = 1{where}"  # noqa: S608
+                ),
+                params,
+            )
+            credit_rows = self._query(
+                self._sql(
+                    f"SELECT device_id, day, model_id, outcome, count FROM ledger_credits WHERE 1 = 1{where}"  # noqa: S608
+                ),
                 params,
             )
         inferences: dict[tuple[str, str], dict[str, int]] = {}
-        for dev, day, model, n in sorted(models):
+        credits: dict[tuple[str, str], dict[str, dict[str, int]]] = {}
+        for dev, day, model, n, credited in sorted(models):
             inferences.setdefault((dev, day), {})[model] = n
+            if credited:
+                credits.setdefault((dev, day), {}).setdefault(model, {})[Outcome.CREDITED.value] = credited
+        for dev, day, model, outcome, n in sorted(credit_rows):
+            credits.setdefault((dev, day), {}).setdefault(model, {})[outcome] = n
         out = []
-        for dev, day, env, rec, readings, events, missing, late, dups, rejects, lost in sorted(rows):
+        for dev, day, env, rec, readings, events, missing, late, dups, rejects, lost, lost_rec in sorted(rows):
             out.append(
                 LedgerRow(
                     device_id=dev,
@@ -529,6 +783,8 @@ class SqlStore(abc.ABC):
                     duplicates=dups,
                     rejects=rejects,
                     announced_lost=lost,
+                    announced_lost_records=lost_rec,
+                    credits=credits.get((dev, day), {}),
                 )
             )
         return out
@@ -549,7 +805,7 @@ class SqlStore(abc.ABC):
         return self._envelope_pages(device_id, where, params, max(0, from_counter))
 
     def _envelope_pages(self, device_id: str, where: str, params: list[object], start: int) -> Iterator[StoredEnvelope]:
-        stop = _COUNTER_MAX
+        stop = MAX_COUNTER
         if where:  # a day range: its counter bounds from the day index, then pages along the primary key
             with self._guard("envelopes"):
                 lo, hi = self._query(
@@ -560,17 +816,25 @@ class SqlStore(abc.ABC):
                 return
             start, stop = max(start, lo), hi
         page = self._sql(
-            "SELECT counter, hash, prev, received_at, data FROM envelopes"  # noqa: S608
+            "SELECT counter, hash, prev, received_at, data, credit FROM envelopes"  # noqa: S608
             f" WHERE device_id = ? AND counter >= ? AND counter <= ?{where} ORDER BY counter LIMIT ?"
         )
         while start <= stop:
             with self._guard("envelopes"):
                 rows = self._query(page, [device_id, start, stop, *params, _PAGE_ROWS])
-            for counter, h, prev, received_at, data in rows:
-                yield StoredEnvelope(device_id, counter, bytes(h), bytes(prev), received_at, bytes(data))
+            for counter, h, prev, received_at, data, credit in rows:
+                yield StoredEnvelope(device_id, counter, bytes(h), bytes(prev), received_at, bytes(data), credit)
             if len(rows) < _PAGE_ROWS:
                 return
             start = rows[-1][0] + 1
+
+    def credit_caps(self, device_id: str) -> dict[tuple[str, int], int]:
+        """The cap of every (model, hour) with credited inferences of the device (see ``Store.credit_caps``)."""
+        with self._guard("credit_caps"):
+            rows = self._query(
+                self._sql("SELECT model_id, hour, cap FROM credit_hours WHERE device_id = ?"), (device_id,)
+            )
+        return {(model, hour): cap for model, hour, cap in rows}
 
     # ------------------------------------------------------------------------------------------------- events
 
@@ -659,16 +923,32 @@ def _explain_revoked(v: Verdict, state: BatchState, t: float) -> Verdict:
     return dataclasses.replace(v, reason=reason)
 
 
-def _quarantine_row(msg: Inbound, device_id: str | None, v: Verdict) -> tuple[object, ...]:
+def _reason(v: Verdict, who: str | None) -> str:
+    """The verdict's reason, saying which device the content claims when that is not the topic's device."""
+    if v.device_id is not None and v.device_id != who:
+        return f"{v.reason} (the envelope names {v.device_id!r})"
+    return v.reason
+
+
+def _quarantine_row(
+    msg: Inbound,
+    device_id: str | None,
+    kind: str,
+    reason: str,
+    h: bytes | None,
+    *,
+    keep: int = QUARANTINE_PAYLOAD_BYTES,
+) -> tuple[object, ...]:
     data = msg.payload if isinstance(msg.payload, bytes) else b""
     topic = msg.topic if isinstance(msg.topic, str) else repr(msg.topic)
+    # Text columns never get a NUL (PostgreSQL refuses it, and the whole batch with it).
     return (
         float(msg.received_at),
-        topic[:_MAX_TOPIC_CHARS],
+        topic[:_MAX_TOPIC_CHARS].replace("\x00", "\\x00"),
         device_id,
-        str(v.kind),
-        v.reason,
+        kind,
+        reason[:_MAX_REASON_CHARS].replace("\x00", "\\x00"),
         len(data),
-        v.envelope_hash,
-        data[:QUARANTINE_PAYLOAD_BYTES],
+        h,
+        data[:keep],
     )

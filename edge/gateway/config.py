@@ -29,13 +29,16 @@ from edge.config import (
     read_toml,
 )
 from edge.errors import ConfigError
+from edge.gateway.credit import CreditRules
 
 __all__ = [
     "BrokerConfig",
     "GatewayConfig",
     "IngestConfig",
+    "LedgerConfig",
     "MetricsConfig",
     "RolloutConfig",
+    "certificate_cn",
     "default_store_url",
     "load_gateway_config",
     "parse_gateway_config",
@@ -47,22 +50,27 @@ class IngestConfig:
     """Who this gateway process is and how it ingests.
 
     Attributes:
-        id: the MQTT client id; it names the persistent session, so every gateway process needs its own.
+        id: the MQTT client id, which names the persistent session. The broker binds it to the certificate
+            (client id = the CN of ``broker.cert``), so every gateway process needs a certificate of its own; empty
+            in the file: ``load_gateway_config`` takes the CN.
         fleet_dir: the fleet directory (CA, command key, device bundles, default store).
         store: the store URL (``sqlite:///path``, a path, or ``postgresql://...``); empty: ``<fleet_dir>/fleet.db``.
         share_group: the MQTT 5 shared-subscription group; processes in one group split the telemetry.
         batch_max: the most messages stored in one transaction.
         batch_wait_ms: how long a batch waits to fill before it is stored anyway.
         receive_maximum: the most unacknowledged messages the broker sends at once (bounds memory and latency).
+        store_timeout_s: how long the store may stay unavailable (database down, locked, disk full) before the
+            process gives up and exits non-zero, so that its supervisor restarts it.
     """
 
-    id: str = "gateway-1"
+    id: str = ""
     fleet_dir: Path = Path("fleet")
     store: str = ""
     share_group: str = "ingest"
     batch_max: int = 200
     batch_wait_ms: int = 20
     receive_maximum: int = 2000
+    store_timeout_s: float = 300.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +84,9 @@ class BrokerConfig:
     key: Path = Path("gateway/gateway.key")
     keepalive_s: int = 30
     session_expiry_s: int = 86400
+    # Apply the registry to the broker through mosquitto's dynamic-security plugin (edge.gateway.broker_sync):
+    # what the fragment `edge fleet broker-config` writes. Off for a broker that enforces access some other way.
+    dynamic_security: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +116,24 @@ class RolloutConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class LedgerConfig:
+    """How the ledger credits work (``edge.gateway.credit``).
+
+    Attributes:
+        ceiling_per_s: the inferences per second a box can do with a model ``ceilings`` does not name; claims beyond
+            ``ceiling x 3600`` in one hour of a box's timeline are flagged ``over_ceiling``, not credited.
+        ceilings: per model, by name (every version) or id (``name@version``): inferences per second.
+    """
+
+    ceiling_per_s: float = 1000.0
+    ceilings: Mapping[str, float] = field(default_factory=dict)
+
+    def rules(self) -> CreditRules:
+        """The crediting rules these settings make."""
+        return CreditRules(ceiling_per_s=self.ceiling_per_s, ceilings=dict(self.ceilings))
+
+
+@dataclass(frozen=True, slots=True)
 class GatewayConfig:
     """The whole gateway configuration."""
 
@@ -112,6 +141,7 @@ class GatewayConfig:
     broker: BrokerConfig = field(default_factory=BrokerConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    ledger: LedgerConfig = field(default_factory=LedgerConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
     def fleet_path(self, p: Path) -> Path:
@@ -136,6 +166,13 @@ def _share_group(key: str, v: Any) -> str:
     return s
 
 
+def _store_timeout(key: str, v: Any) -> float:
+    t = float(_float_at_least(1.0)(key, v))
+    if t > 86400.0:
+        raise ConfigError(key, v, "seconds, 1..86400 (how long an unavailable store is waited for)")
+    return t
+
+
 def _store(key: str, v: Any) -> str:
     if not isinstance(v, str):
         raise ConfigError(key, v, "a store URL (sqlite:///path or postgresql://...) or a path")
@@ -152,6 +189,18 @@ def _bounded(low: int, high: int) -> Any:
         return n
 
     return convert
+
+
+def _ceiling(key: str, v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float) or not 0 < v <= 1e9:  # NaN fails the range too
+        raise ConfigError(key, v, "inferences per second: a number above 0 and at most 1e9")
+    return float(v)
+
+
+def _ceilings(key: str, v: Any) -> dict[str, float]:
+    if not isinstance(v, Mapping):
+        raise ConfigError(key, v, "a table of model name or id = inferences per second, e.g. {digits = 5000}")
+    return {str(name): _ceiling(f"{key}.{name}", per_s) for name, per_s in v.items()}
 
 
 def _command_ttl(key: str, v: Any) -> float:
@@ -174,7 +223,14 @@ def parse_gateway_config(data: Mapping[str, Any]) -> GatewayConfig:
     Raises:
         ConfigError: a key is unknown or a value is invalid; the message names the key.
     """
-    di, db, dm, dl, dr = IngestConfig(), BrokerConfig(), MetricsConfig(), LogConfig(), RolloutConfig()
+    di, db, dm, dl, dr, dg = (
+        IngestConfig(),
+        BrokerConfig(),
+        MetricsConfig(),
+        LogConfig(),
+        RolloutConfig(),
+        LedgerConfig(),
+    )
     top = _Section("", data)
     tables = {name: _Section(name, top.get(name, {}, lambda _k, v: v)) for name in GatewayConfig.__dataclass_fields__}
     top.finish()
@@ -187,6 +243,7 @@ def parse_gateway_config(data: Mapping[str, Any]) -> GatewayConfig:
         batch_max=s.get("batch_max", di.batch_max, _bounded(1, 5000)),
         batch_wait_ms=s.get("batch_wait_ms", di.batch_wait_ms, _bounded(0, 10_000)),
         receive_maximum=s.get("receive_maximum", di.receive_maximum, _bounded(1, 65535)),
+        store_timeout_s=s.get("store_timeout_s", di.store_timeout_s, _store_timeout),
     )
     s = tables["broker"]
     broker = BrokerConfig(
@@ -197,6 +254,7 @@ def parse_gateway_config(data: Mapping[str, Any]) -> GatewayConfig:
         key=s.get("key", db.key, _path),
         keepalive_s=s.get("keepalive_s", db.keepalive_s, _bounded(5, 65535)),
         session_expiry_s=s.get("session_expiry_s", db.session_expiry_s, _bounded(0, 0xFFFFFFFF)),
+        dynamic_security=s.get("dynamic_security", db.dynamic_security, _bool),
     )
     s = tables["metrics"]
     metrics = MetricsConfig(
@@ -211,24 +269,83 @@ def parse_gateway_config(data: Mapping[str, Any]) -> GatewayConfig:
         device_timeout_s=s.get("device_timeout_s", dr.device_timeout_s, _float_at_least(1.0)),
         command_ttl_s=s.get("command_ttl_s", dr.command_ttl_s, _command_ttl),
     )
+    s = tables["ledger"]
+    ledger = LedgerConfig(
+        ceiling_per_s=s.get("ceiling_per_s", dg.ceiling_per_s, _ceiling),
+        ceilings=s.get("ceilings", dg.ceilings, _ceilings),
+    )
     s = tables["log"]
     log = LogConfig(
         level=s.get("level", dl.level, _choice(LOG_LEVELS)), format=s.get("format", dl.format, _choice(LOG_FORMATS))
     )
     for section in tables.values():
         section.finish()
-    return GatewayConfig(gateway=gateway, broker=broker, metrics=metrics, rollout=rollout, log=log)
+    return GatewayConfig(gateway=gateway, broker=broker, metrics=metrics, rollout=rollout, ledger=ledger, log=log)
 
 
-def load_gateway_config(path: str | os.PathLike[str]) -> GatewayConfig:
+def load_gateway_config(path: str | os.PathLike[str], *, resolve_id: bool = True) -> GatewayConfig:
     """Read and validate the gateway's TOML configuration; a relative ``fleet_dir`` is taken from the file's directory.
 
+    Args:
+        path: the TOML file.
+        resolve_id: check ``gateway.id`` against the CN of ``broker.cert`` and take the CN when it is empty (reads
+            the certificate). ``edge fleet command``, which connects with an identity of its own, passes False.
+
     Raises:
-        ConfigError: the file is missing, is not valid TOML, or a value is invalid.
+        ConfigError: the file is missing, is not valid TOML, or a value is invalid; the gateway's certificate is
+            unreadable, or its CN is not ``gateway.id``.
     """
     p = Path(path)
     cfg = parse_gateway_config(read_toml(p))
     fleet = cfg.gateway.fleet_dir
     if not fleet.is_absolute():
         fleet = p.resolve().parent / fleet
-    return replace(cfg, gateway=replace(cfg.gateway, fleet_dir=fleet))
+    cfg = replace(cfg, gateway=replace(cfg.gateway, fleet_dir=fleet))
+    if not resolve_id:
+        return cfg
+    cert = cfg.fleet_path(cfg.broker.cert)
+    cn = certificate_cn(cert)
+    if cfg.gateway.id and cfg.gateway.id != cn:
+        raise ConfigError(
+            "gateway.id",
+            cfg.gateway.id,
+            f"the CN of broker.cert ({cert}), {cn!r}: the broker makes the certificate's CN the client id, so each "
+            f"gateway process needs a certificate of its own. Remove gateway.id to run as {cn!r}, or issue one with "
+            f"`edge fleet ca issue-client {cfg.gateway.id}` and point broker.cert and broker.key at it",
+        )
+    return replace(cfg, gateway=replace(cfg.gateway, id=cn))
+
+
+_MAX_CERT_BYTES = 64 * 1024
+
+
+def certificate_cn(path: Path) -> str:
+    """The subject CN of the gateway's certificate (``broker.cert``): its identity.
+
+    Args:
+        path: the certificate.
+
+    Returns:
+        The CN.
+
+    Raises:
+        ConfigError: the file is unreadable, not a PEM certificate, or has no single CN; the message names the path
+            and how to issue one.
+    """
+    from cryptography import x509  # noqa: PLC0415 -- loaded only when a certificate is read
+    from cryptography.x509.oid import NameOID  # noqa: PLC0415
+
+    fix = "a client certificate from `edge fleet ca issue-client NAME` (its CN is the identity)"
+    try:
+        with path.open("rb") as f:
+            data = f.read(_MAX_CERT_BYTES + 1)
+        if len(data) > _MAX_CERT_BYTES:
+            raise ValueError(f"larger than {_MAX_CERT_BYTES} bytes")
+        names = x509.load_pem_x509_certificate(data).subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    except OSError as e:
+        raise ConfigError("broker.cert", str(path), f"{fix}; it cannot be read ({e.strerror})") from e
+    except ValueError as e:
+        raise ConfigError("broker.cert", str(path), f"{fix}; it is not a PEM certificate ({e})") from e
+    if len(names) != 1 or not isinstance(names[0].value, str) or not names[0].value:
+        raise ConfigError("broker.cert", str(path), f"{fix}; it has no single CN")
+    return names[0].value

@@ -1,7 +1,11 @@
 """Errors of the fleet gateway, placed in the fault tree of ``edge.errors``.
 
-- ``StoreError``: the database failed (cannot connect, a statement failed, a schema from the future). Nothing of
-  the failed call was committed.
+- ``StoreError``: the database failed (a statement failed, a schema from the future). Nothing of the failed call was
+  committed. Its subclass ``StoreUnavailableError`` says the database could not be reached or was busy (connection
+  lost, lock timeout, disk I/O): the same call may succeed later. Any other ``StoreError`` of an ingest call means
+  this input could not be stored, however often it is retried.
+- ``IngestFailedError``: the gateway's ingest cannot go on (the store stayed unavailable past its deadline, or its
+  worker failed); the process exits non-zero so its supervisor restarts it.
 - ``DeviceExistsError`` / ``UnknownDeviceError``: a registry operation named a device that does (not) exist.
 - ``GatewayInputError``: an argument handed to the gateway from outside is invalid (a device record whose did:key
   does not match its key, a status that is not a JSON object, a day not in ``YYYY-MM-DD`` form).
@@ -12,14 +16,16 @@ Bad telemetry is never an exception here: ingest turns it into a verdict and a q
 
 from __future__ import annotations
 
-from edge.errors import EdgeError, InputError
+from edge.errors import EdgeError, InputError, TransportError
 
 __all__ = [
     "DeviceExistsError",
     "GatewayError",
     "GatewayInputError",
+    "IngestFailedError",
     "LedgerExportError",
     "StoreError",
+    "StoreUnavailableError",
     "UnknownDeviceError",
 ]
 
@@ -28,8 +34,16 @@ class GatewayError(EdgeError):
     """Base of the errors the gateway raises on purpose."""
 
 
-class StoreError(GatewayError):
+class StoreError(GatewayError, TransportError):
     """The database failed or holds a schema this code does not know; the call changed nothing."""
+
+
+class StoreUnavailableError(StoreError):
+    """The database could not be reached or was busy; the same call may succeed later."""
+
+
+class IngestFailedError(GatewayError, TransportError):
+    """Ingest cannot go on: the store stayed unavailable past its deadline, or the worker failed unexpectedly."""
 
 
 class DeviceExistsError(GatewayError, ValueError):

@@ -1,43 +1,56 @@
-"""Ingest: messages from the broker → batches → one store transaction each → acknowledgements.
+"""Ingest: messages from the broker -> fair batches -> one store transaction each -> acknowledgements.
 
 Invariants:
-- A telemetry message is acknowledged (PUBACK) only after the transaction that verified and stored it committed.
-  If the gateway dies before that, the broker still holds the message for the gateway's persistent session and
+- A message is acknowledged (PUBACK) only after the transaction that stored or quarantined it committed. If the
+  gateway dies before that, the broker still holds the message for the gateway's persistent session and
   redelivers it; the store is idempotent (a redelivered envelope is a ``duplicate``, stored once).
-- A failed transaction (``StoreError``: the database is down or locked) acknowledges nothing; the same batch is
-  retried with backoff until it commits or the gateway stops, so nothing is lost and nothing is skipped.
-- Memory is bounded by the broker: the gateway's Receive Maximum caps the messages in flight to it.
-- Status messages (retained JSON on ``devices/<id>/status``) are recorded as they come; a malformed one is counted,
-  logged and acknowledged, because redelivering it would not make it valid.
+- Every message is either stored (telemetry accepted or a duplicate, a status recorded or superseded) or
+  quarantined with a reason. Nothing a box can publish stops ingest:
+  - a message that makes its batch fail in a way the store did not classify (a ``StoreError`` that is not
+    ``StoreUnavailableError``, or any other exception) is retried alone; if it fails alone it is quarantined as
+    ``internal`` with its complete payload, and the others of its batch are stored as usual;
+  - batches are assembled round-robin over the devices with messages waiting (by the topic's device), so one box
+    flooding its topics gets one slot per round, like every other box;
+  - QoS 0 messages are not flow-controlled by the broker: beyond ``qos0_queue_max`` waiting for one device they are
+    dropped unread, counted, and quarantined as one ``shed`` row per device and batch;
+  - reject logs are throttled per device and kind, with a count of what was suppressed.
+- The store unavailable (``StoreUnavailableError``: database down, locked, disk full) acknowledges nothing; the same
+  batch is retried with backoff. If it stays unavailable for ``store_timeout_s``, or the worker fails in any way
+  nobody expected, ingest stops for good: ``failed`` says why, ``alive`` turns false, and the gateway process exits
+  non-zero so its supervisor restarts it. It never lives on without ingesting.
+- Memory is bounded: the gateway's Receive Maximum caps the QoS 1 messages in flight to it, and ``qos0_queue_max``
+  the QoS 0 messages per device.
+- ``received_at`` never goes backwards within one loop (a wall clock stepped back by NTP is held at its last value).
 
 One ``IngestLoop`` owns one worker thread and one ``Store`` opened on that thread (stores are per-thread).
 """
 
 from __future__ import annotations
 
-import json
+import collections
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Final, TypeVar
 
-from edge.gateway.errors import StoreError
+from edge.gateway._checks import topic_device_any
+from edge.gateway.errors import IngestFailedError, StoreUnavailableError
 from edge.gateway.metrics import GatewayMetrics
-from edge.gateway.store import Inbound, Store
-from edge.identity.keys import validate_device_id
+from edge.gateway.store import Inbound, IngestResult, Store
 from edge.log import event
 from edge.telemetry.transport import Incoming
 
-__all__ = ["IngestLoop", "IngestStats", "MAX_STATUS_BYTES"]
+__all__ = ["IngestLoop", "IngestStats"]
 
 log = logging.getLogger("edge.gateway.ingest")
 
-MAX_STATUS_BYTES = 16 * 1024
 _RETRY_MIN_S, _RETRY_MAX_S = 0.2, 5.0
+_LOG_EVERY_S: Final = 10.0  # at most one reject log per (device, kind) per interval
+_LOG_KEYS_MAX: Final = 10_000
 T = TypeVar("T")
+_Item = tuple[Incoming, float]
 
 
 @dataclass
@@ -53,10 +66,122 @@ class IngestStats:
     statuses: int = 0
     bad_statuses: int = 0
     store_errors: int = 0
+    internal: int = 0
+    shed: int = 0
+
+
+class FairQueue:
+    """Messages waiting per device, taken round-robin over the devices that have any. Thread-safe.
+
+    Args:
+        qos0_max: the most QoS 0 messages waiting for one device; more are dropped on arrival (counted).
+    """
+
+    def __init__(self, qos0_max: int) -> None:
+        self._qos0_max = max(1, qos0_max)
+        self._cond = threading.Condition()
+        self._queues: dict[str, collections.deque[_Item]] = {}
+        self._ready: collections.deque[str] = collections.deque()
+        self._size = 0
+        self._closed = False
+        self._shed: collections.Counter[str] = collections.Counter()
+        self._shed_topic: dict[str, str] = {}
+
+    def __len__(self) -> int:
+        """Messages waiting."""
+        with self._cond:
+            return self._size
+
+    def put(self, key: str, item: _Item, *, qos0: bool) -> bool:
+        """Queue ``item`` for device ``key`` (``""`` for a topic that names none).
+
+        Returns:
+            False when it was dropped: a QoS 0 message for a device that already has ``qos0_max`` waiting.
+        """
+        with self._cond:
+            q = self._queues.get(key)
+            if q is None:
+                q = self._queues[key] = collections.deque()
+            if qos0 and len(q) >= self._qos0_max:
+                self._shed[key] += 1
+                self._shed_topic[key] = item[0].topic
+                return False
+            if not q:
+                self._ready.append(key)
+            q.append(item)
+            self._size += 1
+            self._cond.notify()
+            return True
+
+    def close(self) -> None:
+        """Wake the taker; ``take`` returns what is left, then nothing."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def take(self, limit: int, wait_more_s: float, idle_s: float = 1.0) -> tuple[list[_Item], bool]:
+        """Up to ``limit`` messages, one per device per round; waits for the first (at most ``idle_s``: an idle
+        worker still turns), then up to ``wait_more_s`` for more.
+
+        Returns:
+            (messages, closed): ``closed`` once ``close`` was called (the messages are the last ones); no messages
+            when ``idle_s`` passed without any.
+        """
+        with self._cond:
+            if not self._size and not self._closed:
+                self._cond.wait(idle_s)
+            if not self._size:
+                return [], self._closed
+            deadline = time.monotonic() + wait_more_s
+            while self._size < limit and not self._closed:
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._cond.wait(left):
+                    break
+            out: list[_Item] = []
+            while self._ready and len(out) < limit:
+                key = self._ready.popleft()
+                q = self._queues[key]
+                out.append(q.popleft())
+                if q:
+                    self._ready.append(key)
+                else:
+                    del self._queues[key]  # idle devices cost nothing
+            self._size -= len(out)
+            return out, self._closed
+
+    def take_shed(self) -> list[tuple[str, str, int]]:
+        """(device, last topic, count) of QoS 0 messages dropped since the last call."""
+        with self._cond:
+            out = [(k, self._shed_topic[k], n) for k, n in self._shed.items()]
+            self._shed.clear()
+            self._shed_topic.clear()
+            return out
+
+
+class _Throttle:
+    """Allows one log per key per interval and counts the ones it suppressed (reported with the next one)."""
+
+    def __init__(self, every_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._every = every_s
+        self._clock = clock
+        self._last: dict[tuple[str, ...], float] = {}
+        self._suppressed: collections.Counter[tuple[str, ...]] = collections.Counter()
+
+    def allow(self, *key: str) -> int | None:
+        """None: suppress; else the number suppressed since the last allowed one."""
+        now = self._clock()
+        last = self._last.get(key)
+        if last is not None and now - last < self._every:
+            self._suppressed[key] += 1
+            return None
+        if len(self._last) >= _LOG_KEYS_MAX:
+            self._last.clear()
+        self._last[key] = now
+        return self._suppressed.pop(key, 0)
 
 
 class IngestLoop:
-    """Batches incoming telemetry into store transactions and acknowledges what committed.
+    """Batches incoming messages into store transactions and acknowledges what committed.
 
     Args:
         open_store: opens the store; called once, on the worker thread.
@@ -64,6 +189,8 @@ class IngestLoop:
         batch_max: the most messages per transaction.
         batch_wait_s: how long the first message of a batch waits for company.
         clock: wall-clock seconds (receipt and commit times).
+        store_timeout_s: how long the store may stay unavailable before ingest gives up (the process then exits).
+        qos0_queue_max: QoS 0 messages that may wait per device before more are dropped.
     """
 
     def __init__(
@@ -74,18 +201,30 @@ class IngestLoop:
         batch_max: int = 200,
         batch_wait_s: float = 0.02,
         clock: Callable[[], float] = time.time,
+        store_timeout_s: float = 300.0,
+        qos0_queue_max: int = 100,
     ) -> None:
         self._open_store = open_store
         self.metrics = metrics
         self._batch_max = max(1, batch_max)
         self._batch_wait = max(0.0, batch_wait_s)
         self._clock = clock
-        self._queue: queue.SimpleQueue[tuple[Incoming, float] | None] = queue.SimpleQueue()
+        self._store_timeout = store_timeout_s
+        self._queue = FairQueue(qos0_queue_max)
+        self._last_t = 0.0
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._error: BaseException | None = None
+        self._throttle = _Throttle(_LOG_EVERY_S)
+        self.failed: BaseException | None = None
+        self.heartbeat = time.monotonic()  # the worker's latest turn (the systemd watchdog is fed while it moves)
         self.stats = IngestStats()
+
+    @property
+    def alive(self) -> bool:
+        """True while the worker runs and has not given up."""
+        return self._thread is not None and self._thread.is_alive() and self.failed is None
 
     def start(self) -> None:
         """Open the store on the worker thread and start ingesting.
@@ -101,8 +240,14 @@ class IngestLoop:
 
     def submit(self, msg: Incoming) -> None:
         """Queue a received message (called on the network thread; never blocks)."""
-        self._queue.put((msg, self._clock()))
-        self.metrics.queue.inc()
+        t = max(self._clock(), self._last_t)
+        self._last_t = t
+        key = topic_device_any(msg.topic) or ""
+        if self._queue.put(key, (msg, t), qos0=msg.qos == 0):
+            self.metrics.queue.inc()
+        else:
+            self.stats.shed += 1
+            self.metrics.rejects.labels(reason="shed").inc()
 
     def stop(self, timeout: float = 10.0) -> None:
         """Store and acknowledge what was received so far, then stop the worker.
@@ -111,7 +256,7 @@ class IngestLoop:
             timeout: seconds to wait for the last batch.
         """
         self._stopping.set()
-        self._queue.put(None)
+        self._queue.close()
         if self._thread is not None:
             self._thread.join(timeout)
 
@@ -127,125 +272,148 @@ class IngestLoop:
         self._ready.set()
         try:
             while True:
-                batch, last = self._next_batch()
+                self.heartbeat = time.monotonic()
+                batch, last = self._queue.take(self._batch_max, self._batch_wait)
                 if batch:
                     self._handle(store, batch)
-                if last:
+                self._quarantine_shed(store)
+                if last and not len(self._queue):
                     return
+        except BaseException as e:  # a bug or a store gone for good: say so and stop; the process exits non-zero
+            self.failed = e
+            event(log, logging.CRITICAL, "ingest stopped", error=f"{type(e).__name__}: {e}"[:500])
         finally:
             store.close()
 
-    def _next_batch(self) -> tuple[list[tuple[Incoming, float]], bool]:
-        """Up to ``batch_max`` messages: waits for the first, then at most ``batch_wait`` for the rest."""
-        first = self._queue.get()
-        if first is None:
-            return [], True
-        batch = [first]
-        deadline = time.monotonic() + self._batch_wait
-        while len(batch) < self._batch_max:
-            try:
-                # Take what is already queued without waiting; wait only while the batch is young.
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                try:
-                    item = self._queue.get(timeout=left)
-                except queue.Empty:
-                    break
-            if item is None:
-                return batch, True
-            batch.append(item)
-        return batch, False
-
-    def _handle(self, store: Store, batch: list[tuple[Incoming, float]]) -> None:
+    def _handle(self, store: Store, batch: list[_Item]) -> None:
         self.metrics.queue.dec(len(batch))
         self.stats.messages += len(batch)
-        telemetry = []
-        for m, t in batch:
-            if m.topic.endswith("/telemetry"):
-                telemetry.append((m, t))
+        try:
+            results = self._committed(lambda: store.ingest([_inbound(m, t) for m, t in batch]), len(batch))
+        except IngestFailedError:
+            raise
+        except Exception as e:  # anything but "unavailable": find the message that causes it
+            if len(batch) == 1:
+                results = [self._quarantine_internal(store, batch[0], e)]
             else:
-                self._status(store, m, t)
-        if telemetry:
-            self._telemetry(store, telemetry)
-
-    def _retrying(self, what: str, fn: Callable[[], T]) -> T | None:
-        """``fn()`` until it commits; on ``StoreError`` count, log and back off. None if stopped meanwhile."""
-        delay = _RETRY_MIN_S
-        while True:
-            try:
-                return fn()
-            except StoreError as e:
-                self.stats.store_errors += 1
-                self.metrics.store_errors.inc()
-                event(log, logging.ERROR, f"{what} not stored; retrying", error=str(e))
-                if self._stopping.wait(delay):
-                    return None
-                delay = min(delay * 2, _RETRY_MAX_S)
-
-    def _telemetry(self, store: Store, batch: list[tuple[Incoming, float]]) -> None:
-        inbound = [Inbound(m.topic, m.payload, t) for m, t in batch]
-        results = self._retrying(f"batch of {len(batch)}", lambda: store.ingest(inbound))
+                event(log, logging.WARNING, "batch failed; storing its messages one by one", error=_brief(e))
+                for item in batch:
+                    self._handle_one(store, item)
+                return
         if results is None:
             # Stopping with the database down: leave the batch unacknowledged; the broker redelivers it.
             event(log, logging.WARNING, "stopped with a batch unstored; the broker keeps it", n=len(batch))
             return
+        self._done(batch, results)
+
+    def _handle_one(self, store: Store, item: _Item) -> None:
+        m, t = item
+        try:
+            results = self._committed(lambda: store.ingest([_inbound(m, t)]), 1)
+        except IngestFailedError:
+            raise
+        except Exception as e:  # this message fails alone: quarantine it, carry on
+            results = [self._quarantine_internal(store, item, e)]
+        if results is not None:
+            self._done([item], results)
+
+    def _quarantine_internal(self, store: Store, item: _Item, error: BaseException) -> IngestResult:
+        """Quarantine a message whose handling failed unexpectedly; a store that cannot even do that is failed."""
+        m, t = item
+        reason = f"handling it failed unexpectedly: {_brief(error)}"
+        event(log, logging.ERROR, "message quarantined: handling it failed", topic=m.topic[:200], error=_brief(error))
+        try:
+            self._committed(lambda: store.quarantine([_inbound(m, t)], "internal", reason), 1)
+        except IngestFailedError:
+            raise
+        except Exception as e:
+            raise IngestFailedError(f"the store cannot quarantine a message: {_brief(e)}") from e
+        self.stats.internal += 1
+        return IngestResult(None, False, "internal", topic_device_any(m.topic))
+
+    def _quarantine_shed(self, store: Store) -> None:
+        shed = self._queue.take_shed()
+        if not shed:
+            return
+        now = self._clock()
+        rows = [Inbound(topic, b"", now) for _dev, topic, _n in shed]
+        for dev, _topic, n in shed:
+            if self._throttle.allow("shed", dev) is not None:
+                event(log, logging.WARNING, "QoS 0 messages dropped: the device's queue is full", device=dev, n=n)
+        reason = (
+            "QoS 0 messages dropped unread: the device's queue was full ("
+            + ", ".join(f"{d or '?'}: {n}" for d, _t, n in shed)[:900]
+        )
+        self._committed(lambda: store.quarantine(rows, "shed", reason + ")"), len(rows))
+
+    def _committed(self, fn: Callable[[], T], n: int) -> T | None:
+        """``fn()`` until it commits; on ``StoreUnavailableError`` count, log and back off. None if stopped meanwhile.
+
+        Raises:
+            IngestFailedError: the store stayed unavailable for ``store_timeout_s``.
+        """
+        delay = _RETRY_MIN_S
+        since: float | None = None
+        while True:
+            try:
+                return fn()
+            except StoreUnavailableError as e:
+                now = self.heartbeat = time.monotonic()  # retrying is turning, not hanging
+                since = now if since is None else since
+                self.stats.store_errors += 1
+                self.metrics.store_errors.inc()
+                if now - since >= self._store_timeout:
+                    raise IngestFailedError(
+                        f"the store has been unavailable for {now - since:.0f} s (limit {self._store_timeout:g} s): {e}"
+                    ) from e
+                event(log, logging.ERROR, f"{n} message(s) not stored; retrying", error=str(e)[:500])
+                if self._stopping.wait(delay):
+                    return None
+                delay = min(delay * 2, _RETRY_MAX_S)
+
+    def _done(self, batch: list[_Item], results: list[IngestResult]) -> None:
+        """Count, log and acknowledge a committed batch."""
         stored_at = self._clock()
         self.stats.batches += 1
         for (m, _t), res in zip(batch, results, strict=True):
-            v = res.verdict
-            if v.accepted:
-                self.stats.accepted += 1
-                self.stats.records += len(v.records)
-            elif res.stored:
-                self.stats.duplicates += 1
-            else:
-                self.stats.rejected += 1
-                event(
-                    log,
-                    logging.WARNING,
-                    "envelope rejected",
-                    topic=m.topic,
-                    verdict=v.kind.value,
-                    reason=v.reason,
-                    device=v.device_id,
-                )
+            self._count(m, res)
             if not m.ack():
                 self.metrics.ack_lost.inc()
         self.metrics.observe(results, stored_at=stored_at, received_at=[t for _m, t in batch])
 
-    def _status(self, store: Store, m: Incoming, t: float) -> None:
-        parts = m.topic.split("/")
-        try:
-            if len(parts) != 3 or parts[0] != "devices" or parts[2] != "status":
-                raise ValueError(f"not a status topic: {m.topic!r:.100}")
-            device_id = validate_device_id(parts[1])
-            if len(m.payload) > MAX_STATUS_BYTES:
-                raise ValueError(f"{len(m.payload)} bytes > {MAX_STATUS_BYTES}")
-            if not m.payload:
-                # An empty retained message clears the topic: nothing to record.
-                m.ack()
-                return
-            body = json.loads(m.payload)
-            if not isinstance(body, dict):
-                raise ValueError("status is not a JSON object")
-
-            def record() -> bool:
-                store.record_status(device_id, body, t)
-                return True
-
-            # The store may still refuse valid JSON (too large once normalised, say): an InputError, caught below.
-            if self._retrying("status", record) is None:
-                return  # stopping: unacknowledged, the broker redelivers it
-        except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, InvalidDeviceIdError, InputError
-            # Acknowledged all the same: redelivering a malformed status would not make it valid.
-            self.stats.bad_statuses += 1
-            self.metrics.statuses.labels(outcome="malformed").inc()
-            event(log, logging.WARNING, "status message rejected", topic=m.topic[:200], error=str(e)[:200])
-            m.ack()
+    def _count(self, m: Incoming, res: IngestResult) -> None:
+        v = res.verdict
+        if v is not None and v.accepted:
+            self.stats.accepted += 1
+            self.stats.records += len(v.records)
             return
-        self.stats.statuses += 1
-        self.metrics.statuses.labels(outcome="recorded").inc()
-        m.ack()
+        if res.outcome in ("recorded", "superseded", "cleared"):
+            self.stats.statuses += 1
+            return
+        if res.stored:
+            self.stats.duplicates += 1
+            return
+        if res.outcome == "malformed" and v is None:
+            self.stats.bad_statuses += 1
+        elif res.outcome != "internal":
+            self.stats.rejected += 1
+        suppressed = self._throttle.allow(res.device_id or "", res.outcome)
+        if suppressed is not None:
+            event(
+                log,
+                logging.WARNING,
+                "message rejected",
+                topic=m.topic[:200],
+                verdict=res.outcome,
+                reason=(v.reason if v is not None else "")[:300],
+                device=res.device_id,
+                suppressed=suppressed,
+            )
+
+
+def _inbound(m: Incoming, t: float) -> Inbound:
+    return Inbound(m.topic, m.payload, t)
+
+
+def _brief(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"[:300]

@@ -17,6 +17,7 @@ from edge.telemetry.verify import ACCEPTED, VerdictKind
 
 __all__ = ["GatewayMetrics"]
 
+_STATUS_OUTCOMES = ("recorded", "superseded", "cleared")
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 
 
@@ -31,7 +32,10 @@ class GatewayMetrics:
         self.rejects = Counter("edge_gateway_rejects", "Inputs quarantined, by reason", ["reason"], registry=r)
         self.missing = Counter("edge_gateway_missing_envelopes", "Envelope counters skipped by gaps", registry=r)
         self.statuses = Counter(
-            "edge_gateway_status_messages", "Device status messages, by outcome", ["outcome"], registry=r
+            "edge_gateway_status_messages",
+            "Device status messages, by outcome (recorded, superseded, cleared, malformed)",
+            ["outcome"],
+            registry=r,
         )
         self.store_errors = Counter("edge_gateway_store_errors", "Failed store transactions (retried)", registry=r)
         self.ack_lost = Counter(
@@ -71,6 +75,10 @@ class GatewayMetrics:
             self.envelopes.labels(verdict=kind.value)
             if kind not in ACCEPTED and kind is not VerdictKind.DUPLICATE:
                 self.rejects.labels(reason=kind.value)
+        for reason in ("internal", "shed"):  # not verdicts: a message that broke its batch, a QoS 0 flood
+            self.rejects.labels(reason=reason)
+        for outcome in (*_STATUS_OUTCOMES, "malformed"):
+            self.statuses.labels(outcome=outcome)
 
     def observe(self, results: Sequence[IngestResult], *, stored_at: float, received_at: Sequence[float]) -> None:
         """Count one committed batch.
@@ -83,8 +91,14 @@ class GatewayMetrics:
         self.batch_size.observe(len(results))
         for res, t in zip(results, received_at, strict=True):
             v = res.verdict
-            self.envelopes.labels(verdict=v.kind.value).inc()
             self.ingest_latency.observe(max(0.0, stored_at - t))
+            if v is None:
+                if res.outcome in _STATUS_OUTCOMES or res.outcome == "malformed":
+                    self.statuses.labels(outcome=res.outcome).inc()
+                if not res.stored:
+                    self.rejects.labels(reason=res.outcome).inc()
+                continue
+            self.envelopes.labels(verdict=v.kind.value).inc()
             if v.accepted:
                 self.records.inc(len(v.records))
                 if v.missing:

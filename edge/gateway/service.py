@@ -5,7 +5,8 @@ telemetry through a shared subscription (``$share/<group>/devices/+/telemetry``:
 load, each envelope goes to one of them) and to their status (``devices/+/status``, not shared: retained messages
 are never delivered on shared subscriptions, and every process may record the same status), stores through the
 ingest loop, serves Prometheus metrics, and (``[rollout] enabled``) drives the fleet's current model rollout,
-publishing its signed commands on the same connection (``edge.gateway.rollout_driver``). SIGTERM or SIGINT stops
+publishing its signed commands on the same connection (``edge.gateway.rollout_driver``), and applies the fleet
+registry to the broker's access rules on that connection too (``edge.gateway.broker_sync``). SIGTERM or SIGINT stops
 it: what was received is stored and acknowledged, then it disconnects cleanly. Under systemd (``Type=notify``) it
 reports READY once connected.
 """
@@ -21,13 +22,15 @@ from types import FrameType
 from typing import Any
 
 from edge import log as edge_log
+from edge.gateway.broker_sync import BrokerSync
 from edge.gateway.config import GatewayConfig
+from edge.gateway.errors import IngestFailedError
 from edge.gateway.ingest import IngestLoop, IngestStats
 from edge.gateway.metrics import GatewayMetrics
 from edge.gateway.rollout_driver import RolloutDriver
 from edge.gateway.store import Store, open_store
-from edge.log import event
-from edge.systemd import Notifier
+from edge.log import event, redact
+from edge.systemd import Notifier, WatchdogPolicy
 from edge.telemetry.transport import MqttSettings, MqttTransport
 
 __all__ = ["Gateway", "mqtt_settings", "run_gateway", "subscriptions"]
@@ -60,7 +63,7 @@ def mqtt_settings(cfg: GatewayConfig, **overrides: Any) -> MqttSettings:
 
 
 class Gateway:
-    """The parts of a running gateway: metrics, ingest loop, broker connection, rollout driver.
+    """The parts of a running gateway: metrics, ingest loop, broker connection, broker sync, rollout driver.
 
     Args:
         cfg: the validated configuration.
@@ -70,16 +73,28 @@ class Gateway:
     def __init__(self, cfg: GatewayConfig, *, store_factory: Callable[[], Store] | None = None) -> None:
         self.cfg = cfg
         self.metrics = GatewayMetrics()
-        url = cfg.store_url
+        url, rules = cfg.store_url, cfg.ledger.rules()
+        opener = store_factory or (lambda: open_store(url, rules=rules))
         self.ingest = IngestLoop(
-            store_factory or (lambda: open_store(url)),
+            opener,
             self.metrics,
             batch_max=cfg.gateway.batch_max,
             batch_wait_s=cfg.gateway.batch_wait_ms / 1000,
+            store_timeout_s=cfg.gateway.store_timeout_s,
         )
+        # Keeps the broker's access rules equal to the registry (edge.gateway.broker_sync), on this connection.
+        self.broker_sync = BrokerSync.for_fleet(cfg.gateway.fleet_dir, opener) if cfg.broker.dynamic_security else None
+        on_incoming = self.ingest.submit if self.broker_sync is None else self.broker_sync.route(self.ingest.submit)
         self.transport = MqttTransport(
-            mqtt_settings(cfg), on_incoming=self.ingest.submit, subscriptions=subscriptions(cfg.gateway.share_group)
+            mqtt_settings(cfg),
+            on_incoming=on_incoming,
+            subscriptions=[
+                *subscriptions(cfg.gateway.share_group),
+                *(self.broker_sync.subscriptions if self.broker_sync is not None else ()),
+            ],
         )
+        if self.broker_sync is not None:
+            self.broker_sync.attach(self.transport)
         self.rollouts: RolloutDriver | None = None
         if cfg.rollout.enabled:
             fleet_dir = cfg.gateway.fleet_dir
@@ -91,7 +106,7 @@ class Gateway:
 
             self.rollouts = RolloutDriver(
                 fleet_dir,
-                store_factory or (lambda: open_store(url)),
+                opener,
                 self.transport.publish,
                 commands_key,
                 interval_s=cfg.rollout.interval_s,
@@ -112,6 +127,8 @@ class Gateway:
         if self.cfg.metrics.enabled:
             self._server = self.metrics.serve(self.cfg.metrics.host, self.cfg.metrics.port)
         self.transport.start()
+        if self.broker_sync is not None:
+            self.broker_sync.start()
         if self.rollouts is not None:
             self.rollouts.start()
 
@@ -123,6 +140,8 @@ class Gateway:
         """
         if self.rollouts is not None:
             self.rollouts.stop()
+        if self.broker_sync is not None:
+            self.broker_sync.stop()
         self.ingest.stop()
         self.transport.stop()
         if self._server is not None:
@@ -140,6 +159,10 @@ def run_gateway(cfg: GatewayConfig, *, stop: threading.Event | None = None) -> I
 
     Returns:
         The ingest counters at the end.
+
+    Raises:
+        IngestFailedError: ingest gave up (the store stayed unavailable past ``gateway.store_timeout_s``, or its
+            worker failed); the caller exits non-zero so that the supervisor restarts the process.
     """
     edge_log.configure(cfg.log.level, cfg.log.format)
     stop = stop or threading.Event()
@@ -160,19 +183,27 @@ def run_gateway(cfg: GatewayConfig, *, stop: threading.Event | None = None) -> I
         "gateway started",
         id=cfg.gateway.id,
         broker=f"{cfg.broker.host}:{cfg.broker.port}",
-        store=_redact(cfg.store_url),
+        store=redact(cfg.store_url),
         metrics=f"{cfg.metrics.host}:{cfg.metrics.port}" if cfg.metrics.enabled else None,
     )
     ready = False
     last_status = 0.0
+    watchdog = WatchdogPolicy(notifier.watchdog_interval, time.monotonic()) if notifier.watchdog_interval else None
     try:
         while not stop.wait(0.2):
+            if not gw.ingest.alive:
+                # Never live on without ingesting: exit non-zero and let the supervisor start afresh.
+                raise IngestFailedError(f"ingest stopped: {gw.ingest.failed}")
             up = gw.transport.connected
             gw.metrics.connected.set(1 if up else 0)
             if up and not ready:
                 ready = True
                 notifier.send(READY=1, STATUS="connected")
             now = time.monotonic()
+            # Fed only while the ingest worker turns (idle or storing): a worker stuck in a call makes systemd
+            # restart the process.
+            if watchdog is not None and watchdog.due(now, gw.ingest.heartbeat):
+                notifier.send(WATCHDOG=1)
             if now - last_status >= 5.0:
                 last_status = now
                 s = gw.ingest.stats
@@ -183,13 +214,3 @@ def run_gateway(cfg: GatewayConfig, *, stop: threading.Event | None = None) -> I
         notifier.close()
         event(log, logging.INFO, "gateway stopped", **vars(stats))
     return stats
-
-
-def _redact(url: str) -> str:
-    """A store URL without its password, for logs."""
-    if "://" in url and "@" in url:
-        scheme, rest = url.split("://", 1)
-        creds, host = rest.rsplit("@", 1)
-        user = creds.split(":", 1)[0]
-        return f"{scheme}://{user}:***@{host}" if ":" in creds else url
-    return url

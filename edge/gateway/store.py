@@ -25,10 +25,11 @@ Invariants:
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from edge.errors import ConfigError
+from edge.gateway.credit import UNCREDITED, CreditRules
 from edge.telemetry.schema import DEFAULT_LIMITS, TelemetryLimits
 from edge.telemetry.verify import Verdict
 
@@ -86,13 +87,22 @@ class IngestResult:
     """The outcome of one inbound message.
 
     Attributes:
-        verdict: the verifier's classification (``edge.telemetry.verify.Verdict``).
-        stored: True when the envelope is in the envelopes table after the call (accepted now, or a duplicate of
-            one stored before); False for rejects, which went to quarantine.
+        verdict: for a telemetry message, the verifier's classification (``edge.telemetry.verify.Verdict``);
+            None for any other message.
+        stored: True when what the message carries is stored after the call: an envelope accepted now or a
+            duplicate of one stored before, a status recorded (or superseded by a later status of the same device
+            in the same batch, or an empty retained message that clears it). False: the message went to
+            quarantine with ``outcome`` as its kind.
+        outcome: the verdict's kind for telemetry; ``recorded``, ``superseded`` or ``cleared`` for a status;
+            otherwise the quarantine kind (``malformed``, ``wrong_topic``, ``internal``, ``shed``).
+        device_id: the device the message is attributed to: the one whose topic it arrived on (the broker lets
+            only that device write it), never an id the message claims inside; None for a topic that names none.
     """
 
-    verdict: Verdict
+    verdict: Verdict | None
     stored: bool
+    outcome: str = ""
+    device_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,8 +120,11 @@ class LedgerRow:
         missing: counters skipped by gaps opened that day, minus those of them filled late since.
         late: envelopes received that day that arrived late and filled a gap.
         duplicates: redelivered or replayed copies of stored envelopes (not stored again).
-        rejects: quarantined inputs attributed to this device (by kid, else by topic).
-        announced_lost: envelopes the device itself reported dropped (loss notices received that day).
+        rejects: quarantined inputs that arrived on this device's topics (attributed by topic, never by content).
+        announced_lost: envelopes the device itself reported dropped (each dropped counter once).
+        announced_lost_records: the records those envelopes held, by the device's word.
+        credits: what became of the inferences, per model and outcome (``edge.gateway.credit.Outcome`` values):
+            ``credited`` is the work the device is paid for.
     """
 
     device_id: str
@@ -126,6 +139,22 @@ class LedgerRow:
     duplicates: int
     rejects: int
     announced_lost: int
+    announced_lost_records: int = 0
+    credits: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    @property
+    def claimed(self) -> int:
+        """Inference records in the day's accepted envelopes."""
+        return sum(self.inferences.values())
+
+    @property
+    def credited(self) -> int:
+        """Inferences credited (the work the device is paid for)."""
+        return sum(by.get("credited", 0) for by in self.credits.values())
+
+    def uncredited(self) -> dict[str, int]:
+        """Inferences not credited, by reason (every reason present, zero when none)."""
+        return {o.value: sum(by.get(o.value, 0) for by in self.credits.values()) for o in UNCREDITED}
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +199,8 @@ class StoredEnvelope:
         prev: the prev hash it carried.
         received_at: when the gateway received it.
         data: the exact bytes received (re-verifiable with the device's key).
+        credit: None when every inference record in it was credited, else the JSON of the uncredited records'
+            indices by outcome (``edge.gateway.credit.Resolution.exceptions``).
     """
 
     device_id: str
@@ -178,6 +209,7 @@ class StoredEnvelope:
     prev: bytes
     received_at: float
     data: bytes
+    credit: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,17 +280,29 @@ class Store(Protocol):
         """
 
     def ingest(self, batch: Sequence[Inbound]) -> list[IngestResult]:
-        """Verify and store a batch of telemetry messages in one transaction.
+        """Verify and store a batch of messages (telemetry and status) in one transaction.
 
         Args:
             batch: messages in the order received.
 
         Returns:
-            One result per message, in order. Bad input never raises: it gets a reject verdict and a quarantine row.
+            One result per message, in order. Bad input never raises: it gets a reject result and a quarantine row.
 
         Raises:
-            StoreError: the database failed; nothing of the batch was committed, so the caller must not acknowledge
-                the messages (the broker redelivers them and they are verified again).
+            StoreUnavailableError: the database could not be reached or was busy; nothing was committed: retry.
+            StoreError: the batch could not be stored (nothing was committed); retried alone, each message either
+                stores or fails again, and a message that fails alone should be quarantined (``quarantine``).
+                The caller must not acknowledge what was not committed.
+        """
+
+    def quarantine(self, batch: Sequence[Inbound], kind: str, reason: str) -> None:
+        """Quarantine messages without verifying them (handling them failed in a way nobody expected).
+
+        Each gets a quarantine row of ``kind`` with its complete payload (bounded by the envelope size limit), so it
+        can be examined and re-ingested; a registered device whose topic it arrived on gets a reject on its ledger.
+
+        Raises:
+            StoreError: the database failed (``StoreUnavailableError``: it may succeed later).
         """
 
     def record_status(self, device_id: str, status: Mapping[str, Any], at: float) -> None:
@@ -303,6 +347,13 @@ class Store(Protocol):
             StoreError: the database failed.
         """
 
+    def credit_caps(self, device_id: str) -> dict[tuple[str, int], int]:
+        """The cap of every (model id, UTC hour) in which the device has credited inferences (``credit_hours``).
+
+        Raises:
+            StoreError: the database failed.
+        """
+
     def events(
         self, *, kind_prefix: str = "", since: float = 0.0, device_id: str | None = None, limit: int = 10000
     ) -> list[DeviceEvent]:
@@ -337,13 +388,14 @@ class Store(Protocol):
         """Close the connection; idempotent."""
 
 
-def open_store(url: str, *, limits: TelemetryLimits = DEFAULT_LIMITS) -> Store:
-    """Open (and create or check the schema of) a store.
+def open_store(url: str, *, limits: TelemetryLimits = DEFAULT_LIMITS, rules: CreditRules | None = None) -> Store:
+    """Open (and create, migrate or check the schema of) a store.
 
     Args:
         url: ``sqlite:///abs/path.db``, ``sqlite:relative.db`` or a bare file path for SQLite (WAL mode);
             ``postgresql://...`` (or ``postgres://...``) for PostgreSQL.
         limits: the telemetry limits envelopes are verified under.
+        rules: the ledger's crediting rules (``edge.gateway.credit``); None: the defaults.
 
     Returns:
         The store. The schema is created if missing (versioned in a ``schema_version`` table).
@@ -357,10 +409,10 @@ def open_store(url: str, *, limits: TelemetryLimits = DEFAULT_LIMITS) -> Store:
     if url.startswith(("postgresql://", "postgres://")):
         from edge.gateway._store_postgres import PostgresStore  # noqa: PLC0415 -- psycopg is an optional extra
 
-        return PostgresStore(url, limits)
+        return PostgresStore(url, limits, rules or CreditRules())
     scheme, sep, _ = url.partition("://")
     if sep and scheme != "sqlite":
         raise ConfigError("store url", url, "a sqlite: or postgresql:// URL or a file path")
     from edge.gateway._store_sqlite import SqliteStore  # noqa: PLC0415 -- keep import cost out of postgres users
 
-    return SqliteStore(url, limits)
+    return SqliteStore(url, limits, rules or CreditRules())

@@ -313,6 +313,11 @@ class Incoming:
         self.payload = payload
         self.duplicate = duplicate
 
+    @property
+    def qos(self) -> int:
+        """The QoS it was delivered with (0: the broker will not redeliver it, and nothing is acknowledged)."""
+        return self._qos
+
     def ack(self) -> bool:
         """Acknowledge (PUBACK) on the connection the message came on; safe from any thread.
 

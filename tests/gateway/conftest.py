@@ -7,6 +7,7 @@ envelopes sealed by ``seal_envelope``.
 
 from __future__ import annotations
 
+import hashlib
 import sqlite3
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -63,7 +64,8 @@ class SimDevice:
                 timestamp=T0 + c,
                 model_id=model,
                 model_sha256="11" * 32,
-                input_sha256=f"{c * 1000 + i:064x}",
+                # A frame's SHA-256, as a box computes it: distinct frames, uniformly spread hashes.
+                input_sha256=hashlib.sha256(f"{self.id}/{c}/{i}".encode()).hexdigest(),
                 pixel_format="GRAY8",
                 top_k=((3, 0.75), (8, 0.125)),
                 score=None,
@@ -88,6 +90,9 @@ class SimDevice:
         return self.seal(records=self.inferences(n, model))
 
     def seal_loss(self, first: int, last: int) -> bytes:
+        """An envelope announcing that counters ``first..last`` were dropped unsent; it follows them (counter last + 1),
+        as the box's next envelope does after its outbox dropped sealed envelopes."""
+        self.counter = max(self.counter, last)
         notice = LossNotice(T0, envelopes_dropped=last - first + 1, records_dropped=7, first_counter=first,
                             last_counter=last)  # fmt: skip
         return self.seal(records=[notice, EventRecord(T0, "outbox.dropped", {"n": last - first + 1})])

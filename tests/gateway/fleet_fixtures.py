@@ -1,5 +1,9 @@
 """A fleet for tests: a real CA and registry in a fleet directory, and a real mosquitto configured only by the
-fragment the registry generates (the operator's mosquitto.conf is the two lines the docs name, plus test logging)."""
+fragment the registry generates (the operator's mosquitto.conf is the two lines the docs name, plus test logging).
+
+The broker's access rules come from the dynamic-security plugin, which reads ``broker/dynsec.json`` only when it
+starts: a test that changes the registry after ``FleetBroker.start`` either restarts the broker or runs a gateway
+(``edge.gateway.broker_sync``) that applies the change live."""
 
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import paho.mqtt.client as mqtt
 from mqtt_broker import free_port
@@ -20,6 +25,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from edge._fs import atomic_write
 from edge.gateway.ca import FleetCA
+from edge.gateway.config import BrokerConfig, GatewayConfig, IngestConfig, MetricsConfig, RolloutConfig
 from edge.gateway.registry import BrokerListener, Registry
 from edge.gateway.store import DeviceRecord, open_store
 from edge.identity.keys import generate_device_identity
@@ -64,6 +70,13 @@ class Fleet:
             shutil.copy(f, keys / f.name)
         return record, Creds(device_id, keys / "fleet-ca.pem", keys / "device.pem", keys / "device.key")
 
+    def identity(self, name: str, *, operator: bool = False) -> Creds:
+        """A gateway (or operator) identity as `edge fleet ca issue-client NAME [--operator]` makes it: recorded in
+        the registry, the broker files rewritten, and its certificate issued."""
+        (self.registry.add_operator if operator else self.registry.add_gateway)(name)
+        self.registry.write_broker_fragment(self.ca, now=utcnow())
+        return self.client_creds(name)
+
     def client_creds(self, name: str) -> Creds:
         """A client certificate from the fleet CA (a gateway identity if registered as one)."""
         out = self.dir.parent / "clients"
@@ -72,6 +85,18 @@ class Fleet:
         atomic_write(out / f"{name}.pem", cert)
         atomic_write(out / f"{name}.key", key, mode=0o600)
         return Creds(name, self.ca.cert_path, out / f"{name}.pem", out / f"{name}.key")
+
+    def gateway_config(self, creds: Creds, **ingest: Any) -> GatewayConfig:
+        """A configuration for `Gateway` / `edge gateway run` on this fleet as ``creds`` (id = its CN), metrics and
+        rollouts off."""
+        return GatewayConfig(
+            gateway=IngestConfig(
+                id=creds.name, fleet_dir=self.dir, store=f"sqlite:///{self.dir / 'fleet.db'}", **ingest
+            ),
+            broker=BrokerConfig(host="127.0.0.1", port=self.port, ca=creds.ca, cert=creds.cert, key=creds.key),
+            metrics=MetricsConfig(enabled=False),
+            rollout=RolloutConfig(enabled=False),
+        )
 
     def close(self) -> None:
         self.store.close()
@@ -111,6 +136,11 @@ class FleetBroker:
                 time.sleep(0.05)
         raise RuntimeError("mosquitto did not listen")
 
+    def restart(self, timeout: float = 10.0) -> None:
+        """Stop and start again: the plugin loads broker/dynsec.json (what it does without a running gateway)."""
+        self.stop()
+        self.start(timeout)
+
     def reload(self) -> None:
         """What `systemctl reload mosquitto` does: SIGHUP (re-reads the ACL and the CRL)."""
         assert self.proc is not None
@@ -139,8 +169,11 @@ class Client:
         self._lock = threading.Lock()
         self._connack = threading.Event()
         self.connect_result: str | None = None
+        self.disconnected = threading.Event()
+        self.disconnect_reason: str | None = None
         c.on_connect = self._on_connect
         c.on_message = self._on_message
+        c.on_disconnect = self._on_disconnect
         try:
             c.connect(broker.host, broker.port)
         except OSError as e:
@@ -158,6 +191,10 @@ class Client:
         self.connect_result = rc.getName()
         self._connack.set()
 
+    def _on_disconnect(self, _c, _u, _f, rc: ReasonCode, _p) -> None:
+        self.disconnect_reason = rc.getName()
+        self.disconnected.set()
+
     def _on_message(self, _c, _u, msg: mqtt.MQTTMessage) -> None:
         with self._lock:
             self.messages.append(msg)
@@ -166,11 +203,18 @@ class Client:
         with self._lock:
             return [m for m in self.messages if m.topic.startswith(topic_prefix)]
 
-    def subscribe(self, topic: str) -> None:
+    def subscribe(self, topic: str) -> str:
+        """Subscribe at QoS 1; returns the SUBACK's reason ("Granted QoS 1", "Not authorized", ...) or "no SUBACK"."""
         done = threading.Event()
-        self.client.on_subscribe = lambda *_a: done.set()
+        codes: list[str] = []
+
+        def on_subscribe(_c, _u, _mid, rcs: list[ReasonCode], _p) -> None:
+            codes.extend(rc.getName() for rc in rcs)
+            done.set()
+
+        self.client.on_subscribe = on_subscribe
         self.client.subscribe(topic, qos=1)
-        assert done.wait(5), "no SUBACK"
+        return codes[0] if done.wait(5) else "no SUBACK"
 
     def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> str:
         """Publish at QoS 1; returns "Success" (any success code, incl. "No matching subscribers"), the failure's

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from pathlib import Path
@@ -28,10 +29,13 @@ class SimDevice:
         self.counter = 0
         self.prev = GENESIS_PREV
 
-    def record(self) -> DeviceRecord:
+    def record(self, enrolled_at: float | None = None) -> DeviceRecord:
+        """Its registry record, enrolled now or at ``enrolled_at`` (the ledger credits no work from before)."""
         pub = self.key.public_key()
         raw = pub.public_bytes(Encoding.Raw, PublicFormat.Raw)
-        return DeviceRecord(self.id, did_key_from_public(pub), raw, "", time.time())
+        return DeviceRecord(
+            self.id, did_key_from_public(pub), raw, "", time.time() if enrolled_at is None else enrolled_at
+        )
 
     def seal(self, n_records: int = 10) -> bytes:
         self.counter += 1
@@ -41,7 +45,8 @@ class SimDevice:
                 timestamp=time.time(),
                 model_id=self.model,
                 model_sha256="ab" * 32,
-                input_sha256="cd" * 32,
+                # Each frame its own input, as a camera's are: the ledger credits an input once.
+                input_sha256=hashlib.sha256(f"{self.id}/{self.counter}/{i}".encode()).hexdigest(),
                 pixel_format="YUYV",
                 top_k=((i % 10, 0.9),),
                 score=None,
@@ -87,15 +92,17 @@ def gateway_config(
     fleet_dir: Path,
     store_url: str,
     *,
-    gateway_id: str = "gw-1",
+    gateway_id: str = GATEWAY_ID,  # `edge gateway run` requires the id to be the certificate's CN
     metrics_port: int = 0,
     batch_max: int = 200,
 ) -> GatewayConfig:
-    """A gateway configuration for the test broker (the test PKI's "gateway" identity)."""
-    creds = pki.client(GATEWAY_ID)
+    """A gateway configuration for the test broker (an ACL file, no dynamic-security plugin to keep in step)."""
+    creds = pki.client(gateway_id)  # the CN is the client id: one certificate per gateway process
     return GatewayConfig(
         gateway=IngestConfig(id=gateway_id, fleet_dir=fleet_dir, store=store_url, batch_max=batch_max),
-        broker=BrokerConfig(host=broker.host, port=broker.port, ca=creds.ca, cert=creds.cert, key=creds.key),
+        broker=BrokerConfig(
+            host=broker.host, port=broker.port, ca=creds.ca, cert=creds.cert, key=creds.key, dynamic_security=False
+        ),
         metrics=MetricsConfig(enabled=metrics_port > 0, port=metrics_port or 9108),
     )
 
@@ -110,7 +117,9 @@ share_group = "{g.share_group}"
 fleet_dir = "{g.fleet_dir}"
 store = "{g.store}"
 batch_max = {g.batch_max}
+store_timeout_s = {g.store_timeout_s}
 [broker]
+dynamic_security = {"true" if b.dynamic_security else "false"}
 session_expiry_s = {b.session_expiry_s}
 host = "{b.host}"
 port = {b.port}

@@ -12,6 +12,12 @@ def fleet(edge_cli, fleet_dir, *args: str, env: dict[str, str] | None = None):
     return edge_cli("fleet", "--dir", str(fleet_dir), *args, env=env)
 
 
+def broker_clients(fleet_dir) -> dict[str, list[str]]:
+    """The broker's clients and their roles in the generated dynamic-security state (broker/dynsec.json)."""
+    doc = json.loads((fleet_dir / "broker" / "dynsec.json").read_text())
+    return {c["username"]: [r["rolename"] for r in c["roles"]] for c in doc["clients"]}
+
+
 def test_operator_flow_init_enroll_list_revoke(edge_cli, tmp_path) -> None:
     fd = tmp_path / "fleet"
     init = fleet(edge_cli, fd, "ca", "init", "--name", "acme-fleet")
@@ -20,6 +26,7 @@ def test_operator_flow_init_enroll_list_revoke(edge_cli, tmp_path) -> None:
     ca = x509.load_pem_x509_certificate((fd / "ca.pem").read_bytes())
     assert ca.subject.rfc4514_string() == "CN=acme-fleet"
     assert (fd / "broker" / "crl.pem").exists() and (fd / "broker" / "edge-fleet.conf").exists()
+    assert (fd / "broker" / "dynsec.json").exists()
 
     keys = edge_cli("keys", "generate", "--dir", str(tmp_path / "box"), "--device-id", "cam-7")
     assert keys.returncode == 0, keys.stderr
@@ -32,7 +39,8 @@ def test_operator_flow_init_enroll_list_revoke(edge_cli, tmp_path) -> None:
     assert [p.rsplit("/", 1)[1] for p in out["files"]] == ["device.pem", "fleet-ca.pem", "fleet-commands.pub"]
     cert = x509.load_pem_x509_certificate((fd / "devices" / "cam-7" / "device.pem").read_bytes())
     cert.verify_directly_issued_by(ca)
-    assert "user cam-7\ntopic readwrite devices/cam-7/#" in (fd / "broker" / "acl").read_text()
+    assert broker_clients(fd)["cam-7"] == ["edge-device:cam-7"]
+    assert "a running `edge gateway run` applies it to the broker" in enroll.stderr  # what makes it effective
 
     listed = fleet(edge_cli, fd, "devices", "--json")
     assert [(d["device_id"], d["state"]) for d in json.loads(listed.stdout)] == [("cam-7", "active")]
@@ -42,8 +50,9 @@ def test_operator_flow_init_enroll_list_revoke(edge_cli, tmp_path) -> None:
     revoke = fleet(edge_cli, fd, "revoke", "cam-7")
     assert revoke.returncode == 0, revoke.stderr
     assert "revoked cam-7" in revoke.stdout
+    assert "deletes it from the broker within seconds" in revoke.stdout and "restart the broker" in revoke.stdout
     assert json.loads(fleet(edge_cli, fd, "devices", "--json").stdout)[0]["state"] == "revoked"
-    assert "cam-7" not in (fd / "broker" / "acl").read_text().split("# Enrolled")[1]
+    assert "cam-7" not in broker_clients(fd)
     crl = x509.load_pem_x509_crl((fd / "broker" / "crl.pem").read_bytes())
     assert crl.get_revoked_certificate_by_serial_number(cert.serial_number) is not None
 
@@ -93,9 +102,22 @@ def test_issue_server_and_gateway_client(edge_cli, tmp_path) -> None:
     client = fleet(edge_cli, fd, "ca", "issue-client", "ingest-1", "--out-dir", str(tmp_path / "gw"))
     assert client.returncode == 0, client.stderr
     assert (tmp_path / "gw" / "ingest-1.key").stat().st_mode & 0o777 == 0o600
-    assert "user ingest-1\ntopic readwrite devices/#" in (fd / "broker" / "acl").read_text()
+    assert broker_clients(fd)["ingest-1"] == ["edge-gateway"]
+    assert "gateway" not in broker_clients(fd)  # the first recorded identity replaces the implicit default
     bad = fleet(edge_cli, fd, "ca", "issue-client", "devices/#")
     assert bad.returncode == 2 and "invalid device id" in bad.stderr
+
+
+def test_issue_operator_client(edge_cli, tmp_path) -> None:
+    fd = tmp_path / "fleet"
+    assert fleet(edge_cli, fd, "ca", "init").returncode == 0
+    op = fleet(edge_cli, fd, "ca", "issue-client", "alice", "--operator")
+    assert op.returncode == 0, op.stderr
+    assert (fd / "operator" / "alice.pem").exists() and (fd / "operator" / "alice.key").stat().st_mode & 0o777 == 0o600
+    assert broker_clients(fd)["alice"] == ["edge-operator"]
+    assert (fd / "broker" / "operators").read_text().splitlines()[1:] == ["alice"]
+    clash = fleet(edge_cli, fd, "ca", "issue-client", "alice")  # an operator's name cannot become a gateway's
+    assert clash.returncode == 2 and "operator identity" in clash.stderr
 
 
 def test_broker_config_keeps_listener_settings(edge_cli, tmp_path) -> None:
@@ -108,6 +130,22 @@ def test_broker_config_keeps_listener_settings(edge_cli, tmp_path) -> None:
     assert fleet(edge_cli, fd, "enroll", str(tmp_path / "box" / "device.csr")).returncode == 0
     # Regenerated on enroll: the listener settings given once are kept.
     assert "listener 18883 127.0.0.1\n" in (fd / "broker" / "edge-fleet.conf").read_text()
+
+
+def test_broker_config_dynsec_plugin_override(edge_cli, tmp_path) -> None:
+    fd = tmp_path / "fleet"
+    assert fleet(edge_cli, fd, "ca", "init").returncode == 0
+    missing = fleet(edge_cli, fd, "broker-config", "--dynsec-plugin", str(tmp_path / "nowhere.so"))
+    assert missing.returncode == 2
+    assert "broker.dynsec_plugin" in missing.stderr and str(tmp_path / "nowhere.so") in missing.stderr
+    assert "Traceback" not in missing.stderr
+    plugin = tmp_path / "lib" / "mosquitto_dynamic_security.so"
+    plugin.parent.mkdir()
+    plugin.write_bytes(b"")
+    ok = fleet(edge_cli, fd, "broker-config", "--dynsec-plugin", str(plugin))
+    assert ok.returncode == 0, ok.stderr
+    assert f"plugin {plugin}\n" in (fd / "broker" / "edge-fleet.conf").read_text()
+    assert json.loads((fd / "broker" / "listener.json").read_text())["dynsec_plugin"] == str(plugin)
 
 
 def test_fleet_dir_from_environment_and_store_override(edge_cli, tmp_path) -> None:

@@ -67,7 +67,11 @@ def test_envelope_of_a_republished_on_b_topic_rejected(store, fleet):
     (r,) = store.ingest([b.msg(data)])  # arrives on devices/cam-b/telemetry
     assert r.verdict.kind is V.WRONG_TOPIC and not r.stored
     assert store.quarantine_counts() == {"wrong_topic": 1}
-    assert store.quarantined()[0]["device"] == "cam-a"  # attributed to the signer
+    # Attributed to the publisher the broker authenticated (cam-b's topic), never to the signer the bytes name:
+    # a box cannot get its rejects counted against another box by replaying that box's envelopes.
+    q = store.quarantined()[0]
+    assert q["device"] == "cam-b" and "'cam-a'" in q["reason"]
+    assert [(r.device_id, r.rejects) for r in store.ledger()] == [("cam-b", 1)]
     assert head(store, "cam-a") is None and head(store, "cam-b") is None
     assert kinds(store.ingest([a.msg(data)])) == [V.FIRST]  # the same bytes on the right topic are data
     assert_chain_intact(store, b, expect_next=V.FIRST)
@@ -195,7 +199,7 @@ def test_unknown_device_rejected(store, make_fleet, fleet):
 
 @pytest.mark.parametrize(
     "topic",
-    ["devices/cam-a/status", "devices/cam-a/telemetry/x", "devices/../telemetry", "devices//telemetry", "", "#"],
+    ["devices/cam-a/telemetry/x", "devices/cam-a/commands", "devices/../telemetry", "devices//telemetry", "", "#"],
 )
 def test_garbage_topic_rejected(store, fleet, topic):
     a = fleet.device("cam-a")
@@ -234,3 +238,45 @@ def test_garbage_batch_gets_verdicts_never_raises(store, fleet, backend, garbage
     assert all(not r.stored for r in results)
     assert sum(store.quarantine_counts().values()) == before + len(garbage)
     assert head(store, "cam-a") is None
+
+
+# -- status messages: a box's own word, parsed under bounds (issue 11) -------------------------------------------------
+
+STATUS_BOMBS = {
+    "depth": b'{"a":' * 5000 + b"1" + b"}" * 5000,
+    "depth-list": b'{"a":' + b"[" * 50_000 + b"]" * 50_000 + b"}",
+    "oversize": b'{"state":"online","pad":"' + b"x" * 20_000 + b'"}',
+    "nan": b'{"state":"online","x":NaN}',
+    "infinity": b'{"state":"online","x":-Infinity}',
+    "duplicate-keys": b'{"state":"online","state":"offline"}',
+    "lone-surrogate": b'{"state":"online","x":"\\ud800"}',
+    "not-utf8": b'{"state":"\xff\xfe"}',
+    "not-an-object": b'["online"]',
+    "not-json": b"\xd2\x84garbage",
+    "huge-number": b'{"state":"online","x":' + b"9" * 5000 + b"}",
+}
+
+
+@pytest.mark.parametrize("payload", list(STATUS_BOMBS.values()), ids=list(STATUS_BOMBS))
+def test_hostile_status_quarantined_and_ingest_goes_on(store, fleet, payload):
+    a = fleet.device("cam-a")
+    b = fleet.device("cam-b")
+    results = store.ingest([
+        Inbound("devices/cam-a/status", payload, T0),
+        b.msg(b.seal(), T0),  # another box's envelope in the same batch is stored all the same
+    ])  # fmt: skip
+    assert [(r.outcome, r.stored) for r in results] == [("malformed", False), ("first", True)]
+    assert store.quarantine_counts() == {"malformed": 1}
+    q = store.quarantined()[0]
+    assert (q["device"], q["topic"]) == ("cam-a", "devices/cam-a/status") and q["reason"].startswith("status")
+    assert [(r.device_id, r.rejects) for r in store.ledger()] == [("cam-a", 1), ("cam-b", 0)]
+    assert_chain_intact(store, a, expect_next=V.FIRST)
+
+
+def test_status_messages_of_one_batch_coalesce_per_device(store, fleet):
+    fleet.device("cam-a")
+    flood = [Inbound("devices/cam-a/status", b'{"state":"online","n":%d}' % i, T0 + i) for i in range(50)]
+    results = store.ingest([*flood, Inbound("devices/cam-a/status", b"", T0 + 60)])
+    assert [r.outcome for r in results] == ["superseded"] * 49 + ["recorded", "cleared"]
+    (s,) = store.statuses()
+    assert s.info == {"state": "online", "n": 49} and s.state == "online"

@@ -1,17 +1,26 @@
-"""The fleet registry over a real SQLite store, and the mosquitto fragment it generates, proven on a real broker."""
+"""The fleet registry over a real SQLite store, and the mosquitto fragment it generates, proven on a real broker.
+
+The attacks of hostile boxes on that broker, and the live sync through a running gateway, are in
+``test_broker_attacks.py``."""
 
 from __future__ import annotations
+
+import json
+import sysconfig
+from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import serialization
 from fleet_fixtures import Client, Fleet, FleetBroker, utcnow, wait_until
 
+import edge.gateway.registry as registry_module
 from edge.errors import ConfigError
 from edge.gateway.ca import EnrollmentError
 from edge.gateway.errors import DeviceExistsError, UnknownDeviceError
-from edge.gateway.registry import BrokerListener
+from edge.gateway.registry import MAX_PACKET_BYTES, BrokerListener
 from edge.identity import build_csr, generate_device_identity
 from edge.identity.keys import load_private_key
+from edge.telemetry.schema import DEFAULT_LIMITS
 
 
 @pytest.fixture
@@ -29,18 +38,21 @@ def fleet_broker(fleet, tmp_path):
     b.stop()
 
 
-def acl_users(fleet: Fleet) -> dict[str, list[str]]:
-    users: dict[str, list[str]] = {}
-    current = None
-    for line in (fleet.registry.broker_dir / "acl").read_text().splitlines():
-        if line.startswith("user "):
-            current = line.split(" ", 1)[1]
-            users[current] = []
-        elif line.startswith("topic "):
-            users[current].append(line)
-        else:
-            assert not line.startswith("pattern"), "a pattern rule would grant unregistered certificates topics"
-    return users
+def rights(fleet: Fleet) -> dict[str, set[tuple[str, str]]]:
+    """Each identity's granted (acltype, topic) pairs, read from the generated broker/dynsec.json."""
+    doc = json.loads((fleet.registry.broker_dir / "dynsec.json").read_text())
+    roles = {r["rolename"]: {(a["acltype"], a["topic"]) for a in r["acls"] if a["allow"]} for r in doc["roles"]}
+    assert not any(doc["defaultACLAccess"][k] for k in ("publishClientSend", "publishClientReceive", "subscribe"))
+    return {c["username"]: set().union(*(roles[r["rolename"]] for r in c["roles"])) for c in doc["clients"]}
+
+
+DEVICE_RIGHTS = {
+    ("publishClientSend", "devices/cam-1/telemetry"),
+    ("publishClientSend", "devices/cam-1/status"),
+    ("publishClientSend", "devices/cam-1/replies"),
+    ("subscribeLiteral", "devices/cam-1/commands"),
+    ("publishClientReceive", "devices/cam-1/commands"),
+}
 
 
 def test_enroll_registers_the_device_and_writes_its_bundle(fleet) -> None:
@@ -54,8 +66,8 @@ def test_enroll_registers_the_device_and_writes_its_bundle(fleet) -> None:
     key = fleet.registry.lookup("cam-1")
     raw = (serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     assert key is not None and key.public_bytes(*raw) == load_private_key(creds.key).public_key().public_bytes(*raw)
-    assert acl_users(fleet)["cam-1"] == ["topic readwrite devices/cam-1/#"]
-    assert acl_users(fleet)["gateway"] == ["topic readwrite devices/#"]
+    assert rights(fleet)["cam-1"] == DEVICE_RIGHTS
+    assert ("subscribePattern", "$share/+/devices/+/telemetry") in rights(fleet)["gateway"]
 
 
 def test_unknown_and_revoked_devices_have_no_key(fleet) -> None:
@@ -65,7 +77,7 @@ def test_unknown_and_revoked_devices_have_no_key(fleet) -> None:
     assert fleet.registry.lookup("cam-1") is None
     again = fleet.registry.revoke("cam-1", ca=fleet.ca, now=utcnow())
     assert again.revoked_at == first.revoked_at  # idempotent: the first revocation time stands
-    assert "cam-1" not in acl_users(fleet)
+    assert "cam-1" not in rights(fleet)
     with pytest.raises(UnknownDeviceError):
         fleet.registry.revoke("nobody", ca=fleet.ca, now=utcnow())
 
@@ -79,12 +91,41 @@ def test_device_enrolled_as_gateway_identity_rejected(fleet, tmp_path) -> None:
     assert fleet.store.device("gateway") is None
 
 
+def test_device_enrolled_as_operator_identity_rejected(fleet, tmp_path) -> None:
+    fleet.registry.add_operator("operator")
+    ident = generate_device_identity(tmp_path / "evil", "operator")
+    with pytest.raises(EnrollmentError) as info:
+        fleet.registry.enroll(ident.csr.read_bytes(), ca=fleet.ca, now=utcnow())
+    assert info.value.reason == "reserved_id"
+
+
 def test_gateway_identity_named_like_a_device_rejected(fleet) -> None:
     fleet.enroll("cam-1")
     with pytest.raises(EnrollmentError):
         fleet.registry.add_gateway("cam-1")
+    with pytest.raises(EnrollmentError):
+        fleet.registry.add_operator("cam-1")
     with pytest.raises(ConfigError):
         fleet.registry.write_broker_fragment(fleet.ca, gateway_ids=["cam-1"], now=utcnow())
+
+
+def test_gateway_and_operator_identities_never_coincide(fleet) -> None:
+    # An operator named like a gateway would share its client id (the CN) and could take over its session.
+    fleet.registry.add_gateway("gateway-1")
+    with pytest.raises(EnrollmentError):
+        fleet.registry.add_operator("gateway-1")
+    fleet.registry.add_operator("operator")
+    with pytest.raises(EnrollmentError):
+        fleet.registry.add_gateway("operator")
+    assert rights(fleet).keys() >= {"gateway"}  # the files are not rewritten by add_*
+    fleet.registry.write_broker_fragment(fleet.ca, now=utcnow())
+    got = rights(fleet)
+    assert got["operator"] == {
+        ("publishClientSend", "devices/+/commands"),
+        ("subscribePattern", "devices/+/replies"),
+        ("publishClientReceive", "devices/+/replies"),
+    }
+    assert "gateway" not in got and ("publishClientSend", "$CONTROL/dynamic-security/v1") in got["gateway-1"]
 
 
 def test_key_enrolled_under_a_second_id_rejected(fleet) -> None:
@@ -108,8 +149,8 @@ def test_added_gateway_identities_survive_every_rewrite(fleet) -> None:
     fleet.registry.add_gateway("ingest-1")
     fleet.registry.add_gateway("gateway")
     fleet.enroll("cam-1")  # rewrites the fragment with the recorded identities, not a default
-    users = acl_users(fleet)
-    assert users["ingest-1"] == users["gateway"] == ["topic readwrite devices/#"]
+    got = rights(fleet)
+    assert got["ingest-1"] == got["gateway"] and ("publishClientSend", "devices/+/commands") in got["gateway"]
 
 
 def test_fragment_is_a_complete_listener(fleet) -> None:
@@ -118,33 +159,74 @@ def test_fragment_is_a_complete_listener(fleet) -> None:
     lines = [line for line in conf.splitlines() if line and not line.startswith("#")]
     assert lines[0] == "listener 18999 127.0.0.1"
     assert f"cafile {fleet.ca.cert_path}" in lines
-    for wanted in ("require_certificate true", "use_identity_as_username true", "allow_anonymous false"):
+    for wanted in (
+        "require_certificate true",
+        "use_identity_as_username true",
+        "use_username_as_clientid true",  # the client id is the certificate's CN
+        "allow_anonymous false",
+        f"max_packet_size {MAX_PACKET_BYTES}",
+        f"plugin_opt_config_file {fleet.registry.broker_dir / 'dynsec.json'}",
+    ):
         assert wanted in lines
-    assert any(line.startswith("crlfile ") for line in lines) and any(line.startswith("acl_file ") for line in lines)
+    assert DEFAULT_LIMITS.max_envelope_bytes < MAX_PACKET_BYTES  # a legal envelope always fits
+    assert any(line.startswith("crlfile ") for line in lines)
+    assert any(line.startswith("plugin ") and line.endswith("/mosquitto_dynamic_security.so") for line in lines)
+    assert not any(line.startswith("acl_file") for line in lines)  # it never checks subscriptions
+    assert not (fleet.registry.broker_dir / "acl").exists()
     with pytest.raises(ConfigError):
         BrokerListener(port=0)
     with pytest.raises(ConfigError):
         BrokerListener(bind="127.0.0.1\nlistener 1883")  # no config injection through the bind address
 
 
+def test_dynsec_plugin_override_and_missing_plugin(fleet, tmp_path, monkeypatch) -> None:
+    plugin = tmp_path / "lib" / "mosquitto_dynamic_security.so"
+    plugin.parent.mkdir()
+    plugin.write_bytes(b"")
+    fleet.registry.set_listener(BrokerListener(port=fleet.port, bind="127.0.0.1", dynsec_plugin=plugin))
+    assert f"plugin {plugin}" in fleet.registry.write_broker_fragment(fleet.ca, now=utcnow()).read_text()
+    plugin.unlink()
+    with pytest.raises(ConfigError) as info:
+        fleet.registry.write_broker_fragment(fleet.ca, now=utcnow())
+    assert info.value.key == "broker.dynsec_plugin" and str(plugin) in str(info.value)
+    assert "--dynsec-plugin" in str(info.value)
+
+    fleet.registry.set_listener(BrokerListener(port=fleet.port, bind="127.0.0.1"))
+    nowhere = [tmp_path / "usr" / "lib" / "aarch64-linux-gnu" / "mosquitto_dynamic_security.so"]
+    monkeypatch.setattr(registry_module, "dynsec_plugin_candidates", lambda: nowhere)
+    with pytest.raises(ConfigError) as info:
+        fleet.enroll("cam-1")
+    assert str(nowhere[0]) in str(info.value) and "--dynsec-plugin" in str(info.value)
+    assert fleet.store.device("cam-1") is None  # refused before anything was registered
+
+
+def test_dynsec_plugin_candidates_start_with_this_machines_multiarch_directory() -> None:
+    candidates = registry_module.dynsec_plugin_candidates()
+    multiarch = sysconfig.get_config_var("MULTIARCH")
+    if multiarch:
+        assert candidates[0] == Path("/usr/lib") / multiarch / "mosquitto_dynamic_security.so"
+    assert Path("/usr/local/lib/mosquitto_dynamic_security.so") in candidates
+    assert len(set(candidates)) == len(candidates)
+
+
 def test_enrolled_device_confined_to_its_namespace_and_gateway_reads_all(fleet, fleet_broker) -> None:
     _, a_creds = fleet.enroll("cam-a")
     _, b_creds = fleet.enroll("cam-b")
-    fleet_broker.reload()
+    fleet_broker.restart()  # without a running gateway, the broker learns the registry when it starts
     gateway = Client(fleet_broker, fleet.client_creds("gateway"), "ingest-worker-1")
     a = Client(fleet_broker, a_creds)
     b = Client(fleet_broker, b_creds)
     try:
         assert gateway.connected and a.connected and b.connected
-        gateway.subscribe("$share/ingest/devices/+/telemetry")
-        b.subscribe("devices/cam-a/#")  # granted by mosquitto, but nothing may be delivered to b
+        assert gateway.subscribe("$share/ingest/devices/+/telemetry") == "Granted QoS 1"
+        assert b.subscribe("devices/cam-a/#") == "Not authorized"  # checked when it subscribes
         assert a.publish("devices/cam-a/telemetry", b"mine") == "Success"
         assert a.publish("devices/cam-b/telemetry", b"forged") == "Not authorized"
         assert a.publish("devices/other", b"x") == "Not authorized"
         assert wait_until(lambda: len(gateway.received()) == 1, 5)
         assert [(m.topic, m.payload) for m in gateway.received()] == [("devices/cam-a/telemetry", b"mine")]
         # The gateway may command a device.
-        a.subscribe("devices/cam-a/commands")
+        assert a.subscribe("devices/cam-a/commands") == "Granted QoS 1"
         assert gateway.publish("devices/cam-a/commands", b"cmd") == "Success"
         assert wait_until(lambda: len(a.received("devices/cam-a/commands")) == 1, 5)
         assert b.received() == []
@@ -163,20 +245,17 @@ def test_certificate_the_registry_never_recorded_gets_no_topic(fleet, fleet_brok
         stranger.close()
 
 
-def test_revoked_device_refused_by_the_crl_after_reload(fleet, fleet_broker) -> None:
+def test_revoked_device_refused_by_the_broker_restarted_without_a_gateway(fleet, fleet_broker) -> None:
     _, a_creds = fleet.enroll("cam-a")
     _, b_creds = fleet.enroll("cam-b")
-    fleet_broker.reload()
+    fleet_broker.restart()
     b = Client(fleet_broker, b_creds)
     assert b.connected
-    try:
-        fleet.registry.revoke("cam-b", ca=fleet.ca, now=utcnow())
-        fleet_broker.reload()
-        # Its open session lost every right with the reloaded ACL...
-        assert b.publish("devices/cam-b/telemetry", b"x") == "Not authorized"
-    finally:
-        b.close()
-    # ...and a new connection fails the TLS handshake on the CRL.
+    b.close()
+    fleet.registry.revoke("cam-b", ca=fleet.ca, now=utcnow())
+    assert "cam-b" not in rights(fleet)  # written at once: the next start loads the registry's full state
+    fleet_broker.restart()
+    # A new connection fails the TLS handshake on the CRL.
     again = Client(fleet_broker, b_creds, "cam-b-again", timeout=2)
     try:
         assert not again.connected, again.connect_result
