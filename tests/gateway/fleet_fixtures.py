@@ -13,13 +13,16 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
+from gateway_helpers import gateway_toml
 from mqtt_broker import free_port
 from paho.mqtt.reasoncodes import ReasonCode
 
@@ -46,12 +49,13 @@ class Creds:
 
 
 class Fleet:
-    """A fleet directory with its CA and a registry over a real SQLite store."""
+    """A fleet directory with its CA and a registry over a real store (SQLite in the directory unless ``store_url``)."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, store_url: str | None = None) -> None:
         self.dir = directory
         self.ca = FleetCA.init(directory, now=utcnow())
-        self.store = open_store(f"sqlite:///{directory / 'fleet.db'}")
+        self.store_url = store_url or f"sqlite:///{directory / 'fleet.db'}"
+        self.store = open_store(self.store_url)
         self.registry = Registry(self.store, directory)
         self.port = free_port()
         self.registry.set_listener(BrokerListener(port=self.port, bind="127.0.0.1"))
@@ -90,9 +94,7 @@ class Fleet:
         """A configuration for `Gateway` / `edge gateway run` on this fleet as ``creds`` (id = its CN), metrics and
         rollouts off."""
         return GatewayConfig(
-            gateway=IngestConfig(
-                id=creds.name, fleet_dir=self.dir, store=f"sqlite:///{self.dir / 'fleet.db'}", **ingest
-            ),
+            gateway=IngestConfig(id=creds.name, fleet_dir=self.dir, store=self.store_url, **ingest),
             broker=BrokerConfig(host="127.0.0.1", port=self.port, ca=creds.ca, cert=creds.cert, key=creds.key),
             metrics=MetricsConfig(enabled=False),
             rollout=RolloutConfig(enabled=False),
@@ -233,6 +235,78 @@ class Client:
     def close(self) -> None:
         self.client.disconnect()  # first: paho's network thread then ends at once instead of on its select timeout
         self.client.loop_stop()
+
+
+class GatewayProcess:
+    """`edge gateway run` as a process of its own, configured by a TOML file, its log (JSON lines) in a file."""
+
+    ROOT = Path(__file__).resolve().parents[2]
+
+    def __init__(self, config: GatewayConfig, directory: Path, name: str = "gateway") -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.toml = directory / f"{name}.toml"
+        self.toml.write_text(gateway_toml(config))
+        self.log = directory / f"{name}.log"
+        self.metrics_port = config.metrics.port if config.metrics.enabled else None
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Start it and wait until it is connected to the broker (its "connected" event)."""
+        offset = self.log.stat().st_size if self.log.exists() else 0
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "edge", "gateway", "run", "--config", str(self.toml)],
+                cwd=self.ROOT,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+        proc = self.proc
+        if not wait_until(lambda: proc.poll() is not None or '"connected"' in self.log_text(offset), timeout):
+            raise RuntimeError(f"gateway did not connect: {self.log_text(offset)[-3000:]}")
+        if proc.poll() is not None:
+            raise RuntimeError(f"gateway exited with {proc.returncode}: {self.log_text(offset)[-3000:]}")
+
+    def log_text(self, offset: int = 0) -> str:
+        """Its log from byte ``offset`` on."""
+        with self.log.open("rb") as f:
+            f.seek(offset)
+            return f.read().decode("utf-8", "replace")
+
+    @property
+    def alive(self) -> bool:
+        """Running (started and not exited)."""
+        return self.proc is not None and self.proc.poll() is None
+
+    def wait(self, timeout: float) -> int | None:
+        """Its exit code once it exits within ``timeout`` seconds, else None (still running)."""
+        assert self.proc is not None
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """SIGTERM (what systemd sends), then SIGKILL after ``timeout``; its exit code (None if never started)."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def metric(self, name: str) -> float:
+        """One sample of its Prometheus endpoint (0 when absent); needs metrics enabled."""
+        assert self.metrics_port is not None, "metrics are off in this configuration"
+        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).read().decode()
+        for line in text.splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[-1])
+        return 0.0
 
 
 def wait_until(predicate, timeout: float, interval: float = 0.05) -> bool:
