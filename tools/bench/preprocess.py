@@ -1,6 +1,7 @@
 """Benchmark edge's preprocessing against OpenCV pipelines and the memory floor (single thread, medians).
 
-Run: ``.venv/bin/python tools/bench/preprocess.py [--json] [--reps N]``.
+    python tools/bench/preprocess.py [--json] [--reps N]
+    python tools/bench/preprocess.py --quick      # a few seconds, no figures worth quoting: make test runs it
 
 Per scenario (a 480x640 frame to a 1x3x224x224 tensor) it times, side by side in one process:
 - native: ``preprocess_image`` on the selected backend (``out=`` preallocated, as the service calls it);
@@ -9,7 +10,8 @@ Per scenario (a 480x640 frame to a 1x3x224x224 tensor) it times, side by side in
   folding mean/std, or an int8 LUT for the int8 scenario); for YUV inputs each is preceded by ``cvtColor``;
 - the memory floor: ``np.copyto`` of a frame-sized and of an output-sized buffer (the bytes read + written).
 The ratio is native / fastest OpenCV pipeline, against the target (PASS/MISS). Each OpenCV output is checked to be
-the same result as ours (within about a pixel unit, OpenCV rounds to uint8 in between) so the comparison is fair.
+the same result as ours (within about a pixel unit, OpenCV rounds to uint8 in between) so the comparison is fair: a
+larger difference ends the run with an error, in quick mode too.
 """
 
 from __future__ import annotations
@@ -38,6 +40,10 @@ MEAN = (123.675, 116.28, 103.53)
 STD = (58.395, 57.12, 57.375)
 H, W, OUT = 480, 640, 224
 SCALE, ZP = 0.0186, -14  # a typical int8 input quantisation of an ImageNet-normalised model
+# Pixel units (float32) or LSB (int8): half a unit from each of OpenCV's two uint8 roundings (colour conversion or
+# resize, then the LUT's input) plus its fixed-point coordinates; a wrong pipeline differs by tens.
+MAX_DIFF = 2.0
+QUICK_REPS = 20
 
 
 def median_us(fn: Callable[[], Any], reps: int, warmup: int = 10) -> float:
@@ -135,6 +141,10 @@ def run(reps: int) -> list[dict[str, Any]]:
             diff = np.abs(res - ours.astype(np.float64))
             # In pixel units for float32 (undo the std), in LSB for int8.
             err = float((diff * np.asarray(STD)[None, :, None, None]).max() if dtype == "float32" else diff.max())
+            if not err <= MAX_DIFF:
+                raise RuntimeError(
+                    f"{title}: {name} differs from edge by {err:.2f} (at most {MAX_DIFF}): not comparable"
+                )
             agree[name] = err
             t = median_us(fn, reps)
             rows[name] = t
@@ -164,12 +174,24 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true", help="print the figures as JSON")
     ap.add_argument("--reps", type=int, default=500, help="repetitions per measurement (median)")
+    ap.add_argument(
+        "--quick", action="store_true", help=f"{QUICK_REPS} repetitions: only proves the benchmark runs (make test)"
+    )
     args = ap.parse_args()
+    if args.quick:
+        args.reps = QUICK_REPS
     results = run(args.reps)
+    if args.quick:
+        for r in results:
+            del r["pass"]  # no verdict on figures from a handful of repetitions
     if args.json:
-        print(json.dumps({"backend": pp.backend(), "results": results}, indent=2))
+        print(json.dumps({"backend": pp.backend(), "quick": args.quick, "results": results}, indent=2))
         return 0
     print(f"backend {pp.backend()}; available {pp.available_backends()}; OpenCV {cv2.__version__}, 1 thread")
+    if args.quick:
+        print(
+            f"quick: {args.reps} repetitions per measurement, a check that it runs; the figures are not worth quoting"
+        )
     for r in results:
         print(f"\n{r['scenario']}")
         for name, t in r["timings_us"].items():
@@ -180,7 +202,7 @@ def main() -> int:
                 else ""
             )
             print(f"  {name:<44} {t:9.1f} us{note}")
-        verdict = "PASS" if r["pass"] else "MISS"
+        verdict = "(quick: no verdict)" if args.quick else "PASS" if r["pass"] else "MISS"
         print(f"  ratio edge / best OpenCV: {r['ratio_vs_best_opencv']:.2f} (target <= {r['target']}) {verdict}")
     return 0
 
