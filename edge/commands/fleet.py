@@ -375,6 +375,34 @@ def _revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def _register_resume(sub: Any) -> None:
+    p = sub.add_parser(
+        "resume",
+        help="lift a device's suspension now (it was suspended for flooding the fleet with rejected messages)",
+        description="A gateway suspends a box whose rejected messages overdraw its budget ([gateway] reject_burst, "
+        "reject_per_s): its client is removed from the broker, so it can publish nothing, for suspend_s (doubled "
+        "for each repeat within a day). This ends the suspension now; a running `edge gateway run` gives the box "
+        "its client back within seconds. `edge fleet status` shows suspensions.",
+    )
+    p.add_argument("device_id", metavar="ID", help="the device id")
+    p.set_defaults(func=_resume)
+
+
+def _resume(args: argparse.Namespace) -> int:
+    with open_registry(args) as registry:
+        if registry.store.device(args.device_id) is None:
+            raise ConfigError("device", args.device_id, "an enrolled device (see `edge fleet devices`)")
+        lifted = registry.store.resume(args.device_id, now=_now().timestamp())
+    if lifted is None:
+        print(f"{args.device_id} is not suspended; nothing to do")
+        return 0
+    print(
+        f"lifted the suspension of {args.device_id} (since {iso_utc(lifted.since)}, strike {lifted.strikes}: "
+        f"{lifted.reason}); a running `edge gateway run` lets it publish again within seconds"
+    )
+    return 0
+
+
 def _register_broker_config(sub: Any) -> None:
     p = sub.add_parser(
         "broker-config",
@@ -426,6 +454,7 @@ SUBCOMMANDS: list[Callable[[Any], None]] = [
     _register_enroll,
     _register_devices,
     _register_revoke,
+    _register_resume,
     _register_broker_config,
 ]
 

@@ -42,9 +42,10 @@ def register_status(sub: Any) -> None:
     """Add ``edge fleet status [--json]``."""
     p = sub.add_parser(
         "status",
-        help="devices online/offline, chain heads, gaps, rejects, models, outbox backlogs",
-        description="Each enrolled device's state from its birth/death messages, the head of its verified chain, "
-        "open gaps, rejected inputs, the model it reported, and the outbox backlog it reported.",
+        help="devices online/offline/suspended, chain heads, gaps, rejects, models, outbox backlogs",
+        description="Each enrolled device's state from its birth/death messages (or 'suspended' while a gateway has "
+        "cut it off for flooding the fleet with rejected messages: `edge fleet resume ID` lifts it), the head of "
+        "its verified chain, open gaps, rejected inputs, the model it reported, and the outbox backlog it reported.",
     )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_status)
@@ -55,6 +56,7 @@ def _status(args: argparse.Namespace) -> int:
     try:
         statuses = store.statuses()
         strangers = store.strangers()
+        suspended = {x.device_id: x for x in store.suspensions(now=time.time())}
     finally:
         store.close()
     if args.json:
@@ -70,6 +72,8 @@ def _status(args: argparse.Namespace) -> int:
                 "rejects": s.rejects,
                 "model": s.model,
                 "outbox_backlog": s.outbox_backlog,
+                "suspended_until": iso_utc(suspended[s.device_id].until) if s.device_id in suspended else None,
+                "suspension_reason": suspended[s.device_id].reason if s.device_id in suspended else None,
             }
             for s in statuses
         ]
@@ -78,7 +82,9 @@ def _status(args: argparse.Namespace) -> int:
     rows = [
         [
             s.device_id,
-            s.state + (f" ({s.reason})" if s.reason else ""),
+            (f"suspended until {iso_utc(suspended[s.device_id].until)}; " if s.device_id in suspended else "")
+            + s.state
+            + (f" ({s.reason})" if s.reason else ""),
             iso_utc(s.since) or "-",
             str(s.last_counter if s.last_counter is not None else "-"),
             str(s.gaps),
@@ -92,6 +98,10 @@ def _status(args: argparse.Namespace) -> int:
     print(_table(rows, header))
     online = sum(s.state == "online" for s in statuses)
     print(f"\n{len(statuses)} devices, {online} online, {len(statuses) - online} offline or never seen")
+    for x in suspended.values():
+        print(
+            f"suspended: {x.device_id} (strike {x.strikes}, by {x.by}): {x.reason}; `edge fleet resume {x.device_id}`"
+        )
     if strangers:
         print(f"unenrolled ids seen on status topics: {', '.join(s.device_id for s in strangers)}")
     return 0

@@ -27,6 +27,8 @@ Invariants of the schema (version ``SCHEMA_VERSION``):
   records' indices by outcome (what a ledger export shows for that envelope).
 - ``quarantine``: every rejected input, newest by id. ``statuses``: the last status message per device id,
   registered or not.
+- ``suspensions``: the last suspension of each device suspended at least once (``edge.gateway.suspend``); it is in
+  force while ``since <= now < until``.
 - ``events``: one row per ``EventRecord`` of an accepted envelope (OTA transitions and the like), keyed by
   (device_id, counter, idx within the envelope), written in the envelope's transaction; ``data`` is JSON text.
 
@@ -177,6 +179,15 @@ ADDITIONS: Final = (
     )""",
     # Rollouts poll "events since T": by the gateway's receipt time.
     "CREATE INDEX IF NOT EXISTS events_received ON events (received_at)",
+    # A box that overdrew its reject budget (edge.gateway.suspend): the last suspension per device.
+    """CREATE TABLE IF NOT EXISTS suspensions (
+        device_id TEXT PRIMARY KEY,
+        since {real} NOT NULL,
+        until {real} NOT NULL,
+        strikes INTEGER NOT NULL,
+        reason TEXT NOT NULL,
+        by_gateway TEXT NOT NULL
+    )""",
 )
 
 # Ledger columns incremented by ingest, in the order ``LedgerTally`` produces them.

@@ -68,6 +68,7 @@ from edge.gateway.store import (
     LedgerRow,
     StoredEnvelope,
 )
+from edge.gateway.suspend import STRIKE_MEMORY_S, Suspension, suspension_length
 from edge.telemetry._bounds import MAX_COUNTER
 from edge.telemetry.envelope import Envelope, envelope_hash
 from edge.telemetry.schema import EventRecord, TelemetryLimits
@@ -686,6 +687,64 @@ class SqlStore(abc.ABC):
         (old,) = self._query(self._sql(q.SELECT_STATUS + self.dialect.lock_rows), (device_id,))
         row = merge_status(StatusRow(*old), new)
         self._execute(self._sql(q.UPDATE_STATUS), (*dataclasses.astuple(row), device_id))
+
+    # ------------------------------------------------------------------------------------------- suspensions
+
+    def suspend(self, device_id: str, *, now: float, base_s: float, reason: str, by: str) -> Suspension | None:
+        """Suspend a registered device unless a suspension is in force (see ``Store.suspend``)."""
+        now = check_time(now, "suspension time")
+        with self._guard("suspend"), self._transaction():
+            if not self._query(self._sql("SELECT 1 FROM devices WHERE device_id = ?"), (device_id,)):
+                return None
+            old = self._suspension(device_id, lock=True)
+            if old is not None and old.active(now):
+                return old
+            strikes = old.strikes + 1 if old is not None and now - old.until < STRIKE_MEMORY_S else 1
+            new = Suspension(device_id, now, now + suspension_length(strikes, base_s), strikes, reason[:500], by[:64])
+            row = (new.since, new.until, new.strikes, new.reason, new.by, device_id)
+            if old is None:
+                self._execute(
+                    self._sql(
+                        "INSERT INTO suspensions (since, until, strikes, reason, by_gateway, device_id)"
+                        " VALUES (?, ?, ?, ?, ?, ?)"
+                    ),
+                    row,
+                )
+            else:
+                self._execute(
+                    self._sql(
+                        "UPDATE suspensions SET since = ?, until = ?, strikes = ?, reason = ?, by_gateway = ?"
+                        " WHERE device_id = ?"
+                    ),
+                    row,
+                )
+        return new
+
+    def resume(self, device_id: str, *, now: float) -> Suspension | None:
+        """End the device's suspension now (see ``Store.resume``)."""
+        now = check_time(now, "resume time")
+        with self._guard("resume"), self._transaction():
+            old = self._suspension(device_id, lock=True)
+            if old is None or not old.active(now):
+                return None
+            self._execute(self._sql("UPDATE suspensions SET until = ? WHERE device_id = ?"), (now, device_id))
+        return dataclasses.replace(old, until=now)
+
+    def suspensions(self, *, now: float | None = None) -> list[Suspension]:
+        """The last suspension per device, in force at ``now`` only when given (see ``Store.suspensions``)."""
+        sql = "SELECT device_id, since, until, strikes, reason, by_gateway FROM suspensions"
+        params: tuple[object, ...] = ()
+        if now is not None:
+            sql += " WHERE since <= ? AND until > ?"
+            params = (now, now)
+        with self._guard("suspensions"):
+            rows = self._query(self._sql(sql + " ORDER BY device_id"), params)
+        return [Suspension(*r) for r in rows]
+
+    def _suspension(self, device_id: str, *, lock: bool) -> Suspension | None:
+        sql = "SELECT device_id, since, until, strikes, reason, by_gateway FROM suspensions WHERE device_id = ?"
+        rows = self._query(self._sql(sql + (self.dialect.lock_rows if lock else "")), (device_id,))
+        return Suspension(*rows[0]) if rows else None
 
     def statuses(self) -> list[DeviceStatus]:
         """The status of every registered device, ordered by id (see ``Store.statuses``)."""

@@ -194,13 +194,22 @@ def _role(name: str, entries: Iterable[tuple[str, str]]) -> Role:
     return Role(name, frozenset(Acl(t, topic) for t, topic in entries))
 
 
-def fleet_state(gateways: Iterable[str], operators: Iterable[str], devices: Iterable[str]) -> BrokerState:
+def fleet_state(
+    gateways: Iterable[str],
+    operators: Iterable[str],
+    devices: Iterable[str],
+    suspended: Iterable[str] = (),
+) -> BrokerState:
     """The plugin state a fleet needs (see the module docstring for the rights).
 
     Args:
         gateways: gateway identities (already validated, disjoint from the others).
         operators: operator identities (``edge fleet command``).
         devices: enrolled, non-revoked device ids.
+        suspended: devices whose suspension is in force (``edge.gateway.suspend``): like a revoked device, such a
+            box has no client, so it may still complete a TLS handshake but can neither publish nor subscribe.
+            (``disableClient`` would not do: with certificate identities mosquitto 2.0.11 kicks a disabled client
+            but lets it connect again and publish at once, measured.)
 
     Returns:
         The state.
@@ -228,6 +237,7 @@ def fleet_state(gateways: Iterable[str], operators: Iterable[str], devices: Iter
             ],
         ),
     }
+    off = frozenset(suspended)
     clients = {g: Client(g, frozenset({GATEWAY_ROLE})) for g in gateways}
     clients.update({o: Client(o, frozenset({OPERATOR_ROLE})) for o in operators})
     for d in devices:
@@ -242,7 +252,8 @@ def fleet_state(gateways: Iterable[str], operators: Iterable[str], devices: Iter
                 (PUBLISH_RECEIVE, f"{base}/commands"),
             ],
         )
-        clients[d] = Client(d, frozenset({device_role(d)}))
+        if d not in off:
+            clients[d] = Client(d, frozenset({device_role(d)}))
     return BrokerState(dict(DEFAULT_ACL_ACCESS), roles, clients)
 
 
@@ -273,8 +284,8 @@ def config_json(state: BrokerState) -> bytes:
 def plan(desired: BrokerState, actual: BrokerState) -> list[dict[str, Any]]:
     """The dynamic-security commands that turn ``actual`` into ``desired``.
 
-    Order: clients to remove first (a revoked device is disconnected by the first request), then the default
-    access, the roles, the clients to add, and the roles no one needs any more.
+    Order: clients to remove first (a revoked or suspended device is disconnected by the first request), then the
+    default access, the roles, the clients to add, and the roles no one needs any more.
 
     Args:
         desired: the registry's state.
@@ -587,14 +598,15 @@ class _RegistrySource:
         if self._store is None:
             self._store = self.store_factory()
         try:
-            return Registry(self._store, self.fleet_dir).broker_state()
+            return Registry(self._store, self.fleet_dir).broker_state(now=time.time())
         except EdgeError:
             self.close()  # a failed database connection is opened again on the next sync
             raise
 
     def fingerprint(self) -> object:
-        """Changes whenever the registry rewrites the broker files (every enroll, revoke, issue-client, ...)."""
-        stamps: list[tuple[int, int, int] | None] = []
+        """Changes whenever the registry rewrites the broker files (every enroll, revoke, issue-client, ...) and
+        whenever a suspension begins or ends (any gateway's, or the operator's ``edge fleet resume``)."""
+        stamps: list[object] = [self._suspended()]
         for p in self._stamp_files:
             try:
                 st = os.stat(p)
@@ -603,6 +615,15 @@ class _RegistrySource:
                 continue
             stamps.append((st.st_ino, st.st_mtime_ns, st.st_size))
         return tuple(stamps)
+
+    def _suspended(self) -> object:
+        if self._store is None:
+            self._store = self.store_factory()
+        try:
+            return tuple(x.device_id for x in self._store.suspensions(now=time.time()))
+        except EdgeError as e:
+            self.close()
+            return ("unreadable", str(e))  # a sync then reads the registry and reports the failure
 
     def close(self) -> None:
         if self._store is not None:
@@ -651,6 +672,8 @@ class BrokerSync:
         self._waiting: dict[str, Response | None] = {}
         self._answered = threading.Event()
         self._stop = threading.Event()
+        self._kick = threading.Event()
+        self._to_cut: set[str] = set()
         self._thread: threading.Thread | None = None
         self.syncs = 0  # completed syncs (tests wait on it)
         self.malformed = 0  # response messages that failed parsing
@@ -695,9 +718,17 @@ class BrokerSync:
         self._thread = threading.Thread(target=self._run, name="broker-sync", daemon=True)
         self._thread.start()
 
+    def kick(self, cut_off: Iterable[str] = ()) -> None:
+        """Compare with the registry now, not at the next poll; first delete the clients ``cut_off`` names with one
+        request (a suspension was just recorded: cutting the box off must not wait for reading the whole state)."""
+        with self._lock:
+            self._to_cut.update(cut_off)
+        self._kick.set()
+
     def stop(self, timeout: float = 15.0) -> None:
         """Stop the sync thread (a request in flight is abandoned: the next sync repeats it)."""
         self._stop.set()
+        self._kick.set()
         self._answered.set()
         if self._thread is not None:
             self._thread.join(timeout)
@@ -802,6 +833,22 @@ class BrokerSync:
             if self._waiting and all(v is not None for v in self._waiting.values()):
                 self._answered.set()
 
+    def _cut_off_now(self) -> None:
+        with self._lock:
+            names, self._to_cut = sorted(self._to_cut), set()
+        if not names:
+            return
+        try:
+            commands = [{"command": "deleteClient", "username": n} for n in names]
+            failures, _conflicts = check_results(commands, self._exchange(commands))
+        except Exception as e:  # the full sync that follows applies the same state; say why this one failed
+            event(log, logging.WARNING, "suspended clients not cut off at once", error=str(e)[:300])
+            return
+        if failures:
+            event(log, logging.WARNING, "suspended clients not cut off at once", error="; ".join(failures[:5]))
+        else:
+            event(log, logging.INFO, "suspended clients cut off", clients=names)
+
     # -- the thread -----------------------------------------------------------------------------------------------
 
     def _run(self) -> None:
@@ -812,12 +859,18 @@ class BrokerSync:
         stamp: object = None
         stamped_at = -math.inf
         try:
-            while not self._stop.wait(0.25):
+            while not self._stop.is_set():
+                kicked = self._kick.wait(0.25)
+                self._kick.clear()
+                if self._stop.is_set():
+                    break
                 transport = self._transport
                 if transport is None or not transport.connected:
                     continue
+                if kicked:
+                    self._cut_off_now()
                 now = time.monotonic()
-                if now - stamped_at >= self.interval_s:
+                if kicked or now - stamped_at >= self.interval_s:
                     stamp, stamped_at = self._fingerprint(), now
                 key = (transport.connects, stamp)
                 if (key == synced and now - synced_at < self.resync_s) or now < retry_at:

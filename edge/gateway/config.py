@@ -61,6 +61,10 @@ class IngestConfig:
         receive_maximum: the most unacknowledged messages the broker sends at once (bounds memory and latency).
         store_timeout_s: how long the store may stay unavailable (database down, locked, disk full) before the
             process gives up and exits non-zero, so that its supervisor restarts it.
+        reject_burst: quarantined messages a box may have at once before it is suspended (``edge.gateway.suspend``;
+            needs ``broker.dynamic_security``); 0: never suspend.
+        reject_per_s: how fast a box's reject budget refills (rejects per second).
+        suspend_s: the first suspension's length; each repeat within a day doubles it, at most 64 times.
     """
 
     id: str = ""
@@ -71,6 +75,9 @@ class IngestConfig:
     batch_wait_ms: int = 20
     receive_maximum: int = 2000
     store_timeout_s: float = 300.0
+    reject_burst: int = 100
+    reject_per_s: float = 1.0
+    suspend_s: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +173,18 @@ def _share_group(key: str, v: Any) -> str:
     return s
 
 
+def _float_between(low: float, high: float) -> Any:
+    at_least = _float_at_least(low)
+
+    def convert(key: str, v: Any) -> float:
+        x = at_least(key, v)
+        if x > high:
+            raise ConfigError(key, v, f"a number {low:g}..{high:g}")
+        return x
+
+    return convert
+
+
 def _store_timeout(key: str, v: Any) -> float:
     t = float(_float_at_least(1.0)(key, v))
     if t > 86400.0:
@@ -244,6 +263,9 @@ def parse_gateway_config(data: Mapping[str, Any]) -> GatewayConfig:
         batch_wait_ms=s.get("batch_wait_ms", di.batch_wait_ms, _bounded(0, 10_000)),
         receive_maximum=s.get("receive_maximum", di.receive_maximum, _bounded(1, 65535)),
         store_timeout_s=s.get("store_timeout_s", di.store_timeout_s, _store_timeout),
+        reject_burst=s.get("reject_burst", di.reject_burst, _bounded(0, 1_000_000)),
+        reject_per_s=s.get("reject_per_s", di.reject_per_s, _float_between(0.001, 1_000_000.0)),
+        suspend_s=s.get("suspend_s", di.suspend_s, _float_between(1.0, 86_400.0)),
     )
     s = tables["broker"]
     broker = BrokerConfig(

@@ -13,7 +13,9 @@ Invariants:
     flooding its topics gets one slot per round, like every other box;
   - QoS 0 messages are not flow-controlled by the broker: beyond ``qos0_queue_max`` waiting for one device they are
     dropped unread, counted, and quarantined as one ``shed`` row per device and batch;
-  - reject logs are throttled per device and kind, with a count of what was suppressed.
+  - reject logs are throttled per device and kind, with a count of what was suppressed;
+  - a box whose rejects overdraw its budget (``edge.gateway.suspend``) is suspended: recorded in the store, then
+    ``on_suspended`` is called (the broker sync deletes the box's client, which cuts off its flood at the broker).
 - The store unavailable (``StoreUnavailableError``: database down, locked, disk full) acknowledges nothing; the same
   batch is retried with backoff. If it stays unavailable for ``store_timeout_s``, or the worker fails in any way
   nobody expected, ingest stops for good: ``failed`` says why, ``alive`` turns false, and the gateway process exits
@@ -39,6 +41,7 @@ from edge.gateway._checks import topic_device_any
 from edge.gateway.errors import IngestFailedError, StoreUnavailableError
 from edge.gateway.metrics import GatewayMetrics
 from edge.gateway.store import Inbound, IngestResult, Store
+from edge.gateway.suspend import RejectBudget, Suspension
 from edge.log import event
 from edge.telemetry.transport import Incoming
 
@@ -68,6 +71,7 @@ class IngestStats:
     store_errors: int = 0
     internal: int = 0
     shed: int = 0
+    suspensions: int = 0
 
 
 class FairQueue:
@@ -191,6 +195,9 @@ class IngestLoop:
         clock: wall-clock seconds (receipt and commit times).
         store_timeout_s: how long the store may stay unavailable before ingest gives up (the process then exits).
         qos0_queue_max: QoS 0 messages that may wait per device before more are dropped.
+        budget: the boxes' reject budgets; None never suspends.
+        suspend_s: the first suspension's length (``Store.suspend``).
+        gateway_id: who decides a suspension (recorded with it).
     """
 
     def __init__(
@@ -203,6 +210,9 @@ class IngestLoop:
         clock: Callable[[], float] = time.time,
         store_timeout_s: float = 300.0,
         qos0_queue_max: int = 100,
+        budget: RejectBudget | None = None,
+        suspend_s: float = 60.0,
+        gateway_id: str = "",
     ) -> None:
         self._open_store = open_store
         self.metrics = metrics
@@ -220,6 +230,12 @@ class IngestLoop:
         self.failed: BaseException | None = None
         self.heartbeat = time.monotonic()  # the worker's latest turn (the systemd watchdog is fed while it moves)
         self.stats = IngestStats()
+        self._budget = budget
+        self._suspend_s = suspend_s
+        self._gateway_id = gateway_id
+        self._overdrawn: dict[str, str] = {}  # device -> the last reject's kind, until its suspension is recorded
+        self._budget_swept = time.monotonic()
+        self.on_suspended: Callable[[Suspension], None] | None = None  # called on the worker thread
 
     @property
     def alive(self) -> bool:
@@ -277,6 +293,7 @@ class IngestLoop:
                 if batch:
                     self._handle(store, batch)
                 self._quarantine_shed(store)
+                self._suspend(store)
                 if last and not len(self._queue):
                     return
         except BaseException as e:  # a bug or a store gone for good: say so and stop; the process exits non-zero
@@ -338,6 +355,7 @@ class IngestLoop:
         now = self._clock()
         rows = [Inbound(topic, b"", now) for _dev, topic, _n in shed]
         for dev, _topic, n in shed:
+            self._spend(dev, n, "shed", now)
             if self._throttle.allow("shed", dev) is not None:
                 event(log, logging.WARNING, "QoS 0 messages dropped: the device's queue is full", device=dev, n=n)
         reason = (
@@ -397,6 +415,8 @@ class IngestLoop:
             self.stats.bad_statuses += 1
         elif res.outcome != "internal":
             self.stats.rejected += 1
+        if res.outcome != "internal" and res.device_id:  # the gateway's own failure is not the box's reject
+            self._spend(res.device_id, 1, res.outcome, self._clock())
         suppressed = self._throttle.allow(res.device_id or "", res.outcome)
         if suppressed is not None:
             event(
@@ -409,6 +429,53 @@ class IngestLoop:
                 device=res.device_id,
                 suppressed=suppressed,
             )
+
+    def _spend(self, device_id: str, n: int, kind: str, now: float) -> None:
+        if self._budget is not None and device_id and self._budget.spend(device_id, n, now):
+            self._overdrawn[device_id] = kind
+
+    def _suspend(self, store: Store) -> None:
+        """Record the suspension of every box that overdrew its budget (outside the batch transaction)."""
+        if self._budget is None:
+            return
+        if time.monotonic() - self._budget_swept > 60.0:
+            self._budget.forget_idle(self._clock())
+            self._budget_swept = time.monotonic()
+        if not self._overdrawn:
+            return
+        overdrawn, self._overdrawn = self._overdrawn, {}
+        for dev, kind in sorted(overdrawn.items()):
+            now = self._clock()
+            reason = (
+                f"more than {self._budget.burst} rejected messages at once (the budget refills "
+                f"{self._budget.per_s:g}/s); the last one: {kind}"
+            )
+
+            def record(d: str = dev, t: float = now, r: str = reason) -> Suspension | None:
+                return store.suspend(d, now=t, base_s=self._suspend_s, reason=r, by=self._gateway_id)
+
+            try:
+                found = self._committed(record, 1)
+            except IngestFailedError:
+                raise
+            except Exception as e:  # a suspension is a defence, not ingest: log it and carry on ingesting
+                event(log, logging.ERROR, "suspension not recorded", device=dev, error=_brief(e))
+                continue
+            if found is None or found.since != now:
+                continue  # unregistered, or suspended already (by us or another gateway)
+            self.stats.suspensions += 1
+            self.metrics.suspensions.inc()
+            event(
+                log,
+                logging.WARNING,
+                "device suspended",
+                device=dev,
+                until=found.until,
+                strikes=found.strikes,
+                reason=reason,
+            )
+            if self.on_suspended is not None:
+                self.on_suspended(found)
 
 
 def _inbound(m: Incoming, t: float) -> Inbound:

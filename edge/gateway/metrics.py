@@ -37,6 +37,9 @@ class GatewayMetrics:
             ["outcome"],
             registry=r,
         )
+        self.suspensions = Counter(
+            "edge_gateway_suspensions", "Boxes suspended for overdrawing their reject budget", registry=r
+        )
         self.store_errors = Counter("edge_gateway_store_errors", "Failed store transactions (retried)", registry=r)
         self.ack_lost = Counter(
             "edge_gateway_acks_lost", "Messages stored whose connection ended before the ack (redelivered)", registry=r

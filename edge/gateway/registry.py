@@ -33,6 +33,11 @@ broker therefore binds identity itself, from the generated files alone:
   gateway identities get the shared telemetry, the status, the commands and the plugin's ``$CONTROL`` topics;
   operator identities get the commands and the replies.
 - ``max_packet_size`` refuses (and disconnects) a publish larger than an envelope can be (``MAX_PACKET_BYTES``).
+- ``max_queued_messages`` (``MAX_QUEUED_MESSAGES``) lets the gateways' sessions queue what they have not taken yet
+  instead of dropping it: with mosquitto's default (1000) the broker drops telemetry it has already acknowledged to
+  the boxes as soon as the gateways fall 1000 messages behind, which one box flooding its own topic achieves in a
+  fraction of a second (measured: ``tools/bench/hostile.py`` lost honest envelopes with the default). Not 0
+  ("unlimited"): mosquitto 2.0.21 reads 0 as a quota of nothing.
 
 Invariants:
 - A device is in the plugin's state iff it is enrolled and not revoked. A certificate that is revoked, or that this
@@ -119,6 +124,7 @@ __all__ = [
     "GATEWAY_DIR",
     "LISTENER_FILE",
     "MAX_PACKET_BYTES",
+    "MAX_QUEUED_MESSAGES",
     "OPERATORS_FILE",
     "OPERATOR_DIR",
     "BrokerListener",
@@ -144,6 +150,9 @@ DYNSEC_PLUGIN_NAME: Final = "mosquitto_dynamic_security.so"
 # so no legal envelope is ever refused while a hostile box cannot make the broker buffer megabytes per message.
 # Commands (4 KiB), status, replies and the gateway's $CONTROL requests (128 KiB) are far smaller.
 MAX_PACKET_BYTES: Final = DEFAULT_LIMITS.max_envelope_bytes + 64 * 1024
+# Messages a gateway session may have waiting at the broker: at 200 envelopes/s (1,000 boxes) over an hour of gateway
+# outage; broker memory is the bound (docs/gateway.md, "Sizing the broker").
+MAX_QUEUED_MESSAGES: Final = 1_000_000
 # The bundle's names are the box's configuration defaults (telemetry.cert, telemetry.ca, telemetry.fleet_key), so
 # copying the directory's files into <data_dir>/keys/ is the whole installation.
 BUNDLE_CERT_FILE: Final = "device.pem"
@@ -522,7 +531,9 @@ class Registry:
 
     # -- the broker's view --------------------------------------------------------------------------------------
 
-    def _checked_state(self, gateway_ids: Sequence[str] | None = None) -> tuple[BrokerState, list[DeviceRecord]]:
+    def _checked_state(
+        self, gateway_ids: Sequence[str] | None = None, suspended: frozenset[str] = frozenset()
+    ) -> tuple[BrokerState, list[DeviceRecord]]:
         gateways = {validate_device_id(g) for g in (self.gateway_ids() if gateway_ids is None else gateway_ids)}
         operators = set(self.operator_ids())
         devices = self.store.devices()
@@ -535,10 +546,14 @@ class Registry:
             if clash:
                 raise ConfigError(f"{kind} identities", clash, "names that are not devices or other identities")
         active = [validate_device_id(d.device_id) for d in devices if d.revoked_at is None]
-        return fleet_state(sorted(gateways), sorted(operators), active), devices
+        return fleet_state(sorted(gateways), sorted(operators), active, suspended), devices
 
-    def broker_state(self) -> BrokerState:
+    def broker_state(self, now: float | None = None) -> BrokerState:
         """The dynamic-security state the registry grants (``edge.gateway.broker_sync.fleet_state``).
+
+        Args:
+            now: the gateway clock; the devices suspended at ``now`` (``edge.gateway.suspend``) are disabled. None
+                ignores suspensions (the state the broker's file holds: a suspension is applied live).
 
         Returns:
             The state: the gateway and operator identities, and every enrolled, non-revoked device.
@@ -548,7 +563,8 @@ class Registry:
             InvalidDeviceIdError: an identity is not valid.
             StoreError: the database failed.
         """
-        return self._checked_state()[0]
+        suspended = frozenset() if now is None else frozenset(x.device_id for x in self.store.suspensions(now=now))
+        return self._checked_state(suspended=suspended)[0]
 
     def write_broker_fragment(
         self,
@@ -598,6 +614,9 @@ crlfile {broker / CRL_FILE}
 allow_anonymous false
 # The largest envelope plus headroom: a larger publish disconnects its sender.
 max_packet_size {MAX_PACKET_BYTES}
+# What the gateways have not taken yet waits for them; mosquitto's default (1000) drops telemetry the boxes were told
+# was received as soon as the gateways fall that far behind (a restart, one box flooding its own topic).
+max_queued_messages {MAX_QUEUED_MESSAGES}
 # Access rules: the dynamic-security plugin checks every publish, subscription and delivery. It loads
 # {DYNSEC_FILE} at start; a running `edge gateway run` applies every registry change live ($CONTROL).
 plugin {plugin}

@@ -29,6 +29,7 @@ from edge.gateway.ingest import IngestLoop, IngestStats
 from edge.gateway.metrics import GatewayMetrics
 from edge.gateway.rollout_driver import RolloutDriver
 from edge.gateway.store import Store, open_store
+from edge.gateway.suspend import RejectBudget
 from edge.log import event, redact
 from edge.systemd import Notifier, WatchdogPolicy
 from edge.telemetry.transport import MqttSettings, MqttTransport
@@ -73,7 +74,7 @@ class Gateway:
     def __init__(self, cfg: GatewayConfig, *, store_factory: Callable[[], Store] | None = None) -> None:
         self.cfg = cfg
         self.metrics = GatewayMetrics()
-        url, rules = cfg.store_url, cfg.ledger.rules()
+        url, rules, g = cfg.store_url, cfg.ledger.rules(), cfg.gateway
         opener = store_factory or (lambda: open_store(url, rules=rules))
         self.ingest = IngestLoop(
             opener,
@@ -81,9 +82,16 @@ class Gateway:
             batch_max=cfg.gateway.batch_max,
             batch_wait_s=cfg.gateway.batch_wait_ms / 1000,
             store_timeout_s=cfg.gateway.store_timeout_s,
+            # A suspension is enforced by disabling the box's client in the broker: only with dynamic security.
+            budget=RejectBudget(g.reject_burst, g.reject_per_s) if cfg.broker.dynamic_security else None,
+            suspend_s=g.suspend_s,
+            gateway_id=g.id,
         )
         # Keeps the broker's access rules equal to the registry (edge.gateway.broker_sync), on this connection.
-        self.broker_sync = BrokerSync.for_fleet(cfg.gateway.fleet_dir, opener) if cfg.broker.dynamic_security else None
+        self.broker_sync = BrokerSync.for_fleet(g.fleet_dir, opener) if cfg.broker.dynamic_security else None
+        if self.broker_sync is not None:
+            sync = self.broker_sync
+            self.ingest.on_suspended = lambda s: sync.kick(cut_off=[s.device_id])
         on_incoming = self.ingest.submit if self.broker_sync is None else self.broker_sync.route(self.ingest.submit)
         self.transport = MqttTransport(
             mqtt_settings(cfg),

@@ -30,6 +30,7 @@ from typing import Any, Protocol
 
 from edge.errors import ConfigError
 from edge.gateway.credit import UNCREDITED, CreditRules
+from edge.gateway.suspend import Suspension
 from edge.telemetry.schema import DEFAULT_LIMITS, TelemetryLimits
 from edge.telemetry.verify import Verdict
 
@@ -367,6 +368,41 @@ class Store(Protocol):
 
         Raises:
             GatewayInputError: ``since`` is not epoch seconds, or ``limit`` is negative.
+            StoreError: the database failed.
+        """
+
+    def suspend(self, device_id: str, *, now: float, base_s: float, reason: str, by: str) -> Suspension | None:
+        """Suspend a registered device (``edge.gateway.suspend``) unless a suspension is in force already.
+
+        Args:
+            device_id: the device.
+            now: the gateway clock.
+            base_s: the first suspension's length; a repeat within a day of the last one's end doubles it.
+            reason: why, for the operator (bounded and stored as given).
+            by: the deciding gateway's id.
+
+        Returns:
+            The suspension in force after the call (the existing one, if any); None for an unregistered device.
+
+        Raises:
+            StoreError: the database failed.
+        """
+
+    def resume(self, device_id: str, *, now: float) -> Suspension | None:
+        """End the device's suspension at ``now`` (an operator's decision); its strikes are kept.
+
+        Returns:
+            The suspension as ended, or None if none was in force.
+
+        Raises:
+            StoreError: the database failed.
+        """
+
+    def suspensions(self, *, now: float | None = None) -> list[Suspension]:
+        """The last suspension of every device ever suspended, ordered by device; only those in force at ``now``
+        when given.
+
+        Raises:
             StoreError: the database failed.
         """
 

@@ -118,6 +118,9 @@ fleet_dir = "{g.fleet_dir}"
 store = "{g.store}"
 batch_max = {g.batch_max}
 store_timeout_s = {g.store_timeout_s}
+reject_burst = {g.reject_burst}
+reject_per_s = {g.reject_per_s}
+suspend_s = {g.suspend_s}
 [broker]
 dynamic_security = {"true" if b.dynamic_security else "false"}
 session_expiry_s = {b.session_expiry_s}

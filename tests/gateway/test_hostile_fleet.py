@@ -20,6 +20,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -144,7 +145,7 @@ def publish_honest(c: Client, d: SimDevice, n: int) -> None:
 
 
 def test_hostile_box_never_stops_ingest_and_is_counted_against_itself_only(world: World) -> None:
-    gw = world.gateway()
+    gw = world.gateway(reject_burst=0)  # never suspended: every attack must reach the gateway and get its verdict
     gw.start()
     honest = {name: (world.connect(name), world.device(name)) for name in HONEST}
     mallory, m = world.connect(MALLORY), world.hostile()
@@ -429,3 +430,79 @@ def test_real_box_keeps_delivering_everything_while_mallory_attacks(world: World
     assert statuses[box].rejects == 0 and statuses[box].gaps == 0
     assert statuses[MALLORY].rejects > 0
     assert {q["device"] for q in quarantined(world)} == {MALLORY}
+
+
+def fleet_cli(world: World, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "edge", "fleet", "--dir", str(world.fleet.dir), "--store", world.fleet.store_url, *args],
+        cwd=GatewayProcess.ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_flooding_box_is_cut_off_at_the_broker_while_suspended(world: World) -> None:
+    """mallory overdraws its reject budget: the gateway records a suspension and deletes its client from the broker,
+    so whatever it publishes is refused there; the honest box never notices; the suspension ends by itself (and
+    doubles on a repeat), and the operator can lift it early."""
+    gw = world.gateway(reject_burst=20, reject_per_s=1.0, suspend_s=4.0)
+    gw.start()
+    c, d = world.connect(HONEST[0]), world.device(HONEST[0])
+    mallory = world.connect(MALLORY)
+    try:
+
+        def flood(client: Client) -> list[str]:
+            return [client.publish(f"devices/{MALLORY}/telemetry", b"\x00garbage") for _ in range(40)]
+
+        assert set(flood(mallory)) == {"Success"}  # the broker takes all 40; the gateway rejects them
+        assert mallory.disconnected.wait(15), gw.log_text()[-3000:]  # cut off at the broker
+        s = world.store()
+        try:
+            (sus,) = s.suspensions(now=time.time())
+        finally:
+            s.close()
+        assert (sus.device_id, sus.strikes, sus.by, sus.until - sus.since) == (MALLORY, 1, "gateway-1", 4.0)
+        assert "malformed" in sus.reason
+        assert gw.metric("edge_gateway_suspensions_total") == 1
+        # Connected again, it may publish nothing at all; the honest box goes on as before.
+        again = world.connect(MALLORY)
+        assert again.publish(f"devices/{MALLORY}/telemetry", b"x") == "Not authorized"
+        assert again.publish(f"devices/{MALLORY}/status", b"{}") == "Not authorized"
+        publish_honest(c, d, 3)
+        status = fleet_cli(world, "status")
+        assert status.returncode == 0 and f"suspended: {MALLORY} (strike 1, by gateway-1)" in status.stdout
+        # It ends by itself: the gateway gives the client back within its poll.
+        assert wait_until(lambda: again_ok(world), 4.0 + 15), gw.log_text()[-3000:]
+        # A repeat within a day doubles it; the operator lifts it early.
+        fresh = world.connect(MALLORY)
+        flood(fresh)
+        assert fresh.disconnected.wait(15)
+        s = world.store()
+        try:
+            (sus2,) = s.suspensions(now=time.time())
+        finally:
+            s.close()
+        assert (sus2.strikes, sus2.until - sus2.since) == (2, 8.0)
+        lifted = fleet_cli(world, "resume", MALLORY)
+        assert lifted.returncode == 0 and f"lifted the suspension of {MALLORY}" in lifted.stdout, lifted.stderr
+        assert wait_until(lambda: again_ok(world), 15), gw.log_text()[-3000:]
+        assert fleet_cli(world, "resume", MALLORY).stdout.startswith(f"{MALLORY} is not suspended")
+        assert wait_until(lambda: len(stored(world, d.id)) == 3, 15)
+        assert gw.alive
+    finally:
+        assert gw.stop() == 0, gw.log_text()[-3000:]
+    assert stored(world, d.id) == [1, 2, 3]
+    assert {q["device"] for q in quarantined(world)} == {MALLORY}
+    missing = fleet_cli(world, "resume", "nobody")
+    assert missing.returncode == 2 and "edge fleet devices" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def again_ok(world: World) -> bool:
+    """Whether mallory may publish on its telemetry topic again (its client is back in the broker)."""
+    probe = Client(world.broker, world.creds[MALLORY], timeout=2)
+    try:
+        return probe.connected and probe.publish(f"devices/{MALLORY}/status", b'{"state": "online"}') == "Success"
+    finally:
+        probe.close()

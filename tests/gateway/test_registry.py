@@ -17,7 +17,7 @@ import edge.gateway.registry as registry_module
 from edge.errors import ConfigError
 from edge.gateway.ca import EnrollmentError
 from edge.gateway.errors import DeviceExistsError, UnknownDeviceError
-from edge.gateway.registry import MAX_PACKET_BYTES, BrokerListener
+from edge.gateway.registry import MAX_PACKET_BYTES, MAX_QUEUED_MESSAGES, BrokerListener
 from edge.identity import build_csr, generate_device_identity
 from edge.identity.keys import load_private_key
 from edge.telemetry.schema import DEFAULT_LIMITS
@@ -165,6 +165,7 @@ def test_fragment_is_a_complete_listener(fleet) -> None:
         "use_username_as_clientid true",  # the client id is the certificate's CN
         "allow_anonymous false",
         f"max_packet_size {MAX_PACKET_BYTES}",
+        f"max_queued_messages {MAX_QUEUED_MESSAGES}",  # the default, 1000, drops acknowledged telemetry
         f"plugin_opt_config_file {fleet.registry.broker_dir / 'dynsec.json'}",
     ):
         assert wanted in lines

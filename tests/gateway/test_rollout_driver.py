@@ -169,9 +169,11 @@ def test_good_version_is_committed_everywhere_stage_by_stage(fleet, fleet_dir) -
             "name": "digits", "version": "2.0.0", "rollout": RID, "force": False
         }  # fmt: skip
         assert b.rejected == []
+    # The driver counts the completion just after it writes the rollout file: wait for the count, not just the file.
+    completed = 'edge_gateway_rollouts_total{state="completed"} 1.0'
+    assert wait_until(lambda: completed in gw.metrics.exposition().decode(), 5)
     text = gw.metrics.exposition().decode()
     assert 'edge_gateway_rollout_commands_total{command="models/update",result="sent"} 3.0' in text
-    assert 'edge_gateway_rollouts_total{state="completed"} 1.0' in text
     store = open_store(f"sqlite:///{fleet_dir / 'fleet.db'}")
     try:
         assert len(store.events(kind_prefix="ota.committed")) == 3  # the reports are in the store
