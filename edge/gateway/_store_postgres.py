@@ -107,6 +107,9 @@ class PostgresStore(SqlStore):
     def _lock_schema(self) -> None:
         self._execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK_KEY,))
 
+    def _pipeline(self) -> contextlib.AbstractContextManager[object]:
+        return self._db.pipeline()
+
     def _execute(self, sql: str, params: Sequence[object] = ()) -> int:
         return self._db.execute(sql, params).rowcount
 

@@ -13,12 +13,15 @@ Ingest of one batch, in one transaction:
 3. Each telemetry message is verified in order by ``ChainVerifier`` over a ``BatchState``; accepted envelopes, chain
    heads, quarantine rows and ledger increments are collected in memory. Status messages are parsed under bounds;
    the last valid one of each device in the batch is stored, earlier ones are ``superseded``.
-4. The inference records of the accepted envelopes are credited (``edge.gateway.credit``): the batch's claims are
-   inserted into ``claims`` (sorted, so concurrent batches take those row locks in one order), the owners of keys
-   claimed before are read back only when some insert was skipped, and the per-hour counts are read for the
-   ceiling.
-5. Everything is written with one ``executemany`` per table, ledger rows in sorted order; the event records of
-   accepted envelopes go to ``events`` in the same transaction (a duplicate adds none: it is not accepted).
+4. The inference records of the accepted envelopes are credited (``edge.gateway.credit``): under the claims lock
+   (``_claims_session``: on SQLite this transaction, which holds the write lock; on PostgreSQL a short transaction
+   of its own on a second connection, under an advisory lock) the in-memory claim index (``edge.gateway.claims``)
+   reads the claims other processes logged since it last looked, says who claimed the batch's inputs before, and
+   the batch's new claims are appended to ``claim_log``; the per-hour counts for the ceilings are read.
+5. Everything is written with one ``executemany`` per table, ledger rows in sorted order, on PostgreSQL all in one
+   pipeline (one round trip): envelopes (with the credit of their uncredited inferences), chain heads, quarantine,
+   ledger, the event records of accepted envelopes (a duplicate adds none: it is not accepted), claimed and credited
+   inferences, hourly credits; then the status rows.
 A database failure anywhere rolls the whole batch back and raises ``StoreError`` (``StoreUnavailableError`` when the
 database could not be reached or was busy); bad input never raises.
 """
@@ -184,6 +187,10 @@ class SqlStore(abc.ABC):
     @abc.abstractmethod
     def _lock_schema(self) -> None:
         """Serialise schema creation against other processes (inside the transaction)."""
+
+    def _pipeline(self) -> contextlib.AbstractContextManager[object]:
+        """Statements whose results nobody reads, sent together (PostgreSQL: one round trip); SQLite: nothing."""
+        return contextlib.nullcontext()
 
     @abc.abstractmethod
     def _execute(self, sql: str, params: Sequence[object] = ()) -> int:
@@ -377,18 +384,22 @@ class SqlStore(abc.ABC):
                 self._reject(who, day, state, tally)
                 quarantine_rows.append(_quarantine_row(msg, who, str(v.kind), _reason(v, who), v.envelope_hash))
                 results.append(IngestResult(v, False, v.kind.value, who))
+        # The credit first: the claims lock covers the decision and its few rows, never the bulk of the batch (on
+        # PostgreSQL it is a transaction of its own; on SQLite this transaction holds the write lock throughout).
+        resolution = self._credit(credits, max(float(m.received_at) for m in batch)) if accepted else None
+        exceptions = resolution.exceptions if resolution is not None else {}
         envelope_rows = [
-            (env.device_id, env.counter, t, day, len(env.records), env.hash, env.prev, data, None)
+            (env.device_id, env.counter, t, day, len(env.records), env.hash, env.prev, data,
+             exceptions.get((env.device_id, env.counter)))
             for env, t, day, data in accepted
-        ]
-        self._write_batch(envelope_rows, chains, quarantine_rows, tally)
-        if event_rows:
-            self._executemany(self._sql(q.INSERT_EVENT), event_rows)
+        ]  # fmt: skip
+        with self._pipeline():  # PostgreSQL: every bulk write of the batch in one round trip
+            self._write_batch(envelope_rows, chains, quarantine_rows, tally)
+            if event_rows:
+                self._executemany(self._sql(q.INSERT_EVENT), event_rows)
+            self._write_credits(tally, resolution)
         for dev in sorted(statuses):  # sorted: concurrent batches take status row locks in one order
             self._upsert_status(dev, statuses[dev][1])
-        # Last, so that the claims lock covers the credit decision and its few rows, never the bulk of the batch.
-        resolution = self._credit(credits, max(float(m.received_at) for m in batch)) if accepted else None
-        self._write_credits(tally, resolution)
         return results
 
     def _reject(self, who: str | None, day: str, state: BatchState, tally: LedgerTally) -> None:
@@ -599,11 +610,6 @@ class SqlStore(abc.ABC):
             self._executemany(self._sql(q.UPSERT_INFERENCES), inference_rows)
         if resolution is None:
             return
-        if resolution.exceptions:  # the envelopes with an uncredited inference (rare): their credit column
-            self._executemany(
-                self._sql("UPDATE envelopes SET credit = ? WHERE device_id = ? AND counter = ?"),
-                [(text, dev, counter) for (dev, counter), text in sorted(resolution.exceptions.items())],
-            )
         if resolution.hours:
             self._executemany(self._sql(q.UPSERT_HOURS), resolution.hours)
         rows = [(*key, n) for key, n in sorted(resolution.tally.items()) if key[3] != Outcome.CREDITED.value]
