@@ -63,6 +63,7 @@ from tuf.api.metadata import (  # type: ignore[attr-defined] # the public path; 
 
 import edge
 from edge._fs import atomic_write, fsync_dir
+from edge.arrays import NpzArchive
 from edge.errors import InputError
 from edge.gateway import _tuf_keys as keys
 from edge.gateway.errors import GatewayError
@@ -70,6 +71,7 @@ from edge.ota.errors import ManifestError
 from edge.ota.manifest import (
     FLOAT_FILE,
     GOLDEN_FILE,
+    GOLDEN_LIMITS,
     MODEL_FILE,
     Companion,
     GoldenSpec,
@@ -824,11 +826,12 @@ def _golden_bytes(path: Path, model: Any, info: InputInfo) -> tuple[bytes, int]:
     except OSError as e:
         raise RepositoryError(f"cannot read golden file {path}: {e.strerror or e}") from e
     try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as z:
-            files = set(z.files)
-            inputs = np.asarray(z["inputs"]) if "inputs" in files else None
-    except (OSError, ValueError, EOFError) as e:
-        raise ManifestError(f"golden file {path} is not a readable npz without pickles: {e}") from e
+        # The box's reader and its limits: every declared size checked before anything is allocated from it.
+        with NpzArchive(data, GOLDEN_LIMITS, label=f"golden file {path}") as z:
+            files = set(z.names)
+            inputs = z.read("inputs") if "inputs" in files else None
+    except InputError as e:
+        raise ManifestError(str(e)) from e
     if inputs is None:
         raise ManifestError(f"golden file {path} has no 'inputs' array")
     if files == {"inputs"}:

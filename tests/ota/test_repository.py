@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hostile_files import bomb, traced_peak
 from repo_helpers import (
     DIGITS_FP32,
     NOW,
@@ -30,7 +31,7 @@ from tuf.ngclient import Updater
 from edge.gateway.repository import ISSUED_FIELD, FleetRepository, RepositoryError
 from edge.inference.model import Model
 from edge.ota.errors import ManifestError
-from edge.ota.manifest import ModelManifest, parse_golden
+from edge.ota.manifest import MAX_GOLDEN_BYTES, ModelManifest, parse_golden
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +131,23 @@ def test_golden_with_wrong_input_shape_refused(tmp_path: Path) -> None:
     model = digits_release_files(tmp_path, "1.0.0")
     with pytest.raises(ManifestError, match="model takes"):
         repo.publish(model, name="digits", version="1.0.0", publisher=PUBLISHER, publisher_key=key, now=NOW, golden=bad)
+    assert repo.releases() == []
+
+
+def test_golden_inputs_bomb_refused_at_publish_without_inflating(tmp_path: Path) -> None:
+    """An inputs-only golden file (outputs computed at publish) goes through the box's bounded reader too."""
+    repo, key = ready_repository(tmp_path / "fleet", versions=())
+    expanded = 2 * MAX_GOLDEN_BYTES
+    data = bomb(expanded)  # 128 MiB of zeros in ~130 KiB, an 'inputs' member only
+    path = tmp_path / "bomb.npz"
+    path.write_bytes(data)
+    model = digits_release_files(tmp_path, "1.0.0")
+    with traced_peak() as peak, pytest.raises(ManifestError, match=rf"golden file {path}: array 'inputs' declares"):
+        repo.publish(
+            model, name="digits", version="1.0.0", publisher=PUBLISHER, publisher_key=key, now=NOW, golden=path
+        )
+    # Publishing loads the model first (a few MiB, measured 2.8); the bomb's 128 MiB are never inflated.
+    assert peak[0] < expanded // 16
     assert repo.releases() == []
 
 
