@@ -63,14 +63,18 @@ class RunResult:
 
     rate: float
     seconds: float
-    sent: Counter[str] = field(default_factory=Counter)  # mallory's messages by what the broker did with them
+    sent: Counter[str] = field(default_factory=Counter)  # mallory's messages by kind, and its connections
+    answers: Counter[str] = field(default_factory=Counter)  # the broker's PUBACKs to mallory, by reason
     quarantined: int = 0
     shed: int = 0
     suspensions: int = 0
 
 
-def connect(fleet_broker: FleetBroker, creds: Creds, *, inflight: int = 0) -> mqtt.Client | None:
-    """A paho client of one box, as itself, its network loop running; None if the broker refused it."""
+def connect(
+    fleet_broker: FleetBroker, creds: Creds, *, inflight: int = 0, answers: Counter[str] | None = None
+) -> mqtt.Client | None:
+    """A paho client of one box, as itself, its network loop running; None if the broker refused it. ``answers``
+    counts the broker's PUBACKs by reason ("Success", "Not authorized", ...)."""
     c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=creds.name, protocol=mqtt.MQTTv5)
     c.tls_set(ca_certs=str(creds.ca), certfile=str(creds.cert), keyfile=str(creds.key))
     c.max_inflight_messages_set(inflight)
@@ -83,6 +87,12 @@ def connect(fleet_broker: FleetBroker, creds: Creds, *, inflight: int = 0) -> mq
         up.set()
 
     c.on_connect = on_connect
+    if answers is not None:
+
+        def on_publish(_c: object, _u: object, _mid: int, rc: object, _p: object) -> None:
+            answers[str(getattr(rc, "getName", lambda: rc)())] += 1
+
+        c.on_publish = on_publish
     c.connect(fleet_broker.host, fleet_broker.port)
     c.loop_start()
     if not up.wait(10) or not result[0]:
@@ -110,6 +120,7 @@ class Attacker(threading.Thread):
         self.broker, self.creds, self.rounds, self.inflight = broker, creds, rounds, inflight
         self.stop = threading.Event()
         self.sent: Counter[str] = Counter()
+        self.answers: Counter[str] = Counter()
         self.error: BaseException | None = None
 
     def run(self) -> None:
@@ -128,7 +139,8 @@ class Attacker(threading.Thread):
                 if c is not None:
                     c.disconnect()  # ends paho's reconnect wait at once, so loop_stop does not block
                     c.loop_stop()
-                c, pending = connect(self.broker, self.creds, inflight=self.inflight), []
+                c, pending = connect(self.broker, self.creds, inflight=self.inflight, answers=self.answers), []
+                self.sent["connections"] += 1
                 if c is None:
                     self.sent["refused"] += 1
                     self.stop.wait(self.RETRY_S)
@@ -225,6 +237,7 @@ def run_once(work: Path, url: str, args: argparse.Namespace, *, attack: bool) ->
         result = RunResult(args.envelopes * args.boxes * args.records / elapsed, elapsed)
         if attacker is not None:
             result.sent = attacker.sent
+            result.answers = attacker.answers
     finally:
         for c in clients:
             c.disconnect()
@@ -303,9 +316,9 @@ def backend_runs(backend: str, args: argparse.Namespace) -> dict[bool, list[RunR
             extra = ""
             if attack:
                 extra = (
-                    f"; mallory sent {r.sent['qos1']:,} QoS 1, {r.sent['qos0']:,} QoS 0, {r.sent['oversized']} "
-                    f"oversized, was refused {r.sent['refused']} times -> {r.quarantined:,} quarantined, "
-                    f"{r.shed:,} shed, {r.suspensions} suspension(s)"
+                    f"; mallory sent {r.sent['qos1']:,} QoS 1 ({r.answers['Not authorized']:,} refused by the broker), "
+                    f"{r.sent['qos0']:,} QoS 0, {r.sent['oversized']} oversized over {r.sent['connections']} "
+                    f"connections -> {r.quarantined:,} quarantined, {r.shed:,} shed, {r.suspensions} suspension(s)"
                 )
             print(f"  {backend:<10} run {rep + 1} {what}: {r.rate:>9,.0f} records/s ({r.seconds:.2f} s){extra}")
     return results
