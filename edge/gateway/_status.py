@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from edge.gateway._checks import check_device_id, check_time
+from edge.gateway._json import depth_ok, strict_loads
 from edge.gateway.errors import GatewayInputError
 from edge.telemetry._bounds import INT64_MAX
 
@@ -56,29 +57,6 @@ class StatusRow:
     info: str
 
 
-def _no_constants(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out = dict(pairs)
-    if len(out) != len(pairs):
-        raise ValueError("duplicate key in a JSON object")
-    return out
-
-
-def _depth_ok(value: Any, limit: int) -> bool:
-    """Whether ``value`` nests at most ``limit`` containers deep (stops at the first level too deep)."""
-    stack = [(value, 1)]
-    while stack:
-        v, d = stack.pop()
-        if isinstance(v, dict | list):
-            if d > limit:
-                return False
-            stack.extend((x, d + 1) for x in (v.values() if isinstance(v, dict) else v))
-    return True
-
-
 def decode_status(device_id: str, payload: bytes) -> dict[str, Any] | None:
     """Decode a status message under the bounds of the module docstring.
 
@@ -99,18 +77,13 @@ def decode_status(device_id: str, payload: bytes) -> dict[str, Any] | None:
     if not payload:
         return None
     try:
-        text = bytes(payload).decode("utf-8")
-        body = json.loads(text, parse_constant=_no_constants, object_pairs_hook=_unique)
+        body = strict_loads(bytes(payload).decode("utf-8"), MAX_STATUS_DEPTH)
         # json turns "\ud800" escapes into lone surrogates, which no database can store as text.
         json.dumps(body, ensure_ascii=False).encode("utf-8")
-    except RecursionError as e:  # the C scanner's own depth guard, before ours
-        raise GatewayInputError(f"status of {device_id!r} nests deeper than {MAX_STATUS_DEPTH}") from e
-    except (ValueError, UnicodeError) as e:  # JSONDecodeError, bad UTF-8, surrogates, NaN, duplicate keys
+    except (ValueError, UnicodeError) as e:  # bad UTF-8, JSONDecodeError, NaN, duplicate keys, depth, surrogates
         raise GatewayInputError(f"status of {device_id!r} is not strict UTF-8 JSON: {str(e)[:120]}") from e
     if not isinstance(body, dict):
         raise GatewayInputError(f"status of {device_id!r} is not a JSON object: {type(body).__name__}")
-    if not _depth_ok(body, MAX_STATUS_DEPTH):
-        raise GatewayInputError(f"status of {device_id!r} nests deeper than {MAX_STATUS_DEPTH}")
     return body
 
 
@@ -134,7 +107,7 @@ def parse_status(device_id: str, status: Mapping[str, Any], at: float) -> Status
     if not isinstance(status, Mapping):
         raise GatewayInputError(f"status of {device_id!r} is not a JSON object: {type(status).__name__}")
     try:
-        if not _depth_ok(status, MAX_STATUS_DEPTH):
+        if not depth_ok(status, MAX_STATUS_DEPTH):
             raise ValueError(f"nested deeper than {MAX_STATUS_DEPTH}")
         # Canonical, strict JSON that every backend stores as text: no NaN, no lone surrogates (encode checks).
         info = json.dumps(dict(status), ensure_ascii=False, sort_keys=True, separators=(",", ":"), allow_nan=False)

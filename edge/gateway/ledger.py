@@ -61,6 +61,7 @@ from edge._fs import atomic_write
 from edge.errors import InputError
 from edge.gateway._batch import ChainRow
 from edge.gateway._checks import utc_day
+from edge.gateway._json import strict_loads
 from edge.gateway.credit import HOUR_S, UNCREDITED, CreditRules, Outcome
 from edge.gateway.errors import LedgerExportError, StoreError, UnknownDeviceError
 from edge.gateway.store import Store
@@ -292,7 +293,7 @@ def export_ledger(
                 raise ValueError(f"holds device {env.device_id!r} counter {env.counter}")
             chain.feed(env)
             if stored.credit is not None:
-                line["credit"] = _strict_json(stored.credit)
+                line["credit"] = strict_loads(stored.credit, _MAX_JSON_DEPTH)
             credit.feed(env, stored.received_at, line.get("credit"))
         except (InputError, ValueError) as e:
             raise StoreError(f"stored envelope {stored.counter} of {device_id!r} does not verify: {e}") from e
@@ -337,44 +338,14 @@ def _fail(line: int, problem: str) -> LedgerExportError:
     return LedgerExportError(f"line {line}: {problem}")
 
 
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out = dict(pairs)
-    if len(out) != len(pairs):
-        raise ValueError("duplicate key in an object")
-    return out
-
-
-def _depth(value: Any) -> int:
-    if isinstance(value, dict):
-        return 1 + max(map(_depth, value.values()), default=0)
-    if isinstance(value, list):
-        return 1 + max(map(_depth, value), default=0)
-    return 0
-
-
-def _strict_json(raw: str | bytes) -> Any:
-    """Strict JSON: no NaN or infinities, no duplicate keys, nesting bounded. Raises ``ValueError``."""
-    try:
-        value = json.loads(raw, parse_constant=_no_constant, object_pairs_hook=_unique)
-    except RecursionError as e:
-        raise ValueError("nested too deep") from e
-    if _depth(value) > _MAX_JSON_DEPTH:
-        raise ValueError(f"nested deeper than {_MAX_JSON_DEPTH}")
-    return value
-
-
 def _json_line(raw: bytes, n: int, max_len: int) -> dict[str, Any]:
     if len(raw) > max_len:
         raise _fail(n, f"longer than {max_len} bytes")
     if not raw.endswith(b"\n"):
         raise _fail(n, "truncated (no end of line)")
     try:
-        obj = _strict_json(raw)
-    except (ValueError, UnicodeDecodeError) as e:
+        obj = strict_loads(raw, _MAX_JSON_DEPTH)
+    except ValueError as e:
         raise _fail(n, f"not strict JSON: {e}") from e
     if not isinstance(obj, dict):
         raise _fail(n, "not a JSON object")

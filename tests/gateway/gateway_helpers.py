@@ -19,6 +19,32 @@ from edge.records import InferenceRecord
 from edge.telemetry import GENESIS_PREV, envelope_hash, seal_envelope
 
 
+def inference_records(
+    device_id: str, counter: int, n: int, *, model: str = "digits@1.0.0", salt: str = ""
+) -> list[InferenceRecord]:
+    """``n`` inference records of envelope ``counter``, stamped now, each of its own input (as a camera's frames
+    are: the ledger credits an input once); ``salt`` makes the inputs of another call differ."""
+    now = time.time()
+    return [
+        InferenceRecord(
+            seq=counter * 1000 + i,
+            timestamp=now,
+            model_id=model,
+            model_sha256="ab" * 32,
+            input_sha256=hashlib.sha256(f"{device_id}/{counter}/{i}{salt}".encode()).hexdigest(),
+            pixel_format="YUYV",
+            top_k=((i % 10, 0.9),),
+            score=None,
+            label=i % 10,
+            preprocess_us=10,
+            inference_us=90,
+            latency_us=200,
+            backend="native-avx2",
+        )
+        for i in range(n)
+    ]
+
+
 class SimDevice:
     """A device key, its chain, and envelopes of inference records."""
 
@@ -39,25 +65,7 @@ class SimDevice:
 
     def seal(self, n_records: int = 10) -> bytes:
         self.counter += 1
-        recs = [
-            InferenceRecord(
-                seq=self.counter * 1000 + i,
-                timestamp=time.time(),
-                model_id=self.model,
-                model_sha256="ab" * 32,
-                # Each frame its own input, as a camera's are: the ledger credits an input once.
-                input_sha256=hashlib.sha256(f"{self.id}/{self.counter}/{i}".encode()).hexdigest(),
-                pixel_format="YUYV",
-                top_k=((i % 10, 0.9),),
-                score=None,
-                label=i % 10,
-                preprocess_us=10,
-                inference_us=90,
-                latency_us=200,
-                backend="native-avx2",
-            )
-            for i in range(n_records)
-        ]
+        recs = inference_records(self.id, self.counter, n_records, model=self.model)
         data = seal_envelope(self.id, self.counter, self.prev, recs, time.time(), self.key)
         self.prev = envelope_hash(data)
         return data

@@ -8,7 +8,6 @@ What must hold for each is in the tests (``test_hostile_fleet.py``) and the benc
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import random
@@ -19,16 +18,15 @@ from typing import Any
 
 import cbor2
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from gateway_helpers import SimDevice
+from gateway_helpers import SimDevice, inference_records
 
 from edge.gateway.registry import MAX_PACKET_BYTES
-from edge.records import InferenceRecord
 from edge.telemetry import GENESIS_PREV, envelope_hash
 from edge.telemetry.cose import ALG_EDDSA, HEADER_ALG, HEADER_KID, sign1
 from edge.telemetry.envelope import P_COUNTER, P_CREATED, P_DEVICE, P_PREV, P_RECORDS, P_VERSION, SCHEMA_VERSION
 from edge.telemetry.schema import K_TYPE, TYPE_LOSS, record_to_item
 
-__all__ = ["Attack", "HostileBox", "honest_records"]
+__all__ = ["Attack", "HostileBox", "sim_device"]
 
 
 @dataclass(frozen=True)
@@ -47,29 +45,6 @@ class Attack:
     retain: bool = False
     allowed: bool = True
     stored: bool = False
-
-
-def honest_records(device_id: str, counter: int, n: int, model: str = "digits@1.0.0") -> list[InferenceRecord]:
-    """``n`` inference records of distinct, fresh inputs (each frame its own input, as a camera's are)."""
-    now = time.time()
-    return [
-        InferenceRecord(
-            seq=counter * 1000 + i,
-            timestamp=now,
-            model_id=model,
-            model_sha256="ab" * 32,
-            input_sha256=hashlib.sha256(f"{device_id}/{counter}/{i}/{now}".encode()).hexdigest(),
-            pixel_format="YUYV",
-            top_k=((i % 10, 0.9),),
-            score=None,
-            label=i % 10,
-            preprocess_us=10,
-            inference_us=90,
-            latency_us=200,
-            backend="native-avx2",
-        )
-        for i in range(n)
-    ]
 
 
 def _deep(n: int) -> bytes:
@@ -123,7 +98,9 @@ class HostileBox:
         return data
 
     def _items(self, n: int, change: dict[int, Any] | None = None) -> list[dict[int, Any]]:
-        items = [record_to_item(r) for r in honest_records(self.device_id, self.counter + 1, n)]
+        # Salted with the time: a round's inputs are new even when the counter repeats (forged envelopes).
+        recs = inference_records(self.device_id, self.counter + 1, n, salt=f"/{time.time()}")
+        items = [record_to_item(r) for r in recs]
         for item in items:
             item.update(change or {})
         return items

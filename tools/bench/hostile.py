@@ -33,7 +33,6 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -42,9 +41,11 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))  # the fleet, broker and hostile box of the tests are reused, not copied
 sys.path.insert(0, str(ROOT / "tests" / "gateway"))
+sys.path.insert(0, str(ROOT / "tools" / "bench"))  # the gateway benchmark's PostgreSQL helpers
 
 import paho.mqtt.client as mqtt  # noqa: E402
 from fleet_fixtures import Creds, Fleet, FleetBroker, GatewayProcess, wait_until  # noqa: E402
+from gateway import drop_pg, pg_database  # noqa: E402 -- tools/bench/gateway.py
 from gateway_helpers import SimDevice  # noqa: E402
 from hostile_box import Attack, HostileBox, sim_device  # noqa: E402
 from mqtt_broker import free_port  # noqa: E402
@@ -275,27 +276,6 @@ def check(url: str, names: list[str], args: argparse.Namespace, result: RunResul
     )
 
 
-def pg_url(base: str) -> tuple[str, str] | None:
-    """A fresh database on the server at ``base``: (URL, name), or None if no server answers."""
-    try:
-        import psycopg  # noqa: PLC0415
-
-        name = f"edge_hostile_{uuid.uuid4().hex[:8]}"
-        with psycopg.connect(base, autocommit=True, connect_timeout=3) as conn:
-            conn.execute(f"CREATE DATABASE {name}")
-        return re.sub(r"/[^/]*$", f"/{name}", base), name
-    except Exception as e:  # any failure means no PostgreSQL figure; say why
-        print(f"PostgreSQL: no server at {base} ({e}); skipping its figure")
-        return None
-
-
-def drop_pg(base: str, name: str) -> None:
-    import psycopg  # noqa: PLC0415
-
-    with psycopg.connect(base, autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-
-
 def backend_runs(backend: str, args: argparse.Namespace) -> dict[bool, list[RunResult]] | None:
     results: dict[bool, list[RunResult]] = {False: [], True: []}
     for rep in range(args.repeats):
@@ -304,7 +284,7 @@ def backend_runs(backend: str, args: argparse.Namespace) -> dict[bool, list[RunR
                 if backend == "sqlite":
                     r = run_once(Path(tmp), f"sqlite:///{Path(tmp) / 'fleet.db'}", args, attack=attack)
                 else:
-                    pg = pg_url(args.pg_url)
+                    pg = pg_database(args.pg_url)
                     if pg is None:
                         return None
                     try:
