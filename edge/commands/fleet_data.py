@@ -224,14 +224,18 @@ def register_command(sub: Any) -> None:
         "command",
         help="send a signed command to a device and print its reply",
         description="Sign NAME with the fleet command key (expiry and nonce included), publish it to "
-        "devices/DEVICE/commands as the gateway identity, and wait for the reply on devices/DEVICE/replies. "
+        "devices/DEVICE/commands as an operator identity (<fleet dir>/operator/operator.pem, or "
+        "operator/$EDGE_FLEET_OPERATOR.pem; `edge fleet ca issue-client NAME --operator` makes one), and wait for "
+        "the reply on devices/DEVICE/replies. "
         "Commands: ping; status; set key=telemetry.batch_records value=50 (batching and log level change live); "
         "time/reset [to=EPOCH] (with --at-box-floor: recovers a box whose time floors are wrongly in the future; "
         "docs/commands.md).",
     )
-    p.add_argument("--config", required=True, metavar="FILE", help="the gateway configuration (broker, credentials)")
+    p.add_argument(
+        "--config", required=True, metavar="FILE", help="the gateway configuration (the broker and the fleet directory)"
+    )
     p.add_argument("device", metavar="DEVICE")
-    p.add_argument("name", metavar="NAME", help="ping, status or set")
+    p.add_argument("name", metavar="NAME", help="ping, status, set or time/reset")
     p.add_argument("args", nargs="*", metavar="KEY=VALUE", help="arguments (values parsed as JSON when they parse)")
     p.add_argument("--ttl", type=float, default=60.0, help="seconds the command stays valid (default: %(default)s)")
     p.add_argument("--wait", type=float, default=10.0, help="seconds to wait for the reply (default: %(default)s)")

@@ -178,11 +178,16 @@ class Client:
 
 @dataclass(frozen=True, slots=True)
 class BrokerState:
-    """The plugin's whole state as far as access goes: default access, roles, clients (by name)."""
+    """The plugin's whole state as far as access goes: default access, roles, clients (by name).
+
+    ``registered``: for a state derived from a registry, how many devices it has ever enrolled (revoked ones
+    included); None for a state read from the broker.
+    """
 
     default_acl: Mapping[str, bool] = field(default_factory=lambda: dict(DEFAULT_ACL_ACCESS))
     roles: Mapping[str, Role] = field(default_factory=dict)
     clients: Mapping[str, Client] = field(default_factory=dict)
+    registered: int | None = None
 
 
 def device_role(device_id: str) -> str:
@@ -751,7 +756,17 @@ class BrokerSync:
         applied: Counter[str] = Counter()
         for _ in range(_PASSES):
             actual = self._read()
-            commands = plan(self._desired(), actual)
+            desired = self._desired()
+            boxes = sum(n.startswith(DEVICE_ROLE_PREFIX) for n in actual.roles)
+            if desired.registered == 0 and boxes:
+                # A registry that never enrolled anyone, against a broker that serves boxes: this gateway reads the
+                # wrong database. Applying it would delete every box from the broker and stop the fleet.
+                raise BrokerSyncError(
+                    f"the registry names no device at all, but the broker has {boxes}: is [gateway] store this "
+                    "fleet's database? Nothing was changed; to empty the broker deliberately, restart it after "
+                    "`edge fleet broker-config`"
+                )
+            commands = plan(desired, actual)
             if not commands:
                 return applied
             responses = self._exchange(commands)

@@ -87,6 +87,7 @@ kept per identity in its built-in database through the REST API (the live counte
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
@@ -564,7 +565,8 @@ class Registry:
             StoreError: the database failed.
         """
         suspended = frozenset() if now is None else frozenset(x.device_id for x in self.store.suspensions(now=now))
-        return self._checked_state(suspended=suspended)[0]
+        state, devices = self._checked_state(suspended=suspended)
+        return dataclasses.replace(state, registered=len(devices))
 
     def write_broker_fragment(
         self,

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import cbor2
@@ -237,6 +238,25 @@ def test_gateway_applies_the_registry_at_connect(fleet, boxes, broker, clients) 
         assert wait_until(lambda: can_publish(broker, late, "devices/cam-late/telemetry"), SYNC_S)
     finally:
         gw.stop()
+
+
+def test_gateway_on_an_empty_store_does_not_empty_the_broker(fleet, boxes, broker, gateway, clients, tmp_path) -> None:
+    """A careless operator starts a second gateway whose [gateway] store is a fresh, empty database: its registry
+    names no device, and applying it would delete every box from the broker. It refuses, says why, and the boxes
+    keep publishing."""
+    creds = fleet.identity("gateway-2")
+    assert wait_until(lambda: connect(broker, clients, creds).connected, SYNC_S)  # the running gateway applied it
+    cfg = fleet.gateway_config(creds)
+    cfg = replace(cfg, gateway=replace(cfg.gateway, store=f"sqlite:///{tmp_path / 'empty.db'}"))
+    wrong = Gateway(cfg)
+    wrong.start()
+    try:
+        assert wait_until(lambda: "names no device" in (wrong.broker_sync.last_error or ""), SYNC_S)
+        assert "is [gateway] store this fleet's database" in (wrong.broker_sync.last_error or "")
+        assert can_publish(broker, boxes["cam-a"], "devices/cam-a/telemetry")
+        assert can_publish(broker, boxes["cam-b"], "devices/cam-b/telemetry")
+    finally:
+        wrong.stop()
 
 
 def test_gateway_repairs_access_rules_changed_behind_the_registrys_back(fleet, boxes, broker, gateway, clients) -> None:
