@@ -236,7 +236,8 @@ class StateFile:
         """
         self._remove_stale_temps()
         try:
-            data = self.path.read_bytes()
+            with self.path.open("rb") as f:
+                data = f.read(MAX_STATE_BYTES + 1)  # bounded: decode refuses more, and a huge file is never loaded
         except FileNotFoundError:
             return UpdateState()
         except OSError as e:

@@ -39,6 +39,7 @@ from tuf.api.metadata import TargetFile, Targets  # type: ignore[attr-defined] #
 from tuf.ngclient.updater import Updater
 
 from edge._fs import fsync_dir
+from edge.log import redact
 
 # TUF signs canonical JSON, which has no floats: the repository writes them as decimal strings and this reads them
 # back. It belongs in edge.ota.manifest (the box should not import the gateway); the lead moves it there.
@@ -74,7 +75,8 @@ def rejection(error: BaseException) -> UpdateRejected:
         The verdict: ``expired``, ``rollback``, ``bad_signature``, ``hash_mismatch``, ``too_large``, ``network`` or
         ``bad_metadata`` (any other repository error, with tuf's message saying which check failed).
     """
-    msg = str(error) or type(error).__name__
+    # Redacted: the message may quote the repository URL, credentials included, and it travels in signed telemetry.
+    msg = redact(str(error) or type(error).__name__)
     if isinstance(error, UpdateRejected):
         return error
     if isinstance(error, exceptions.ExpiredMetadataError):

@@ -98,3 +98,12 @@ def test_a_failed_refresh_through_a_url_with_credentials_says_nothing_of_them(
         logging.getLogger("edge.ota.updater"), logging.WARNING, "OTA metadata refresh failed", detail=info.value.detail
     )
     assert_clean(str(info.value), info.value.detail, captured.getvalue())
+
+
+def test_a_rejection_never_carries_credentials() -> None:
+    """ngclient's messages quote the URL they failed on; the verdict (logged, and sent as a signed OTA event) masks
+    its credentials."""
+    error = exceptions.RepositoryError("bad metadata at https://ota:hunter2@repo.example/1.root.json?token=s3cret")
+    verdict = rejection(error)
+    assert verdict.reason == "bad_metadata" and "repo.example" in verdict.detail
+    assert_clean(verdict.detail, str(verdict))

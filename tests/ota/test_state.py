@@ -7,10 +7,12 @@ import json
 from pathlib import Path
 
 import pytest
+from hostile_files import sparse_file, traced_peak
 
 from edge.ota import _faults
 from edge.ota.errors import IllegalTransition
 from edge.ota.state import (
+    MAX_STATE_BYTES,
     STATES,
     TRANSITIONS,
     StateCorrupt,
@@ -143,3 +145,11 @@ def test_fault_points_are_many_distinct_and_checked() -> None:
     _faults.checkpoint("state.idle.written")  # no-op without EDGE_OTA_HALT_AT
     with pytest.raises(ValueError, match="unknown fault point"):
         _faults.checkpoint("no.such.point")
+
+
+def test_huge_state_file_is_refused_without_being_read(tmp_path: Path) -> None:
+    """A state file grown to a gigabyte (a corrupt /data, or its owner's doing) is refused from its first MiB."""
+    path = sparse_file(tmp_path / "state.json", 1 << 30)
+    with traced_peak() as peak, pytest.raises(StateCorrupt, match=f"more than {MAX_STATE_BYTES}"):
+        StateFile(path).load()
+    assert peak[0] < 4 * MAX_STATE_BYTES
