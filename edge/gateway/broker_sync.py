@@ -600,10 +600,8 @@ class _RegistrySource:
     def state(self) -> BrokerState:
         from edge.gateway.registry import Registry  # noqa: PLC0415 -- the registry imports this module
 
-        if self._store is None:
-            self._store = self.store_factory()
         try:
-            return Registry(self._store, self.fleet_dir).broker_state(now=time.time())
+            return Registry(self._open(), self.fleet_dir).broker_state(now=time.time())
         except EdgeError:
             self.close()  # a failed database connection is opened again on the next sync
             raise
@@ -621,11 +619,14 @@ class _RegistrySource:
             stamps.append((st.st_ino, st.st_mtime_ns, st.st_size))
         return tuple(stamps)
 
-    def _suspended(self) -> object:
+    def _open(self) -> Store:
         if self._store is None:
             self._store = self.store_factory()
+        return self._store
+
+    def _suspended(self) -> object:
         try:
-            return tuple(x.device_id for x in self._store.suspensions(now=time.time()))
+            return tuple(x.device_id for x in self._open().suspensions(now=time.time()))
         except EdgeError as e:
             self.close()
             return ("unreadable", str(e))  # a sync then reads the registry and reports the failure

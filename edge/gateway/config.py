@@ -21,7 +21,8 @@ from edge.config import (
     _bool,
     _choice,
     _float_at_least,
-    _int_at_least,
+    _float_between,
+    _int_between,
     _path,
     _port,
     _Section,
@@ -173,41 +174,10 @@ def _share_group(key: str, v: Any) -> str:
     return s
 
 
-def _float_between(low: float, high: float) -> Any:
-    at_least = _float_at_least(low)
-
-    def convert(key: str, v: Any) -> float:
-        x = at_least(key, v)
-        if x > high:
-            raise ConfigError(key, v, f"a number {low:g}..{high:g}")
-        return x
-
-    return convert
-
-
-def _store_timeout(key: str, v: Any) -> float:
-    t = float(_float_at_least(1.0)(key, v))
-    if t > 86400.0:
-        raise ConfigError(key, v, "seconds, 1..86400 (how long an unavailable store is waited for)")
-    return t
-
-
 def _store(key: str, v: Any) -> str:
     if not isinstance(v, str):
         raise ConfigError(key, v, "a store URL (sqlite:///path or postgresql://...) or a path")
     return v
-
-
-def _bounded(low: int, high: int) -> Any:
-    at_least = _int_at_least(low)
-
-    def convert(key: str, v: Any) -> int:
-        n = at_least(key, v)
-        if n > high:
-            raise ConfigError(key, v, f"an integer {low}..{high}")
-        return n
-
-    return convert
 
 
 def _ceiling(key: str, v: Any) -> float:
@@ -259,11 +229,11 @@ def parse_gateway_config(data: Mapping[str, Any]) -> GatewayConfig:
         fleet_dir=s.get("fleet_dir", di.fleet_dir, _path),
         store=s.get("store", di.store, _store),
         share_group=s.get("share_group", di.share_group, _share_group),
-        batch_max=s.get("batch_max", di.batch_max, _bounded(1, 5000)),
-        batch_wait_ms=s.get("batch_wait_ms", di.batch_wait_ms, _bounded(0, 10_000)),
-        receive_maximum=s.get("receive_maximum", di.receive_maximum, _bounded(1, 65535)),
-        store_timeout_s=s.get("store_timeout_s", di.store_timeout_s, _store_timeout),
-        reject_burst=s.get("reject_burst", di.reject_burst, _bounded(0, 1_000_000)),
+        batch_max=s.get("batch_max", di.batch_max, _int_between(1, 5000)),
+        batch_wait_ms=s.get("batch_wait_ms", di.batch_wait_ms, _int_between(0, 10_000)),
+        receive_maximum=s.get("receive_maximum", di.receive_maximum, _int_between(1, 65535)),
+        store_timeout_s=s.get("store_timeout_s", di.store_timeout_s, _float_between(1.0, 86_400.0)),
+        reject_burst=s.get("reject_burst", di.reject_burst, _int_between(0, 1_000_000)),
         reject_per_s=s.get("reject_per_s", di.reject_per_s, _float_between(0.001, 1_000_000.0)),
         suspend_s=s.get("suspend_s", di.suspend_s, _float_between(1.0, 86_400.0)),
     )
@@ -274,8 +244,8 @@ def parse_gateway_config(data: Mapping[str, Any]) -> GatewayConfig:
         ca=s.get("ca", db.ca, _path),
         cert=s.get("cert", db.cert, _path),
         key=s.get("key", db.key, _path),
-        keepalive_s=s.get("keepalive_s", db.keepalive_s, _bounded(5, 65535)),
-        session_expiry_s=s.get("session_expiry_s", db.session_expiry_s, _bounded(0, 0xFFFFFFFF)),
+        keepalive_s=s.get("keepalive_s", db.keepalive_s, _int_between(5, 65535)),
+        session_expiry_s=s.get("session_expiry_s", db.session_expiry_s, _int_between(0, 0xFFFFFFFF)),
         dynamic_security=s.get("dynamic_security", db.dynamic_security, _bool),
     )
     s = tables["metrics"]

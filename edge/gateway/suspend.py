@@ -97,7 +97,7 @@ class RejectBudget:
         b = self._buckets.get(device_id)
         if b is None:
             b = self._buckets[device_id] = _Bucket(float(self.burst), now)
-        b.tokens = min(float(self.burst), b.tokens + max(0.0, now - b.at) * self.per_s) - n
+        b.tokens = self._level(b, now) - n
         b.at = now
         if b.tokens >= 0:
             if b.tokens >= self.burst:  # full: forget the box, so idle boxes cost no memory
@@ -106,8 +106,12 @@ class RejectBudget:
         b.tokens = float(self.burst)
         return True
 
+    def _level(self, b: _Bucket, now: float) -> float:
+        """The bucket's tokens at ``now``: refilled since it was last touched, never above ``burst``."""
+        return min(float(self.burst), b.tokens + max(0.0, now - b.at) * self.per_s)
+
     def forget_idle(self, now: float) -> None:
         """Drop the buckets that have refilled by ``now`` (bounded memory over many boxes)."""
-        full = [d for d, b in self._buckets.items() if b.tokens + (now - b.at) * self.per_s >= self.burst]
+        full = [d for d, b in self._buckets.items() if self._level(b, now) >= self.burst]
         for d in full:
             del self._buckets[d]

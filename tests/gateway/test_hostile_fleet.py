@@ -432,21 +432,14 @@ def test_real_box_keeps_delivering_everything_while_mallory_attacks(world: World
     assert {q["device"] for q in quarantined(world)} == {MALLORY}
 
 
-def fleet_cli(world: World, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "edge", "fleet", "--dir", str(world.fleet.dir), "--store", world.fleet.store_url, *args],
-        cwd=GatewayProcess.ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-
-
-def test_flooding_box_is_cut_off_at_the_broker_while_suspended(world: World) -> None:
+def test_flooding_box_is_cut_off_at_the_broker_while_suspended(world: World, edge_cli) -> None:
     """mallory overdraws its reject budget: the gateway records a suspension and deletes its client from the broker,
     so whatever it publishes is refused there; the honest box never notices; the suspension ends by itself (and
     doubles on a repeat), and the operator can lift it early."""
+
+    def fleet_cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return edge_cli("fleet", "--dir", str(world.fleet.dir), "--store", world.fleet.store_url, *args)
+
     gw = world.gateway(reject_burst=20, reject_per_s=1.0, suspend_s=4.0)
     gw.start()
     c, d = world.connect(HONEST[0]), world.device(HONEST[0])
@@ -471,7 +464,7 @@ def test_flooding_box_is_cut_off_at_the_broker_while_suspended(world: World) -> 
         assert again.publish(f"devices/{MALLORY}/telemetry", b"x") == "Not authorized"
         assert again.publish(f"devices/{MALLORY}/status", b"{}") == "Not authorized"
         publish_honest(c, d, 3)
-        status = fleet_cli(world, "status")
+        status = fleet_cli("status")
         assert status.returncode == 0 and f"suspended: {MALLORY} (strike 1, by gateway-1)" in status.stdout
         # It ends by itself: the gateway gives the client back within its poll.
         assert wait_until(lambda: again_ok(world), 4.0 + 15), gw.log_text()[-3000:]
@@ -485,17 +478,17 @@ def test_flooding_box_is_cut_off_at_the_broker_while_suspended(world: World) -> 
         finally:
             s.close()
         assert (sus2.strikes, sus2.until - sus2.since) == (2, 8.0)
-        lifted = fleet_cli(world, "resume", MALLORY)
+        lifted = fleet_cli("resume", MALLORY)
         assert lifted.returncode == 0 and f"lifted the suspension of {MALLORY}" in lifted.stdout, lifted.stderr
         assert wait_until(lambda: again_ok(world), 15), gw.log_text()[-3000:]
-        assert fleet_cli(world, "resume", MALLORY).stdout.startswith(f"{MALLORY} is not suspended")
+        assert fleet_cli("resume", MALLORY).stdout.startswith(f"{MALLORY} is not suspended")
         assert wait_until(lambda: len(stored(world, d.id)) == 3, 15)
         assert gw.alive
     finally:
         assert gw.stop() == 0, gw.log_text()[-3000:]
     assert stored(world, d.id) == [1, 2, 3]
     assert {q["device"] for q in quarantined(world)} == {MALLORY}
-    missing = fleet_cli(world, "resume", "nobody")
+    missing = fleet_cli("resume", "nobody")
     assert missing.returncode == 2 and "edge fleet devices" in missing.stderr and "Traceback" not in missing.stderr
 
 
