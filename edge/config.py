@@ -57,8 +57,8 @@ LOG_FORMATS = ("json", "text")
 # The range of every numeric key, both ends inclusive: what a real box can use, so an absurd value (a typo, a unit
 # mix-up) stops the service at start-up naming the key instead of failing later, deep inside a library.
 # Why each bound:
-MAX_TOP_K = 64  # the telemetry schema carries at most 64 top-k pairs (edge.telemetry.schema), or the gateway rejects
-MAX_BATCH_RECORDS = 1000  # the contract's records per envelope (edge.telemetry._bounds.MAX_RECORDS_PER_ENVELOPE)
+MAX_TOP_K = 64  # the telemetry schema carries at most 64 top-k pairs (edge.wire.schema), or the gateway rejects
+MAX_BATCH_RECORDS = 1000  # the contract's records per envelope (edge.wire._bounds.MAX_RECORDS_PER_ENVELOPE)
 MQTT_MAX_U16 = 65535  # MQTT 5 keepalive and Receive Maximum (the most in-flight messages) are 16-bit fields
 MQTT_MAX_U32 = 2**32 - 1  # MQTT 5 Session Expiry Interval is a 32-bit field (the maximum means "never expires")
 TCP_PORTS = (1, 65535)
@@ -425,7 +425,7 @@ def _channels(nonzero: bool) -> Callable[[str, Any], tuple[float, ...] | None]:
     return convert
 
 
-# Settings a running service can change (the fleet's ``set`` command, edge.telemetry.commands): the dotted key and
+# Settings a running service can change (the fleet's ``set`` command, edge.telemetry.control): the dotted key and
 # the converter that validates it, shared with ``parse_config`` so a live value obeys exactly the file's rules.
 LIVE_SETTINGS: Mapping[str, Callable[[str, Any], Any]] = {
     "telemetry.batch_records": _ranged_int,

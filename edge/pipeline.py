@@ -42,10 +42,10 @@ from edge.inference.postprocess import Kind, scalar_score, topk
 from edge.inference.preprocess import backend as preprocess_backend
 from edge.inference.preprocess import preprocess_image
 from edge.log import event
-from edge.records import InferenceRecord, ReadingRecord, Record
 from edge.sensing.frames import Frame, Reading
 from edge.sensing.sources import Source
 from edge.sinks import Sink
+from edge.wire.records import InferenceRecord, ReadingRecord, Record
 
 __all__ = ["Pipeline", "PipelineStats"]
 

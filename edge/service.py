@@ -183,6 +183,7 @@ def _start_updater(cfg: Config, factory: Path) -> tuple[Updater, OtaAgent | None
     """
     from edge.ota.agent import EventEmitter, OtaAgent, open_updater  # noqa: PLC0415 (tuf: only when updates are on)
     from edge.ota.errors import OtaError  # noqa: PLC0415
+    from edge.wire.errors import ManifestError  # noqa: PLC0415
 
     emitter = EventEmitter()
     try:
@@ -193,7 +194,8 @@ def _start_updater(cfg: Config, factory: Path) -> tuple[Updater, OtaAgent | None
         return updater, None, emitter
     try:
         updater.recover()
-    except (OtaError, OSError) as e:  # the service runs whatever is valid; the agent's first check tries again
+    # The service runs whatever is valid; the agent's first check tries again.
+    except (OtaError, ManifestError, OSError) as e:
         event(log, logging.WARNING, "OTA recovery at start failed", error=str(e))
     agent = OtaAgent(updater, check_interval_s=cfg.ota.check_interval_s, time_floor=floor)
     return updater, agent, emitter

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 from typing import Protocol, TextIO
 
-from edge.records import Record, to_dict
+from edge.wire.records import Record, to_dict
 
 __all__ = ["JsonLinesSink", "Sink"]
 

@@ -17,8 +17,8 @@ from mqtt_broker import GATEWAY_ID, Broker, TestPKI
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from edge.telemetry.schema import LossNotice
-from edge.telemetry.verify import ChainVerifier, MemoryChainState
+from edge.wire.chain import ChainVerifier, MemoryChainState
+from edge.wire.schema import LossNotice
 
 
 @dataclass

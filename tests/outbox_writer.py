@@ -18,10 +18,10 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from edge.records import ReadingRecord
-from edge.telemetry.envelope import open_envelope
 from edge.telemetry.outbox import Outbox
-from edge.telemetry.schema import LossNotice, TelemetryLimits
+from edge.wire.envelope import open_envelope
+from edge.wire.records import ReadingRecord
+from edge.wire.schema import LossNotice, TelemetryLimits
 
 DEVICE_ID = "crash-box"
 MAX_ENVELOPES = 30  # small, so the backlog overflows across runs and drops (and their notices) are crash points too

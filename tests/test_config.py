@@ -24,8 +24,8 @@ from edge.config import (
 from edge.errors import ConfigError
 from edge.inference.model import MAX_MODEL_BYTES
 from edge.sensing.frames import PixelFormat
-from edge.telemetry import schema
-from edge.telemetry._bounds import MAX_RECORDS_PER_ENVELOPE
+from edge.wire import schema
+from edge.wire._bounds import MAX_RECORDS_PER_ENVELOPE
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 

@@ -7,8 +7,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edge.errors import InputError
-from edge.telemetry.cose import decode_sign1, sig_structure, sign1, verify1
-from edge.telemetry.errors import BadSignatureError, MalformedEnvelopeError, UnsupportedAlgorithmError
+from edge.wire.cose import decode_sign1, sig_structure, sign1, verify1
+from edge.wire.errors import BadSignatureError, MalformedEnvelopeError, UnsupportedAlgorithmError
 
 # COSE WG Examples, eddsa-sig-01.json ("EdDSA - 25519 - sign0"), transcribed: the key is RFC 8032 TEST 1.
 VECTOR_D = bytes.fromhex("9d61b19deffd5a60ba844af492ec2cc44449c5697b326919703bac031cae7f60")

@@ -25,17 +25,17 @@ from mqtt_broker import GATEWAY_ID, Broker
 
 from edge.config import parse_config
 from edge.errors import ConfigError
-from edge.gateway.ca import FleetCA
-from edge.gateway.commands import Command, CommandRejected, sign_command
+from edge.fleet.pki.ca import FleetCA
 from edge.identity.keys import generate_device_identity, load_private_key
 from edge.ota.clock import TimeFloor
-from edge.records import ReadingRecord
-from edge.telemetry.commands import CommandExecutor, DeviceControls
+from edge.telemetry.control import CommandExecutor, DeviceControls
 from edge.telemetry.device import DeviceTelemetry
-from edge.telemetry.envelope import open_envelope
 from edge.telemetry.outbox import Outbox
-from edge.telemetry.schema import DEFAULT_LIMITS
 from edge.telemetry.sink import TelemetrySink
+from edge.wire.commands import Command, CommandRejected, sign_command
+from edge.wire.envelope import open_envelope
+from edge.wire.records import ReadingRecord
+from edge.wire.schema import DEFAULT_LIMITS
 
 ROOT = Path(__file__).resolve().parent.parent
 DEVICE = "box-1"
@@ -423,7 +423,7 @@ def test_corrupt_nonce_file_disables_commands_instead_of_forgetting_nonces(tmp_p
 def test_box_poisoned_before_the_rule_is_recovered_by_time_reset(tmp_path, pki, broker) -> None:
     """A nonce file written before the horizon rule, its floor ten years ahead: every correct command is expired. A
     time/reset issued at the floor the box reports in its status (what `edge fleet command --at-box-floor` does,
-    tests/gateway/test_time_reset_cli.py) brings the box back, and a command of the fleet from before the reset whose
+    tests/fleet/test_time_reset_cli.py) brings the box back, and a command of the fleet from before the reset whose
     nonce the poisoned floor made the box forget cannot be replayed."""
     data = tmp_path / "data"
     fleet = FleetCA.init(tmp_path / "fleet", now=datetime.datetime.now(datetime.UTC))

@@ -13,8 +13,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edge.records import InferenceRecord, ReadingRecord
-from edge.telemetry import (
+from edge.wire import (
     GENESIS_PREV,
     Batcher,
     EventRecord,
@@ -30,8 +29,9 @@ from edge.telemetry import (
     open_envelope,
     seal_envelope,
 )
-from edge.telemetry.cose import sig_structure
-from edge.telemetry.errors import BadSignatureError
+from edge.wire.cose import sig_structure
+from edge.wire.errors import BadSignatureError
+from edge.wire.records import InferenceRecord, ReadingRecord
 
 KEY = Ed25519PrivateKey.generate()
 PUB = KEY.public_key()

@@ -20,17 +20,6 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from edge.records import InferenceRecord, ReadingRecord
-from edge.telemetry import (
-    GENESIS_PREV,
-    Envelope,
-    LossNotice,
-    MalformedRecordError,
-    TelemetryLimits,
-    envelope_hash,
-    open_envelope,
-)
-from edge.telemetry.envelope import seal_envelope
 from edge.telemetry.outbox import (
     SCHEMA_VERSION,
     EnvelopeTooLargeError,
@@ -41,6 +30,17 @@ from edge.telemetry.outbox import (
     OutboxFullError,
     Sealed,
 )
+from edge.wire import (
+    GENESIS_PREV,
+    Envelope,
+    LossNotice,
+    MalformedRecordError,
+    TelemetryLimits,
+    envelope_hash,
+    open_envelope,
+)
+from edge.wire.envelope import seal_envelope
+from edge.wire.records import InferenceRecord, ReadingRecord
 
 KEY = Ed25519PrivateKey.generate()
 PUB = KEY.public_key()

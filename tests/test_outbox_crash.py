@@ -19,8 +19,8 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
-from edge.telemetry import GENESIS_PREV, LossNotice, TelemetryLimits, envelope_hash, open_envelope
 from edge.telemetry.outbox import Outbox
+from edge.wire import GENESIS_PREV, LossNotice, TelemetryLimits, envelope_hash, open_envelope
 
 ROOT = Path(__file__).resolve().parent.parent
 WRITER = Path(__file__).resolve().parent / "outbox_writer.py"

@@ -13,10 +13,10 @@ import pytest
 from edge.errors import TransportError
 from edge.inference.model import Model
 from edge.pipeline import Pipeline
-from edge.records import InferenceRecord, ReadingRecord, Record
 from edge.sensing.frames import Frame, PixelFormat, Reading
 from edge.sensing.sources import ArraySource
 from edge.sensing.synthetic import render_test_frames
+from edge.wire.records import InferenceRecord, ReadingRecord, Record
 
 
 class ListSink:

@@ -18,9 +18,9 @@ from edge.inference.model import Model
 from edge.inference.postprocess import topk
 from edge.inference.preprocess import preprocess_image
 from edge.pipeline import Pipeline
-from edge.records import InferenceRecord, Record
 from edge.sensing.frames import Frame, PixelFormat, Reading
 from edge.sensing.synthetic import render_test_frames
+from edge.wire.records import InferenceRecord, Record
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools" / "models"))

@@ -13,13 +13,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from test_transport import settings_for
 
 from edge.errors import TransportError
-from edge.records import ReadingRecord
-from edge.telemetry.envelope import open_envelope
+from edge.mqtt import Delivery, MqttTransport
 from edge.telemetry.outbox import Outbox
 from edge.telemetry.publisher import Publisher
-from edge.telemetry.schema import TelemetryLimits
-from edge.telemetry.transport import Delivery, MqttTransport
-from edge.telemetry.verify import ChainVerifier, MemoryChainState, VerdictKind
+from edge.wire.chain import ChainVerifier, MemoryChainState, VerdictKind
+from edge.wire.envelope import open_envelope
+from edge.wire.records import ReadingRecord
+from edge.wire.schema import TelemetryLimits
 
 
 def until(pred, timeout: float = 5.0, step: float = 0.005) -> bool:

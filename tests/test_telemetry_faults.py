@@ -21,7 +21,7 @@ from fleet_subscriber import VerifyingSubscriber
 
 from edge.identity.keys import load_private_key
 from edge.telemetry.outbox import Outbox
-from edge.telemetry.schema import DEFAULT_LIMITS
+from edge.wire.schema import DEFAULT_LIMITS
 
 ROOT = Path(__file__).resolve().parent.parent
 DEVICE = "box-1"

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from edge.records import InferenceRecord, ReadingRecord
-from edge.telemetry.envelope import open_envelope
 from edge.telemetry.outbox import Outbox
-from edge.telemetry.schema import DEFAULT_LIMITS, EventRecord, LossNotice
 from edge.telemetry.sink import TelemetrySink
+from edge.wire.envelope import open_envelope
+from edge.wire.records import InferenceRecord, ReadingRecord
+from edge.wire.schema import DEFAULT_LIMITS, EventRecord, LossNotice
 
 DEVICE = "sink-box"
 

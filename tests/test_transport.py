@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from edge.errors import ConfigError, TransportError
-from edge.telemetry.transport import Backoff, Delivery, MqttSettings, MqttTransport
+from edge.mqtt import Backoff, Delivery, MqttSettings, MqttTransport
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -197,7 +197,7 @@ DEVICE_SCRIPT = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from edge.telemetry.transport import MqttSettings, MqttTransport
+    from edge.mqtt import MqttSettings, MqttTransport
     host, port, ca, cert, key, dev = sys.argv[1:7]
     s = MqttSettings(host=host, port=int(port), ca=Path(ca), cert=Path(cert), key=Path(key), client_id=dev)
     status = f"devices/{dev}/status"

@@ -10,8 +10,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge.records import ReadingRecord
-from edge.telemetry import (
+from edge.wire import (
     GENESIS_PREV,
     ChainVerifier,
     MemoryChainState,
@@ -20,7 +19,8 @@ from edge.telemetry import (
     envelope_hash,
     seal_envelope,
 )
-from edge.telemetry.cose import sig_structure
+from edge.wire.cose import sig_structure
+from edge.wire.records import ReadingRecord
 
 V = VerdictKind
 

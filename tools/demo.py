@@ -44,11 +44,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from edge.gateway.ledger import export_ledger, ledger_key, verify_export  # noqa: E402
-from edge.gateway.store import Store, open_store  # noqa: E402
+from edge.fleet.ledger import export_ledger, ledger_key, verify_export  # noqa: E402
+from edge.fleet.store import Store, open_store  # noqa: E402
 from edge.identity.did import public_from_did_key  # noqa: E402
-from edge.records import InferenceRecord  # noqa: E402
-from edge.telemetry.envelope import open_envelope  # noqa: E402
+from edge.wire.envelope import open_envelope  # noqa: E402
+from edge.wire.records import InferenceRecord  # noqa: E402
 
 BOXES = ("box-1", "box-2", "box-3")
 CAMERAS = ("YUYV", "NV12", "RGB888")  # one kind of camera each: their frames are distinct inputs

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from edge.records import InferenceRecord, ReadingRecord
-from edge.telemetry import GENESIS_PREV, envelope_hash, seal_envelope
+from edge.wire import GENESIS_PREV, envelope_hash, seal_envelope
+from edge.wire.records import InferenceRecord, ReadingRecord
 
 # RFC 8032 section 7.1 TEST 1 secret key: public, never a device key.
 EXAMPLE_SEED = bytes.fromhex("9d61b19deffd5a60ba844af492ec2cc44449c5697b326919703bac031cae7f60")

@@ -155,7 +155,7 @@ class EventEmitter:
 
     def __call__(self, kind: str, data: Mapping[str, Any]) -> None:
         """Emit one transition (the updater's ``emit``)."""
-        from edge.telemetry.schema import EventRecord  # noqa: PLC0415 -- cbor2 only where telemetry runs
+        from edge.wire.schema import EventRecord  # noqa: PLC0415 -- cbor2 only where telemetry runs
 
         record = EventRecord(timestamp=time.time(), kind=kind, data=dict(data))
         event(log, logging.INFO, kind, **_flat(data))

@@ -13,7 +13,7 @@ rises (except by the fleet's ``time/reset``) and only from times that arrive sig
 The box's notion of "now" for every expiry check is ``max(clock, floor, BUILD_TIME)``.
 
 The rule (docs/ota.md, "Clocks"), stated once here and used by both floors (this one and the command nonce set's,
-``edge.gateway.commands``):
+``edge.wire.commands``):
 
 1. A signed time is not a time in the future: both online keys (timestamp, command) can be stolen, and a fleet's
    clock can be wrong. One signed time ``t`` raises a floor at most to the **horizon**
@@ -49,6 +49,7 @@ from typing import Final, Literal
 
 from edge._fs import atomic_write
 from edge.errors import ConfigError
+from edge.wire.commands import base_time
 
 __all__ = [
     "BUILD_TIME",
@@ -80,18 +81,6 @@ _OTHER: Final[dict[SourceKind, SourceKind]] = {"tuf": "command", "command": "tuf
 
 _MAX_FILE: Final = 4096
 _RULE: Final = 1  # the version of the rule a floor file was written under (absent: before it)
-
-
-def base_time(clock: float, build_time: float) -> float:
-    """The box's own notion of the present, without any signed time: ``max(clock, build_time)``.
-
-    Args:
-        clock: the box's wall clock (epoch seconds); a non-finite value counts as unset.
-        build_time: the running code's release time.
-    """
-    if not math.isfinite(clock):
-        return build_time
-    return max(float(clock), build_time)
 
 
 def horizon(clock: float, build_time: float) -> float:
@@ -270,7 +259,7 @@ class TimeFloor:
 
         One signed time raises the floor at most ``MAX_AHEAD_S`` past the box's own clock, and two agreeing ones to
         the smaller of them, so this never exceeds a time the box's clock showed or an honest source signed. The
-        command nonce set may raise its floor up to it (``edge.gateway.commands``). 0.0 while the floor is one a
+        command nonce set may raise its floor up to it (``edge.wire.commands``). 0.0 while the floor is one a
         file from before the rule holds: nothing vouches for that one.
         """
         with self._lock:

@@ -10,7 +10,6 @@ from edge.errors import EdgeError, InputError
 
 __all__ = [
     "IllegalTransition",
-    "ManifestError",
     "OtaError",
     "TrialFailed",
     "UpdateRejected",
@@ -21,12 +20,6 @@ class OtaError(EdgeError):
     """Base of the OTA errors; ``reason`` is a short snake_case word for telemetry and the rollout."""
 
     reason = "ota_error"
-
-
-class ManifestError(OtaError, InputError):
-    """A target's custom metadata (the model manifest) or a golden-sample file is malformed."""
-
-    reason = "bad_manifest"
 
 
 class UpdateRejected(OtaError, InputError):  # noqa: N818 -- a verdict, like CommandRejected

@@ -35,8 +35,9 @@ from edge._fs import atomic_write, fsync_dir
 from edge.errors import InputError
 from edge.log import event
 from edge.ota import _faults
-from edge.ota.errors import ManifestError, OtaError
-from edge.ota.manifest import FLOAT_FILE, GOLDEN_FILE, MODEL_FILE, ModelManifest, target_path
+from edge.ota.errors import OtaError
+from edge.wire.errors import ManifestError
+from edge.wire.manifest import FLOAT_FILE, GOLDEN_FILE, MODEL_FILE, ModelManifest, target_path
 
 __all__ = ["ActiveModel", "SlotInvalid", "SlotName", "SlotRecord", "Slots", "file_sha256", "release_files"]
 

@@ -40,8 +40,9 @@ import numpy.typing as npt
 
 from edge.errors import InputError, ModelError
 from edge.inference.model import InputSpec, Model
-from edge.ota.errors import ManifestError, TrialFailed
-from edge.ota.manifest import GoldenSamples, InputInfo, ModelManifest, version_key
+from edge.ota.errors import TrialFailed
+from edge.wire.errors import ManifestError
+from edge.wire.manifest import GoldenSamples, InputInfo, ModelManifest, version_key
 
 __all__ = ["TrialResult", "adapt_inputs", "check_requires", "compare_outputs", "installed_versions", "run_trial"]
 

@@ -42,11 +42,11 @@ from edge._fs import fsync_dir
 from edge.log import redact
 
 # TUF signs canonical JSON, which has no floats: the repository writes them as decimal strings and this reads them
-# back. It belongs in edge.ota.manifest (the box should not import the gateway); the lead moves it there.
+# back. It belongs in edge.wire.manifest (the box should not import the gateway); the lead moves it there.
 from edge.ota.clock import TimeFloor
 from edge.ota.errors import UpdateRejected
 from edge.ota.fetch import FetchStats, ResumableFetcher
-from edge.ota.manifest import ModelManifest, target_path
+from edge.wire.manifest import ModelManifest, target_path
 
 __all__ = ["ISSUED_FIELD", "TrustClient", "rejection"]
 

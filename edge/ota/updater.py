@@ -36,7 +36,10 @@ from edge.errors import InputError, ModelError
 from edge.log import event
 from edge.ota import _faults
 from edge.ota.errors import IllegalTransition, OtaError, UpdateRejected
-from edge.ota.manifest import (
+from edge.ota.slots import ActiveModel, SlotInvalid, SlotName, Slots, file_sha256, release_files
+from edge.ota.state import ACTIVE_STATES, State, StateCorrupt, StateFile, UpdateState, transition
+from edge.wire.errors import ManifestError
+from edge.wire.manifest import (
     FLOAT_FILE,
     GOLDEN_FILE,
     MODEL_FILE,
@@ -45,12 +48,10 @@ from edge.ota.manifest import (
     validate_name,
     version_key,
 )
-from edge.ota.slots import ActiveModel, SlotInvalid, SlotName, Slots, file_sha256, release_files
-from edge.ota.state import ACTIVE_STATES, State, StateCorrupt, StateFile, UpdateState, transition
 
 if TYPE_CHECKING:
     from edge.ota.trial import TrialResult
-    from edge.telemetry.schema import EventValue
+    from edge.wire.schema import EventValue
 
 __all__ = ["TRANSIENT_REASONS", "Emit", "Outcome", "TrustSource", "Updater", "UpdaterBusy"]
 
@@ -387,7 +388,7 @@ class Updater:
             raise  # a bug, not a property of the update
         except _Rollback as e:
             return self._roll_back(st, e.reason, e.detail, timings)
-        except (OtaError, ModelError) as e:
+        except (OtaError, ManifestError, ModelError) as e:
             return self._roll_back(st, getattr(e, "reason", "ota_error"), str(e), timings)
         except OSError as e:
             return self._roll_back(st, "io_error", str(e), timings)
@@ -600,7 +601,7 @@ class Updater:
             return False
         try:
             return version_key(version) <= version_key(active_version)
-        except OtaError:
+        except (OtaError, ManifestError):
             return False  # the factory model's version is not a release version: anything is newer
 
     def _model_id(self, active: ActiveModel) -> str | None:

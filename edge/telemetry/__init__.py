@@ -1,64 +1,8 @@
-"""Signed telemetry: the record schema, COSE_Sign1 envelopes chained per device, batching, and the verifier.
+"""The box's uplink: signed telemetry out, signed commands in.
 
-Everything here is sans-IO: bytes and an explicit ``now`` in, values or typed errors out. The wire format is
-specified in docs/telemetry.md.
+``sink`` batches records into envelopes (``edge.wire.envelope``) and keeps them in the durable ``outbox``;
+``publisher`` moves them to the broker through ``edge.mqtt`` within a window of unacknowledged messages; ``control``
+executes the fleet's commands once ``edge.wire.commands`` has verified them, with the nonce set persisted by
+``nonces``; ``device`` wires these together for one box. The wire format itself is the contract package's
+(``edge.wire``, docs/telemetry.md).
 """
-
-from __future__ import annotations
-
-from edge.telemetry.envelope import GENESIS_PREV, Batcher, Envelope, envelope_hash, open_envelope, seal_envelope
-from edge.telemetry.errors import (
-    BadSignatureError,
-    MalformedEnvelopeError,
-    MalformedRecordError,
-    UnsupportedAlgorithmError,
-)
-from edge.telemetry.schema import (
-    DEFAULT_LIMITS,
-    EventRecord,
-    LossNotice,
-    TelemetryLimits,
-    TelemetryRecord,
-    decode_record,
-    decode_records,
-    encode_record,
-    encode_records,
-)
-from edge.telemetry.verify import (
-    ChainLink,
-    ChainStateStore,
-    ChainVerifier,
-    KeyLookup,
-    MemoryChainState,
-    Verdict,
-    VerdictKind,
-)
-
-__all__ = [
-    "DEFAULT_LIMITS",
-    "GENESIS_PREV",
-    "BadSignatureError",
-    "Batcher",
-    "ChainLink",
-    "ChainStateStore",
-    "ChainVerifier",
-    "Envelope",
-    "EventRecord",
-    "KeyLookup",
-    "LossNotice",
-    "MalformedEnvelopeError",
-    "MalformedRecordError",
-    "MemoryChainState",
-    "TelemetryLimits",
-    "TelemetryRecord",
-    "UnsupportedAlgorithmError",
-    "Verdict",
-    "VerdictKind",
-    "decode_record",
-    "decode_records",
-    "encode_record",
-    "encode_records",
-    "envelope_hash",
-    "open_envelope",
-    "seal_envelope",
-]

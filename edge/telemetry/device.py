@@ -9,11 +9,11 @@ Topics (``<id>`` is the device id, also the CN of its certificate, so the broker
   connection dies, and state "offline", reason "shutdown" on a clean stop. Sparkplug-style: the gateway derives
   online/offline from it.
 - ``devices/<id>/commands``: subscribed at QoS 1. A command runs only if it is signed by the fleet command key
-  (``telemetry.fleet_key``), addressed to this device, unexpired and never seen before (``edge.gateway.commands``;
+  (``telemetry.fleet_key``), addressed to this device, unexpired and never seen before (``edge.wire.commands``;
   the nonces persist in ``<data_dir>/command-nonces.cbor``). Without a provisioned key every command is rejected
   ``unsigned``; the service runs on either way. The verifier bounds the nonce set's floor by the box's own time and
   the OTA time floor (``edge.ota.clock``), and ``time/reset`` lowers both floors.
-- ``devices/<id>/replies``: one JSON reply per command message, QoS 1, not retained (``edge.telemetry.commands``).
+- ``devices/<id>/replies``: one JSON reply per command message, QoS 1, not retained (``edge.telemetry.control``).
   Every rejection is also counted by reason (``commands_rejected``) and logged.
 """
 
@@ -33,41 +33,31 @@ from typing import Any
 from edge import __version__
 from edge.config import Config, data_path
 from edge.errors import ConfigError, TransportError
-from edge.gateway.commands import (
+from edge.identity.did import did_key_from_public
+from edge.identity.keys import load_private_key, load_public_key
+from edge.log import event
+from edge.mqtt import MqttSettings, MqttTransport
+from edge.ota.clock import BUILD_TIME, TimeFloor, horizon
+from edge.telemetry.control import COMMAND_NAMES, TIME_RESET, CommandExecutor, DeviceControls, reply_for
+from edge.telemetry.nonces import FileNonceStore
+from edge.telemetry.outbox import Outbox
+from edge.telemetry.publisher import Publisher
+from edge.telemetry.sink import TelemetrySink
+from edge.wire.commands import (
     Command,
     CommandRejected,
     CommandsUnavailable,
     CommandUnsigned,
     CommandVerifier,
-    FileNonceStore,
 )
-from edge.identity.did import did_key_from_public
-from edge.identity.keys import load_private_key, load_public_key
-from edge.log import event
-from edge.ota.clock import BUILD_TIME, TimeFloor, horizon
-from edge.telemetry.commands import COMMAND_NAMES, TIME_RESET, CommandExecutor, DeviceControls, reply_for
-from edge.telemetry.outbox import Outbox
-from edge.telemetry.publisher import Publisher
-from edge.telemetry.schema import DEFAULT_LIMITS
-from edge.telemetry.sink import TelemetrySink
-from edge.telemetry.transport import MqttSettings, MqttTransport
+from edge.wire.schema import DEFAULT_LIMITS
+from edge.wire.topics import device_topics
 
-__all__ = ["DeviceTelemetry", "topics"]
+__all__ = ["DeviceTelemetry"]
 
 log = logging.getLogger("edge.telemetry")
 
 NONCE_FILE = "command-nonces.cbor"
-
-
-def topics(device_id: str) -> dict[str, str]:
-    """The device's topics by role: telemetry, status, commands, replies."""
-    base = f"devices/{device_id}"
-    return {
-        "telemetry": f"{base}/telemetry",
-        "status": f"{base}/status",
-        "commands": f"{base}/commands",
-        "replies": f"{base}/replies",
-    }
 
 
 def _versions() -> dict[str, str]:
@@ -99,7 +89,7 @@ class DeviceTelemetry:
         self.device_id = cfg.device.id
         key = load_private_key(data_path(cfg, tc.key))
         self.did = did_key_from_public(key.public_key())
-        self.topics = topics(self.device_id)
+        self.topics = device_topics(self.device_id)
         outbox_path = data_path(cfg, tc.outbox)
         outbox_path.parent.mkdir(parents=True, exist_ok=True)
         self.outbox = Outbox(

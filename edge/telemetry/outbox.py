@@ -48,10 +48,10 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from edge.errors import EdgeError, InputError
 from edge.identity.keys import validate_device_id
 from edge.log import event
-from edge.telemetry._cbor import DECODE_ERRORS, new_decoder, read_head
-from edge.telemetry.cose import ALG_EDDSA, HEADER_ALG, HEADER_KID
-from edge.telemetry.envelope import GENESIS_PREV, P_RECORDS, envelope_hash, parse_envelope, seal_envelope
-from edge.telemetry.schema import (
+from edge.wire._cbor import DECODE_ERRORS, new_decoder, read_head
+from edge.wire.cose import ALG_EDDSA, HEADER_ALG, HEADER_KID
+from edge.wire.envelope import GENESIS_PREV, P_RECORDS, envelope_hash, parse_envelope, seal_envelope
+from edge.wire.schema import (
     TYPE_LOSS,
     LossNotice,
     TelemetryLimits,

@@ -39,10 +39,7 @@ from typing import Final, Protocol
 
 from edge.errors import TransportError
 from edge.log import event
-from edge.telemetry.transport import Delivery
-
-# MQTT 5 reason code: the broker accepted the PUBLISH but no subscription matched it, so nobody will receive it.
-NO_MATCHING_SUBSCRIBERS: Final = 0x10
+from edge.mqtt import NO_MATCHING_SUBSCRIBERS, Delivery
 
 __all__ = ["DEFAULT_WINDOW", "OutboxReader", "Publisher", "PublisherStats", "Transport"]
 

@@ -26,10 +26,10 @@ from dataclasses import dataclass
 from edge.config import LIVE_SETTINGS
 from edge.errors import InputError
 from edge.log import event
-from edge.records import Record
-from edge.telemetry.envelope import Batcher
 from edge.telemetry.outbox import EnvelopeTooLargeError, Outbox, OutboxError
-from edge.telemetry.schema import DEFAULT_LIMITS, EventRecord, TelemetryLimits, TelemetryRecord, encode_record
+from edge.wire.envelope import Batcher
+from edge.wire.records import Record
+from edge.wire.schema import DEFAULT_LIMITS, EventRecord, TelemetryLimits, TelemetryRecord, encode_record
 
 __all__ = ["SinkStats", "TelemetrySink"]
 

@@ -15,8 +15,8 @@ import onnx
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edge._fs import atomic_write
-from edge.gateway._tuf_keys import private_pem, public_pem
-from edge.gateway.repository import FleetRepository
+from edge.fleet.models._tuf_keys import private_pem, public_pem
+from edge.fleet.models.repository import FleetRepository
 from edge.inference.model import Model
 from edge.inference.preprocess import preprocess_image
 from edge.sensing.synthetic import render_test_frames

@@ -21,8 +21,8 @@ from securesystemslib.signer import CryptoSigner
 from static_server import StaticServer
 from tuf.api.metadata import Metadata, Root, TargetFile, Targets, Timestamp
 
-from edge.gateway._tuf_keys import sslib_key
-from edge.gateway.repository import FleetRepository
+from edge.fleet.models._tuf_keys import sslib_key
+from edge.fleet.models.repository import FleetRepository
 from edge.ota.clock import TimeFloor
 from edge.ota.errors import UpdateRejected
 from edge.ota.trust import TrustClient

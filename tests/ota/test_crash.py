@@ -21,7 +21,7 @@ from box_helpers import FACTORY, assert_valid_active, make_updater, utc_now
 from repo_helpers import DIGITS_FP32, PUBLISHER, digits_release_files, make_golden, ready_repository
 from static_server import StaticServer
 
-from edge.gateway.repository import FleetRepository
+from edge.fleet.models.repository import FleetRepository
 from edge.ota._faults import FAULT_POINTS, HALT_ENV
 from edge.ota.state import StateFile
 

@@ -10,7 +10,7 @@ import numpy as np
 from repo_helpers import DIGITS_FP32, digits_release_files, make_golden
 from tuf.api.metadata import Metadata
 
-from edge.gateway.repository import FleetRepository
+from edge.fleet.models.repository import FleetRepository
 
 
 def test_operator_workflow(tmp_path: Path, edge_cli) -> None:

@@ -22,16 +22,16 @@ from static_server import StaticServer
 from tuf.api.metadata import TargetFile  # type: ignore[attr-defined] # python-tuf has no __all__
 
 from edge._fs import atomic_write
-from edge.gateway._tuf_keys import sslib_key
-from edge.gateway.repository import FleetRepository
+from edge.fleet.models._tuf_keys import sslib_key
+from edge.fleet.models.repository import FleetRepository
 from edge.ota.agent import EventEmitter
-from edge.ota.manifest import ModelManifest, target_path
 from edge.ota.updater import Updater
-from edge.telemetry.envelope import GENESIS_PREV, open_envelope
-from edge.telemetry.errors import BadSignatureError
 from edge.telemetry.outbox import Outbox
-from edge.telemetry.schema import DEFAULT_LIMITS, EventRecord
 from edge.telemetry.sink import TelemetrySink
+from edge.wire.envelope import GENESIS_PREV, open_envelope
+from edge.wire.errors import BadSignatureError
+from edge.wire.manifest import ModelManifest, target_path
+from edge.wire.schema import DEFAULT_LIMITS, EventRecord
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tools" / "models"))

@@ -13,8 +13,8 @@ from hostile_files import MAX_PEAK, TiB, bomb, npy_header, sparse_file, traced_p
 from securesystemslib.formats import encode_canonical
 
 from edge.errors import InputError
-from edge.ota.errors import ManifestError
-from edge.ota.manifest import (
+from edge.wire.errors import ManifestError
+from edge.wire.manifest import (
     FLOAT_FILE,
     GOLDEN_FILE,
     MAX_GOLDEN_BYTES,

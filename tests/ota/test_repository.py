@@ -28,10 +28,10 @@ from tuf.api.exceptions import UnsignedMetadataError
 from tuf.api.metadata import Metadata
 from tuf.ngclient import Updater
 
-from edge.gateway.repository import ISSUED_FIELD, FleetRepository, RepositoryError
+from edge.fleet.models.repository import ISSUED_FIELD, FleetRepository, RepositoryError
 from edge.inference.model import Model
-from edge.ota.errors import ManifestError
-from edge.ota.manifest import MAX_GOLDEN_BYTES, ModelManifest, parse_golden
+from edge.wire.errors import ManifestError
+from edge.wire.manifest import MAX_GOLDEN_BYTES, ModelManifest, parse_golden
 
 
 @pytest.fixture(scope="module")

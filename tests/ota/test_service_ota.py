@@ -26,14 +26,14 @@ from fleet_fixtures import Fleet, FleetBroker, utcnow, wait_until  # noqa: E402
 from repo_helpers import PUBLISHER, make_publisher_key  # noqa: E402
 from static_server import StaticServer  # noqa: E402
 
-from edge.gateway.config import BrokerConfig, GatewayConfig, IngestConfig, MetricsConfig, RolloutConfig  # noqa: E402
-from edge.gateway.repository import FleetRepository  # noqa: E402
-from edge.gateway.rollout_driver import RolloutFiles, start_rollout  # noqa: E402
-from edge.gateway.service import Gateway  # noqa: E402
-from edge.gateway.store import open_store  # noqa: E402
+from edge.fleet.config import BrokerConfig, GatewayConfig, IngestConfig, MetricsConfig, RolloutConfig  # noqa: E402
+from edge.fleet.gateway import Gateway  # noqa: E402
+from edge.fleet.models.repository import FleetRepository  # noqa: E402
+from edge.fleet.rollout.driver import RolloutFiles, start_rollout  # noqa: E402
+from edge.fleet.store import open_store  # noqa: E402
 from edge.identity.did import public_from_did_key  # noqa: E402
-from edge.records import InferenceRecord  # noqa: E402
-from edge.telemetry.envelope import open_envelope  # noqa: E402
+from edge.wire.envelope import open_envelope  # noqa: E402
+from edge.wire.records import InferenceRecord  # noqa: E402
 
 BOX = "box-1"
 

@@ -11,8 +11,8 @@ import pytest
 from box_helpers import FACTORY
 
 from edge.ota.errors import OtaError
-from edge.ota.manifest import InputInfo, ModelManifest
 from edge.ota.slots import MANIFEST, SlotInvalid, Slots, file_sha256
+from edge.wire.manifest import InputInfo, ModelManifest
 
 DATA = FACTORY.read_bytes()
 

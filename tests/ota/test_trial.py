@@ -19,7 +19,8 @@ from onnx import helper, numpy_helper
 from edge.errors import InputError
 from edge.inference.model import MAX_MODEL_BYTES, Model
 from edge.ota.errors import TrialFailed
-from edge.ota.manifest import (
+from edge.ota.trial import check_requires, run_trial
+from edge.wire.manifest import (
     FLOAT_FILE,
     GOLDEN_FILE,
     Companion,
@@ -30,7 +31,6 @@ from edge.ota.manifest import (
     load_golden,
     target_path,
 )
-from edge.ota.trial import check_requires, run_trial
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tools" / "models"))

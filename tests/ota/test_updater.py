@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from repo_helpers import PUBLISHER, digits_release_files, make_golden, ready_repository
 from static_server import StaticServer
 
-from edge.gateway.repository import FleetRepository
+from edge.fleet.models.repository import FleetRepository
 from edge.ota.slots import Slots
 from edge.ota.state import StateFile
 

@@ -41,7 +41,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption,
 from gateway_helpers import SimDevice, gateway_config, gateway_toml  # noqa: E402
 from mqtt_broker import GATEWAY_ID, Broker, TestPKI, free_port  # noqa: E402
 
-from edge.gateway.store import open_store  # noqa: E402
+from edge.fleet.store import open_store  # noqa: E402
 
 CACHE = ROOT / ".cache" / "bench-gateway"
 GATEWAYS = ("bench-1", "bench-2")  # one certificate (and client id) per gateway process

@@ -5,7 +5,7 @@ fleet` generates (dynamic security, per-box rights) and one `edge gateway run`, 
 one hostile box ("mallory"), and has every honest box publish ``--envelopes`` pre-signed envelopes of ``--records``
 inference records over its own mutual-TLS connection, as fast as the broker takes them. In the attacked runs mallory
 publishes, on every topic it may write (and some it may not), from the first honest publish until the last honest
-envelope is stored: rounds of ``tests/gateway/hostile_box.py`` (forgeries, lies about identity, absurd numbers,
+envelope is stored: rounds of ``tests/fleet/hostile_box.py`` (forgeries, lies about identity, absurd numbers,
 decoder bombs, poison and retained status, valid but worthless work; signed before the clock starts, as a box would
 have them ready), random bytes at QoS 1 and QoS 0, and a packet over the broker's limit now and then (it is
 disconnected and connects again). Its QoS 1 messages are pipelined (up to ``--attack-inflight`` unacknowledged).
@@ -50,8 +50,8 @@ from gateway_helpers import SimDevice  # noqa: E402
 from hostile_box import Attack, HostileBox, sim_device  # noqa: E402
 from mqtt_broker import free_port  # noqa: E402
 
-from edge.gateway.config import MetricsConfig  # noqa: E402
-from edge.gateway.store import open_store  # noqa: E402
+from edge.fleet.config import MetricsConfig  # noqa: E402
+from edge.fleet.store import open_store  # noqa: E402
 from edge.identity.keys import load_private_key  # noqa: E402
 
 TARGET = 0.9

@@ -43,13 +43,13 @@ import paho.mqtt.client as mqtt  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
 from mqtt_broker import GATEWAY_ID, Broker, TestPKI  # noqa: E402
 
-from edge.records import InferenceRecord  # noqa: E402
-from edge.telemetry.envelope import envelope_hash, open_envelope, seal_envelope  # noqa: E402
+from edge.mqtt import MqttSettings, MqttTransport  # noqa: E402
 from edge.telemetry.outbox import Outbox  # noqa: E402
 from edge.telemetry.publisher import Publisher  # noqa: E402
-from edge.telemetry.schema import TelemetryLimits  # noqa: E402
 from edge.telemetry.sink import TelemetrySink  # noqa: E402
-from edge.telemetry.transport import MqttSettings, MqttTransport  # noqa: E402
+from edge.wire.envelope import envelope_hash, open_envelope, seal_envelope  # noqa: E402
+from edge.wire.records import InferenceRecord  # noqa: E402
+from edge.wire.schema import TelemetryLimits  # noqa: E402
 
 DEVICE = "dev-bench"
 PAYLOADS: list[bytes] = []

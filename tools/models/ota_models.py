@@ -37,10 +37,10 @@ from onnx import helper, numpy_helper  # noqa: E402
 from edge._fs import atomic_write  # noqa: E402
 from edge.inference.model import Model  # noqa: E402
 from edge.inference.preprocess import preprocess_image  # noqa: E402
-from edge.ota.manifest import FLOAT_FILE, GOLDEN_FILE, MODEL_FILE, GoldenSamples, release_dir  # noqa: E402
 from edge.ota.trial import adapt_inputs  # noqa: E402
 from edge.sensing.frames import PixelFormat  # noqa: E402
 from edge.sensing.synthetic import render_test_frames  # noqa: E402
+from edge.wire.manifest import FLOAT_FILE, GOLDEN_FILE, MODEL_FILE, GoldenSamples, release_dir  # noqa: E402
 
 MODELS = ROOT / "edge" / "models"
 DIGITS_INT8 = MODELS / "digits-int8.onnx"

@@ -10,13 +10,16 @@ first, or what it would let through silently (a dependency the image lacks, a mo
   repository, every pyproject dependency and every standard library module that edge imports mapped to an
   RDEPENDS entry, the unit installed from the package (no copy in the layer), the ptest files present and
   importable on the box.
+- The fleet split: edge/fleet/ is the edge-fleet package (PACKAGES, FILES), which no image or packagegroup of the
+  layer installs; the box's modules and its ptest files never import it; the fleet's own imports are in its RDEPENDS.
 - The files the image installs: edge.toml loads with edge's own loader and names the installed factory model and
   the data directory; tmpfiles.d creates that directory with the service's user and mode (systemd-tmpfiles on a
   scratch root); data.mount passes ``systemd-analyze verify`` without a warning.
 - The kas files: yamllint --strict, JSON-schema validation against kas's own schema, includes that resolve, every
   remote repository on a branch, every layer the meta-edge layer depends on provided by a repository.
 - The wheel: built without build isolation with the setuptools wrynose ships (82.0.1), from a copy of the tracked
-  files, and it contains the C extension, the factory model and the unit. The tool venv is cached in .cache/yocto/
+  files, and it contains the C extension, the factory model, the unit and edge/fleet (for the split), under the
+  distribution name n3-edge. The tool venv is cached in .cache/yocto/
   and the wheel check is skipped while the tracked files and the pins are unchanged since the last success.
 - ruff on the layer's Python (the oeqa test and its helper).
 
@@ -49,6 +52,8 @@ KAS = ROOT / "yocto" / "kas"
 RECIPE = LAYER / "recipes-edge" / "edge" / "edge_git.bb"
 CACHE = ROOT / ".cache" / "yocto"
 RELEASE = "wrynose"
+# The distribution's name on PyPI (the import package stays edge): "edge" there is an unrelated, older project.
+DIST_NAME = "n3-edge"
 # The tool versions the wheel check uses: setuptools as python3-setuptools in openembedded-core wrynose, build to run
 # the PEP 517 backend the way python_pep517.bbclass does (python -m build --no-isolation).
 WHEEL_PINS = ("setuptools==82.0.1", "build==1.6.1")
@@ -83,9 +88,14 @@ IMPORT_DISTS = {
     "securesystemslib": "securesystemslib",
     "urllib3": "urllib3",
 }
-# Imports the box never makes: the quantizer (``edge model quantize``, a workstation command) imports onnx, and the
-# gateway (a server, edge/gateway/) imports its own dependencies; both load lazily, never in ``edge run``.
-NOT_ON_THE_BOX = {"onnx", "psycopg", "prometheus_client"}
+# Imports the box never makes: the quantizer (``edge model quantize``, a workstation command) imports onnx lazily,
+# never in ``edge run``. The fleet (edge/fleet/) is checked apart: it is the edge-fleet package, not the box's.
+NOT_ON_THE_BOX = {"onnx"}
+# The fleet's own third-party imports -> the recipe that provides them; None: optional, loaded only when configured
+# (psycopg for a postgresql:// store), and documented as such.
+FLEET_RECIPES: dict[str, str | None] = {"prometheus_client": "python3-prometheus-client", "psycopg": None}
+FLEET_PACKAGE = "${PN}-fleet"
+FLEET_FILES = "${PYTHON_SITEPACKAGES_DIR}/edge/fleet"
 # Standard library module -> the OE package that ships it (openembedded-core's python3-manifest.json). A module
 # missing here stops the check: look it up in the manifest, add it, and add the package to RDEPENDS.
 _PACKAGE_MODULES = {
@@ -266,7 +276,7 @@ def check_recipe_against_project() -> str:
         elif recipe not in rdepends:
             problems.append(f"pyproject dependency {dist!r}: {recipe} is not in RDEPENDS:${{PN}}")
 
-    box_modules = [p for p in (ROOT / "edge").rglob("*.py") if "gateway" not in p.relative_to(ROOT).parts]
+    box_modules = [p for p in (ROOT / "edge").rglob("*.py") if "fleet" not in p.relative_to(ROOT).parts]
     needed: dict[str, set[str]] = {}
     for path in box_modules:
         for name in imports_of(path) - {"edge"}:
@@ -316,6 +326,77 @@ def check_recipe_against_project() -> str:
         f"PV {pv}, LICENSE md5 {md5[:8]}, SRCREV {srcrev[:12]} in history, RDEPENDS cover the "
         f"{len(project['dependencies'])} dependencies and the {len(needed)} packages edge's imports need, "
         f"{len(ptest)} ptest files"
+    )
+
+
+def full_imports_of(path: Path) -> set[str]:
+    """Every module a file imports, by its full dotted name (``from a.b import c`` gives ``a.b`` and ``a.b.c``)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return found
+
+
+def check_fleet_split() -> str:
+    """The fleet is its own package that no image installs, and the box's files never need it."""
+    rv = bb_vars(RECIPE)
+    problems = []
+    if FLEET_PACKAGE not in rv.get("PACKAGES", "").split():
+        problems.append(f"PACKAGES does not name {FLEET_PACKAGE}: the fleet would ship in ${{PN}}, on every box")
+    if rv.get(f"FILES:{FLEET_PACKAGE}", "") != FLEET_FILES:
+        problems.append(f"FILES:{FLEET_PACKAGE} is not {FLEET_FILES!r}")
+    fleet_rdepends = set(rv.get(f"RDEPENDS:{FLEET_PACKAGE}", "").split())
+    box_rdepends = set(rv.get("RDEPENDS:${PN}", "").split())
+    if "${PN}" not in fleet_rdepends:
+        problems.append(f"RDEPENDS:{FLEET_PACKAGE} does not name ${{PN}}: the fleet imports the box's base modules")
+
+    fleet_files = sorted((ROOT / "edge" / "fleet").rglob("*.py"))
+    if not fleet_files:
+        problems.append("edge/fleet/ has no modules: nothing to split")
+    for path in fleet_files:
+        for name in imports_of(path) - {"edge"}:
+            if name in sys.stdlib_module_names:
+                pkg = STDLIB_PACKAGES.get(name)
+                if pkg is None:
+                    problems.append(f"{path.relative_to(ROOT)} imports {name}: add its OE package to STDLIB_PACKAGES")
+                elif pkg not in box_rdepends | fleet_rdepends:
+                    problems.append(f"{path.relative_to(ROOT)} imports {name}: {pkg} is in no RDEPENDS")
+            elif name in IMPORT_DISTS:
+                if DIST_RECIPES[IMPORT_DISTS[name]] not in box_rdepends:
+                    problems.append(f"{path.relative_to(ROOT)} imports {name}, which RDEPENDS:${{PN}} lacks")
+            elif name in FLEET_RECIPES:
+                recipe = FLEET_RECIPES[name]
+                if recipe is not None and recipe not in fleet_rdepends:
+                    problems.append(f"{path.relative_to(ROOT)} imports {name}: RDEPENDS:{FLEET_PACKAGE} lacks {recipe}")
+            else:
+                problems.append(f"{path.relative_to(ROOT)} imports {name}, which no recipe provides")
+
+    # What the box gets must not need the fleet: its modules, and the ptest files the box runs.
+    box_files = [p for p in (ROOT / "edge").rglob("*.py") if "fleet" not in p.relative_to(ROOT / "edge").parts]
+    ptest = [ROOT / "tests" / n for n in [*PTEST_HELPERS, *rv.get("EDGE_PTEST_FILES", "").split()]]
+    for path in [*box_files, *(p for p in ptest if p.is_file())]:
+        if any(n == "edge.fleet" or n.startswith("edge.fleet.") for n in full_imports_of(path)):
+            problems.append(f"{path.relative_to(ROOT)} imports edge.fleet, which a box does not have")
+
+    # No recipe of the layer but edge's own may pull the fleet package into an image.
+    installers = 0
+    for recipe in sorted(LAYER.rglob("*.bb")):
+        if recipe == RECIPE:
+            continue
+        for name, value in bb_vars(recipe).items():
+            if name.startswith(("IMAGE_INSTALL", "RDEPENDS", "RRECOMMENDS", "CORE_IMAGE_EXTRA_INSTALL")):
+                installers += 1
+                if "edge-fleet" in value.split():
+                    problems.append(f"{recipe.relative_to(LAYER)}: {name} installs edge-fleet on a box")
+    if problems:
+        raise CheckFailedError("\n".join(problems))
+    return (
+        f"{FLEET_PACKAGE} holds edge/fleet ({len(fleet_files)} modules), which none of the layer's {installers} "
+        f"install lists names; {len(box_files)} box modules and {len(ptest)} ptest files never import it"
     )
 
 
@@ -512,11 +593,13 @@ def check_wheel() -> str:
     native = [n for n in names if re.fullmatch(r"edge/_native\..*\.so", n)]
     if not native:
         problems.append("the wheel has no C extension edge/_native*.so")
-    for needed in ("edge/models/digits-int8.onnx", "edge/data/edge.service", "edge/py.typed"):
+    for needed in ("edge/models/digits-int8.onnx", "edge/data/edge.service", "edge/py.typed", "edge/fleet/__init__.py"):
         if needed not in names:
             problems.append(f"the wheel lacks {needed}")
     if "edge = edge.cli:main" not in entry_points:
         problems.append("the wheel has no 'edge' console script")
+    if f"Name: {DIST_NAME}" not in metadata.splitlines():
+        problems.append(f"the wheel's metadata does not name the distribution {DIST_NAME}")
     if "License-Expression: Apache-2.0" not in metadata:
         problems.append("the wheel's metadata has no License-Expression: Apache-2.0")
     if problems:
@@ -543,6 +626,7 @@ CHECKS: list[tuple[str, Callable[[], str]]] = [
     ("layer conventions", check_layer),
     ("oelint-adv", check_oelint),
     ("recipe vs project", check_recipe_against_project),
+    ("fleet package split", check_fleet_split),
     ("installed files", check_installed_files),
     ("kas files", check_kas),
     ("wheel, no isolation", check_wheel),

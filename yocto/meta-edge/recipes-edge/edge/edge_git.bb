@@ -57,6 +57,13 @@ USERADD_PARAM:${PN} = "--system --gid edge --groups dialout --home-dir ${EDGE_DA
 
 SYSTEMD_SERVICE:${PN} = "edge.service"
 
+# The fleet side (edge/fleet/: the gateway, its store, the CA, the TUF repository signer, rollouts) runs on the
+# operator's servers, never on a box: it goes into its own package, which no image of this layer installs
+# (tools/yocto/check.py checks both). Listed first so that its FILES claim edge/fleet before ${PN}'s do.
+PACKAGES =+ "${PN}-fleet"
+FILES:${PN}-fleet = "${PYTHON_SITEPACKAGES_DIR}/edge/fleet"
+SUMMARY:${PN}-fleet = "N3 Edge fleet side: gateway, store, CA, model repository and rollouts (not for boxes)"
+
 do_install:append() {
     # The unit is the one the package ships and tests/test_systemd.py verifies: installed from the source, never copied.
     install -D -m 0644 ${S}/edge/data/edge.service ${D}${systemd_system_unitdir}/edge.service
@@ -115,6 +122,12 @@ RDEPENDS:${PN} += "\
     python3-tomllib \
     python3-tuf \
     python3-urllib3 \
+"
+# The fleet's own needs beyond the box's: Prometheus metrics (python3-prometheus-client, meta-python). Its
+# PostgreSQL backend (psycopg) is optional and loads only for a postgresql:// store; SQLite is the default.
+RDEPENDS:${PN}-fleet += "\
+    ${PN} \
+    python3-prometheus-client \
 "
 RDEPENDS:${PN}-ptest += "\
     ${PN} \

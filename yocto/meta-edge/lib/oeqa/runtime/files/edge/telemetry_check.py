@@ -25,10 +25,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
 from edge.identity import load_private_key
-from edge.records import InferenceRecord
-from edge.telemetry.envelope import GENESIS_PREV, open_envelope
+from edge.wire.records import InferenceRecord
+from edge.wire.envelope import GENESIS_PREV, open_envelope
 from edge.telemetry.outbox import Outbox
-from edge.telemetry.schema import DEFAULT_LIMITS
+from edge.wire.schema import DEFAULT_LIMITS
 
 DEVICE_ID = "oeqa-box"
 FRAMES = 20

@@ -1,0 +1,1019 @@
+"""The store's logic, shared by both backends: ingest, the registry, status, the ledger and quarantine queries.
+
+Backends (``_store_sqlite``, ``_store_postgres``) supply the connection, the transaction, the SQL dialect and the
+error types to translate; every rule lives here, once.
+
+Ingest of one batch, in one transaction:
+1. Each message is routed by its topic: ``devices/<id>/telemetry`` to the verifier, ``devices/<id>/status`` to the
+   status parser; anything else is rejected as ``wrong_topic`` without verifying anything. A message is attributed
+   to the device of its topic, the identity the broker authenticated (only that device may write there), never to
+   an id its content claims: rejects count against the box that sent them.
+2. The registered devices among the telemetry topics are loaded with one query, and their chain rows locked with one
+   query in sorted order (created first if missing): every later read of a chain happens under that lock.
+3. Each telemetry message is verified in order by ``ChainVerifier`` over a ``BatchState``; accepted envelopes, chain
+   heads, quarantine rows and ledger increments are collected in memory. Status messages are parsed under bounds;
+   the last valid one of each device in the batch is stored, earlier ones are ``superseded``.
+4. The inference records of the accepted envelopes are credited (``edge.fleet.credit``): under the claims lock
+   (``_claims_session``: on SQLite this transaction, which holds the write lock; on PostgreSQL a short transaction
+   of its own on a second connection, under an advisory lock) the in-memory claim index (``edge.fleet.claims``)
+   reads the claims other processes logged since it last looked, says who claimed the batch's inputs before, and
+   the batch's new claims are appended to ``claim_log``; the per-hour counts for the ceilings are read.
+5. Everything is written with one ``executemany`` per table, ledger rows in sorted order, on PostgreSQL all in one
+   pipeline (one round trip): envelopes (with the credit of their uncredited inferences), chain heads, quarantine,
+   ledger, the event records of accepted envelopes (a duplicate adds none: it is not accepted), claimed and credited
+   inferences, hourly credits; then the status rows.
+A database failure anywhere rolls the whole batch back and raises ``StoreError`` (``StoreUnavailableError`` when the
+database could not be reached or was busy); bad input never raises.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import dataclasses
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Final, Protocol
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+import edge.fleet.store._sql as q
+from edge.fleet.claims import ClaimBatch, ClaimIndex, decode_batch, encode_batch
+from edge.fleet.credit import HOUR_S, BatchCredits, CreditRules, Outcome, Owner, Resolution
+from edge.fleet.errors import (
+    DeviceExistsError,
+    GatewayInputError,
+    StoreError,
+    StoreUnavailableError,
+    UnknownDeviceError,
+)
+from edge.fleet.store._batch import BatchState, ChainRow, DeviceKey, Hole, LedgerTally
+from edge.fleet.store._checks import (
+    STATUS,
+    TELEMETRY,
+    check_day,
+    check_device,
+    check_time,
+    iso,
+    redact,
+    topic_device_any,
+    topic_route,
+    utc_day,
+)
+from edge.fleet.store._sql import Dialect
+from edge.fleet.store._status import StatusRow, decode_status, merge_status, parse_status
+from edge.fleet.store.types import (
+    DeviceEvent,
+    DeviceRecord,
+    DeviceStatus,
+    Inbound,
+    IngestResult,
+    LedgerRow,
+    StoredEnvelope,
+)
+from edge.fleet.suspend import STRIKE_MEMORY_S, Suspension, suspension_length
+from edge.wire._bounds import MAX_COUNTER
+from edge.wire.chain import ChainLink, ChainVerifier, Verdict, VerdictKind
+from edge.wire.envelope import Envelope, envelope_hash
+from edge.wire.schema import EventRecord, TelemetryLimits
+
+__all__ = ["QUARANTINE_PAYLOAD_BYTES", "SqlStore"]
+
+V = VerdictKind
+
+QUARANTINE_PAYLOAD_BYTES: Final = 64 * 1024
+_MAX_TOPIC_CHARS: Final = 1024
+_MAX_REASON_CHARS: Final = 1024
+_IN_CHUNK: Final = 10000  # ids per IN list: far below SQLite's 32766 bound parameters
+_PRUNE_EVERY_S: Final = 600.0  # claim log rows beyond the ledger's window are deleted this often
+_PAGE_ROWS: Final = 64  # envelopes per page when streaming: ~1 MB at 14 KB each, bounded by 64 x the size limit
+_KEY_CACHE_MAX: Final = 65536
+
+
+def _day_conditions(day_from: str | None, day_to: str | None) -> tuple[str, list[object]]:
+    sql, params = "", list[object]()
+    if check_day(day_from, "day_from") is not None:
+        sql, params = sql + " AND day >= ?", [*params, day_from]
+    if check_day(day_to, "day_to") is not None:
+        sql, params = sql + " AND day <= ?", [*params, day_to]
+    return sql, params
+
+
+class _DayCache:
+    """UTC days of receipt times, computed once per day number (a batch spans one or two days)."""
+
+    def __init__(self) -> None:
+        self._days: dict[int, str] = {}
+
+    def __call__(self, t: float) -> str:
+        n = int(t // 86400)
+        day = self._days.get(n)
+        if day is None:
+            day = self._days[n] = utc_day(t)
+        return day
+
+
+class ClaimSession(Protocol):
+    """Where a batch reads the claim log's tail and appends its claims (see ``SqlStore._claims_session``)."""
+
+    durable: bool  # True: what is appended is committed when the session ends (before the batch's transaction)
+
+    def query(self, sql: str, params: Sequence[object] = ()) -> list[tuple[Any, ...]]:
+        """Run one statement (dialect SQL); returns its rows, if any."""
+
+    def append(self, created: float, data: bytes) -> int:
+        """Append a claim log row; returns its ``seq``."""
+
+
+class SqlStore(abc.ABC):
+    """Everything of ``edge.fleet.store.types.Store`` except the connection; see the module docstring.
+
+    Not safe for concurrent use: one instance per thread.
+    """
+
+    dialect: Dialect
+
+    def __init__(self, url: str, limits: TelemetryLimits, rules: CreditRules) -> None:
+        """Connect and create, migrate or check the schema.
+
+        Args:
+            url: the URL it was opened with (kept as ``url``).
+            limits: the telemetry limits for verification.
+            rules: the ledger's crediting rules.
+
+        Raises:
+            StoreError: cannot connect, or the schema is newer than this code.
+        """
+        self.url = url
+        self._limits = limits
+        self._rules = rules
+        self._claims: ClaimIndex | None = None  # loaded at the first batch that credits anything
+        self._claims_seq = 0
+        self._claims_pruned_at = 0.0
+        self._pending_claims: tuple[ClaimBatch, int, int, int] | None = None
+        self._key_objects: dict[bytes, Ed25519PublicKey] = {}
+        self._sql_cache: dict[str, str] = {}
+        self._closed = False
+        with self._guard("open"):
+            self._connect()
+        try:
+            self._init_schema()
+        except BaseException:
+            self.close()
+            raise
+
+    # ---------------------------------------------------------------------------------------------- the backend
+
+    @abc.abstractmethod
+    def _connect(self) -> None:
+        """Open the connection (raises the driver's errors)."""
+
+    @abc.abstractmethod
+    def _disconnect(self) -> None:
+        """Close the connection."""
+
+    @abc.abstractmethod
+    def _driver_errors(self) -> tuple[type[BaseException], ...]:
+        """The driver's exception types, translated to ``StoreError``."""
+
+    @abc.abstractmethod
+    def _transient_errors(self) -> tuple[type[BaseException], ...]:
+        """The driver's exception types that mean "unreachable or busy, try again" (``StoreUnavailableError``)."""
+
+    @abc.abstractmethod
+    def _transaction(self) -> contextlib.AbstractContextManager[None]:
+        """A write transaction: committed on success, rolled back on any exception."""
+
+    @abc.abstractmethod
+    def _lock_schema(self) -> None:
+        """Serialise schema creation against other processes (inside the transaction)."""
+
+    def _pipeline(self) -> contextlib.AbstractContextManager[object]:
+        """Statements whose results nobody reads, sent together (PostgreSQL: one round trip); SQLite: nothing."""
+        return contextlib.nullcontext()
+
+    @abc.abstractmethod
+    def _execute(self, sql: str, params: Sequence[object] = ()) -> int:
+        """Run one statement; returns its row count."""
+
+    @abc.abstractmethod
+    def _executemany(self, sql: str, rows: Sequence[Sequence[object]]) -> int:
+        """Run one statement for many parameter rows; returns the rows it changed in all."""
+
+    @abc.abstractmethod
+    def _query(self, sql: str, params: Sequence[object] = ()) -> list[tuple[Any, ...]]:
+        """Run one query; returns all rows."""
+
+    # ----------------------------------------------------------------------------------------------- plumbing
+
+    def _sql(self, text: str) -> str:
+        out = self._sql_cache.get(text)
+        if out is None:
+            out = self._sql_cache[text] = self.dialect.sql(text)
+        return out
+
+    @contextlib.contextmanager
+    def _guard(self, operation: str) -> Iterator[None]:
+        """Translate the driver's errors into ``StoreError`` naming the backend and operation."""
+        if self._closed and operation != "open":
+            raise StoreError(f"{self.dialect.name} store {operation}: the store is closed")
+        try:
+            yield
+        except self._transient_errors() as e:
+            raise StoreUnavailableError(f"{self.dialect.name} store {operation} failed: {e}") from e
+        except self._driver_errors() as e:
+            raise StoreError(f"{self.dialect.name} store {operation} failed: {e}") from e
+
+    def _init_schema(self) -> None:
+        with self._guard("schema check"), self._transaction():
+            self._lock_schema()
+            self._execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            (version,) = self._query("SELECT MAX(version) FROM schema_version")[0]
+            if version is None:
+                for statement in q.SCHEMA:
+                    self._execute(self._sql(statement))
+                version = 1
+                self._execute(self._sql("INSERT INTO schema_version (version) VALUES (?)"), (version,))
+            if version > q.SCHEMA_VERSION:
+                raise StoreError(
+                    f"{redact(self.url)}: schema version {version}, this code knows {q.SCHEMA_VERSION}"
+                    " (written by a newer gateway: upgrade it)"
+                )
+            while version < q.SCHEMA_VERSION:
+                version += 1
+                for statement in q.MIGRATIONS[version]:
+                    self._execute(self._sql(statement))
+                self._execute(self._sql("INSERT INTO schema_version (version) VALUES (?)"), (version,))
+            for statement in q.ADDITIONS:
+                self._execute(self._sql(statement))
+
+    def close(self) -> None:
+        """Close the connection; idempotent."""
+        if not self._closed:
+            self._closed = True
+            with contextlib.suppress(*self._driver_errors()):
+                self._disconnect()
+
+    def __enter__(self) -> SqlStore:
+        """Use the store as a context manager that closes it."""
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Close the store."""
+        self.close()
+
+    # ------------------------------------------------------------------------------------------------ devices
+
+    def add_device(self, device: DeviceRecord) -> None:
+        """Register a device (see ``Store.add_device``)."""
+        check_device(device)
+        with self._guard("add_device"), self._transaction():
+            inserted = self._execute(
+                self._sql(q.INSERT_DEVICE),
+                dataclasses.astuple(device),
+            )
+            if not inserted:
+                raise DeviceExistsError(f"device {device.device_id!r} is already registered")
+            self._execute(
+                self._sql("INSERT INTO chains (device_id) VALUES (?) ON CONFLICT (device_id) DO NOTHING"),
+                (device.device_id,),
+            )
+
+    def device(self, device_id: str) -> DeviceRecord | None:
+        """The device with this id, or None (see ``Store.device``)."""
+        with self._guard("device"):
+            rows = self._query(self._sql(q.SELECT_DEVICES + " WHERE device_id = ?"), (device_id,))
+        return _device_record(rows[0]) if rows else None
+
+    def devices(self) -> list[DeviceRecord]:
+        """Every registered device, ordered by id (see ``Store.devices``)."""
+        with self._guard("devices"):
+            rows = self._query(q.SELECT_DEVICES)
+        # Sorted here, not by the database: PostgreSQL's collation may not order ids by code point as SQLite does.
+        return [_device_record(r) for r in sorted(rows)]
+
+    def revoke_device(self, device_id: str, at: float) -> DeviceRecord:
+        """Revoke a device from ``at`` on; idempotent (see ``Store.revoke_device``)."""
+        at = check_time(at, "revocation time")
+        with self._guard("revoke_device"), self._transaction():
+            self._execute(
+                self._sql("UPDATE devices SET revoked_at = ? WHERE device_id = ? AND revoked_at IS NULL"),
+                (at, device_id),
+            )
+            rows = self._query(self._sql(q.SELECT_DEVICES + " WHERE device_id = ?"), (device_id,))
+        if not rows:
+            raise UnknownDeviceError(f"no device {device_id!r} is registered")
+        return _device_record(rows[0])
+
+    # ------------------------------------------------------------------------------------------------- ingest
+
+    def ingest(self, batch: Sequence[Inbound]) -> list[IngestResult]:
+        """Verify and store a batch in one transaction (see ``Store.ingest`` and the module docstring).
+
+        Args:
+            batch: messages in the order received.
+
+        Returns:
+            One result per message, in order.
+
+        Raises:
+            GatewayInputError: a ``received_at`` is not epoch seconds (the caller's clock, not the device's input).
+            StoreUnavailableError: the database could not be reached or was busy; nothing was committed.
+            StoreError: the database refused the batch; nothing was committed.
+        """
+        for msg in batch:
+            check_time(msg.received_at, "received_at")
+        if not batch:
+            return []
+        # Claims the transaction logs are kept in memory only once it committed: a rolled-back batch claimed nothing.
+        self._pending_claims = None
+        with self._guard("ingest"), self._transaction():
+            results = self._ingest(batch)
+        self._keep_claims()  # SQLite: they committed with the batch
+        return results
+
+    def _ingest(self, batch: Sequence[Inbound]) -> list[IngestResult]:
+        routes = [topic_route(m.topic) for m in batch]
+        ids = sorted({dev for kind, dev in routes if kind == TELEMETRY and dev is not None})
+        devices = self._load_device_keys(ids)
+        chains = self._lock_chains([i for i in ids if devices[i] is not None])
+        tally = LedgerTally()
+        state = BatchState(self, devices, chains, tally)
+        verifier = ChainVerifier(state, state, self._limits)
+        credits = BatchCredits(self._rules)
+        days = _DayCache()
+        accepted: list[tuple[Envelope, float, str, bytes]] = []
+        event_rows: list[tuple[object, ...]] = []
+        quarantine_rows: list[tuple[object, ...]] = []
+        statuses: dict[str, tuple[int, StatusRow]] = {}
+        results: list[IngestResult] = []
+        for msg, (kind, dev) in zip(batch, routes, strict=True):
+            t = float(msg.received_at)
+            day = days(t)
+            if kind == STATUS and dev is not None:
+                results.append(self._status(msg, dev, t, day, statuses, results, quarantine_rows, state, tally))
+                continue
+            if kind != TELEMETRY or dev is None:
+                v = self._bad_topic(msg)
+            else:
+                state.at(t, day)
+                v = verifier.verify(msg.payload, topic_device=dev)
+            if v.accepted:
+                env = v.envelope
+                assert env is not None and dev is not None  # accepted verdicts carry the envelope; dev is its kid
+                chain = chains[dev]
+                accepted.append((env, t, day, msg.payload))
+                tally.accepted(dev, day, env.records, late=v.kind is V.LATE, chain=chain)
+                device_key = devices[dev]
+                assert device_key is not None  # its key verified the envelope
+                credits.add(dev, env.counter, day, t, device_key.enrolled_at, env.records)
+                event_rows.extend(_event_rows(dev, env.counter, t, env.records))
+                if chain.last_accepted is None or t > chain.last_accepted:
+                    chain.last_accepted = t
+                results.append(IngestResult(v, True, v.kind.value, dev))
+            elif v.kind is V.DUPLICATE:
+                assert dev is not None  # the topic check passed: the kid is the topic's device
+                tally.add(dev, day, "duplicates")
+                results.append(IngestResult(v, True, v.kind.value, dev))
+            else:
+                # Attributed to the topic's device (the identity the broker authenticated), never to the kid: a box
+                # cannot get its forgeries counted against another box.
+                who = dev if kind == TELEMETRY else topic_device_any(msg.topic)
+                if v.kind is V.UNKNOWN_DEVICE:
+                    v = _explain_revoked(v, state, t)
+                self._reject(who, day, state, tally)
+                quarantine_rows.append(_quarantine_row(msg, who, str(v.kind), _reason(v, who), v.envelope_hash))
+                results.append(IngestResult(v, False, v.kind.value, who))
+        # The credit first: the claims lock covers the decision and its few rows, never the bulk of the batch (on
+        # PostgreSQL it is a transaction of its own; on SQLite this transaction holds the write lock throughout).
+        resolution = self._credit(credits, max(float(m.received_at) for m in batch)) if accepted else None
+        exceptions = resolution.exceptions if resolution is not None else {}
+        envelope_rows = [
+            (env.device_id, env.counter, t, day, len(env.records), env.hash, env.prev, data,
+             exceptions.get((env.device_id, env.counter)))
+            for env, t, day, data in accepted
+        ]  # fmt: skip
+        with self._pipeline():  # PostgreSQL: every bulk write of the batch in one round trip
+            self._write_batch(envelope_rows, chains, quarantine_rows, tally)
+            if event_rows:
+                self._executemany(self._sql(q.INSERT_EVENT), event_rows)
+            self._write_credits(tally, resolution)
+        for dev in sorted(statuses):  # sorted: concurrent batches take status row locks in one order
+            self._upsert_status(dev, statuses[dev][1])
+        return results
+
+    def _reject(self, who: str | None, day: str, state: BatchState, tally: LedgerTally) -> None:
+        if who is not None and state.device(who) is not None:
+            tally.add(who, day, "rejects")
+
+    def _status(  # noqa: PLR0917 -- the batch's running state, passed down once
+        self,
+        msg: Inbound,
+        dev: str,
+        t: float,
+        day: str,
+        statuses: dict[str, tuple[int, StatusRow]],
+        results: list[IngestResult],
+        quarantine_rows: list[tuple[object, ...]],
+        state: BatchState,
+        tally: LedgerTally,
+    ) -> IngestResult:
+        """One status message: parsed under bounds, coalesced per device (the last one of the batch is stored)."""
+        try:
+            body = decode_status(dev, msg.payload)
+            if body is None:
+                # An empty retained message clears the topic: nothing to record.
+                return IngestResult(None, True, "cleared", dev)
+            row = parse_status(dev, body, t)
+        except GatewayInputError as e:
+            self._reject(dev, day, state, tally)
+            quarantine_rows.append(_quarantine_row(msg, dev, "malformed", f"status: {e}", None))
+            return IngestResult(None, False, "malformed", dev)
+        previous = statuses.get(dev)
+        if previous is not None:
+            results[previous[0]] = IngestResult(None, True, "superseded", dev)
+        statuses[dev] = (len(results), row)
+        return IngestResult(None, True, "recorded", dev)
+
+    def _bad_topic(self, msg: Inbound) -> Verdict:
+        """The verdict for a message on a topic that is not ``devices/<id>/telemetry``; nothing is verified."""
+        data = msg.payload
+        h = envelope_hash(data) if isinstance(data, bytes) and len(data) <= self._limits.max_envelope_bytes else None
+        reason = f"topic {str(msg.topic)!r:.120} is not devices/<device id>/telemetry or /status"
+        return Verdict(V.WRONG_TOPIC, reason, None, envelope_hash=h)
+
+    def quarantine(self, batch: Sequence[Inbound], kind: str, reason: str) -> None:
+        """Quarantine messages unverified, complete (see ``Store.quarantine``)."""
+        for msg in batch:
+            check_time(msg.received_at, "received_at")
+        days = _DayCache()
+        rows, tally = [], LedgerTally()
+        with self._guard("quarantine"), self._transaction():
+            for msg in batch:
+                who = topic_device_any(msg.topic)
+                data = msg.payload if isinstance(msg.payload, bytes) else b""
+                h = envelope_hash(data) if len(data) <= self._limits.max_envelope_bytes else None
+                rows.append(_quarantine_row(msg, who, kind, reason, h, keep=self._limits.max_envelope_bytes))
+                if who is not None and self.load_device_key(who) is not None:
+                    tally.add(who, days(float(msg.received_at)), "rejects")
+            self._write_batch([], {}, rows, tally)
+
+    def _load_device_keys(self, ids: list[str]) -> dict[str, DeviceKey | None]:
+        found: dict[str, DeviceKey | None] = dict.fromkeys(ids)
+        if ids:
+            cond, params = self.dialect.in_list("device_id", ids)
+            for device_id, raw, revoked_at, enrolled_at in self._query(
+                f"SELECT device_id, public_key, revoked_at, enrolled_at FROM devices WHERE {cond}",  # noqa: S608
+                params,
+            ):
+                found[device_id] = DeviceKey(self._key_object(bytes(raw)), revoked_at, enrolled_at)
+        return found
+
+    def _key_object(self, raw: bytes) -> Ed25519PublicKey:
+        key = self._key_objects.get(raw)
+        if key is None:
+            if len(self._key_objects) >= _KEY_CACHE_MAX:
+                self._key_objects.clear()
+            key = self._key_objects[raw] = Ed25519PublicKey.from_public_bytes(raw)
+        return key
+
+    def _lock_chains(self, ids: list[str]) -> dict[str, ChainRow]:
+        """Lock the chain rows of ``ids`` (sorted) for this transaction, creating missing ones; return them."""
+        chains = self._select_chains(ids)
+        missing = [i for i in ids if i not in chains]
+        if missing:
+            cond, params = self.dialect.in_list("device_id", missing)
+            self._execute(
+                f"INSERT INTO chains (device_id) SELECT device_id FROM devices WHERE {cond}"  # noqa: S608
+                " ORDER BY device_id ON CONFLICT (device_id) DO NOTHING",
+                params,
+            )
+            chains.update(self._select_chains(missing))
+        return chains
+
+    def _select_chains(self, ids: list[str]) -> dict[str, ChainRow]:
+        if not ids:
+            return {}
+        cond, params = self.dialect.in_list("device_id", ids)
+        rows = self._query(
+            "SELECT device_id, head_counter, head_hash, head_prev, gaps, last_accepted, lost_mark FROM chains"  # noqa: S608
+            f" WHERE {cond} ORDER BY device_id{self.dialect.lock_rows}",
+            params,
+        )
+        return {
+            dev: ChainRow(None if c is None else ChainLink(c, bytes(h), bytes(p)), gaps, last, mark)
+            for dev, c, h, p, gaps, last, mark in rows
+        }
+
+    def _write_batch(
+        self,
+        envelope_rows: Sequence[tuple[object, ...]],
+        chains: dict[str, ChainRow],
+        quarantine_rows: list[tuple[object, ...]],
+        tally: LedgerTally,
+    ) -> None:
+        if envelope_rows:
+            self._executemany(self._sql(q.INSERT_ENVELOPE), envelope_rows)
+        chain_rows = [
+            (c.head.counter, c.head.hash, c.head.prev, c.gaps, c.last_accepted, c.lost_mark, dev)
+            for dev, c in sorted(chains.items())
+            if c.dirty and c.head is not None
+        ]
+        if chain_rows:
+            self._executemany(self._sql(q.UPDATE_CHAIN), chain_rows)
+        if quarantine_rows:
+            self._executemany(self._sql(q.INSERT_QUARANTINE), quarantine_rows)
+        ledger_rows = tally.ledger_rows()
+        if ledger_rows:
+            self._executemany(self._sql(q.UPSERT_LEDGER), ledger_rows)
+
+    # Credits (inside the ingest transaction; the rules are edge.fleet.credit's)
+
+    def _credit(self, credits: BatchCredits, now: float) -> Resolution:
+        """Decide the batch's credits: who claimed its inputs before, under the claims lock, then the ceilings."""
+        min_hour = int((now - self._rules.max_age_s) // HOUR_S) - 1  # the window, an hour of slack
+        with self._claims_session() as session:
+            index = self._claim_index(now, session)
+            owners = {
+                k: Owner(dev, c)
+                for k, (dev, c) in index.lookup(credits.keys(), min_hour).items()
+                # A claim naming this batch's own envelope was logged by an earlier attempt whose batch then failed
+                # (the claims commit first on PostgreSQL): it is this batch's claim, not an earlier one.
+                if not credits.claims_own(k, dev, c)
+            }
+            batch = credits.new_claims(owners)
+            if len(batch):
+                seq = session.append(now, encode_batch(batch))
+                self._pending_claims = (batch, seq, int(now // HOUR_S), min_hour)
+        if session.durable:
+            self._keep_claims()
+        buckets = credits.buckets()
+        hours = {(d, m, h): (n, cap) for d, m, h, n, cap in self._credit_hours(buckets)} if buckets else {}
+        return credits.resolve(owners, hours)
+
+    def _keep_claims(self) -> None:
+        """Add the logged claims to the index once they are durable (they committed)."""
+        pending, self._pending_claims = self._pending_claims, None
+        if pending is not None and self._claims is not None:
+            claims, seq, hour, min_hour = pending
+            self._claims.add(claims, hour, min_hour)
+            self._claims_seq = max(self._claims_seq, seq)
+
+    @abc.abstractmethod
+    def _claims_session(self) -> contextlib.AbstractContextManager[ClaimSession]:
+        """Claim decisions, serialised with other stores on this database: the tail of the log is read and this
+        batch's claims appended inside it (SQLite: the batch's own transaction; PostgreSQL: a short transaction of
+        its own under an advisory lock, so the lock is not held while the batch's bulk commits)."""
+
+    def _claim_index(self, now: float, session: ClaimSession) -> ClaimIndex:
+        """The claim index, with every claim other processes logged since this store last looked (under the lock).
+
+        Raises:
+            StoreUnavailableError: a claim log row is corrupt: the index cannot be trusted until it is repaired.
+        """
+        index = self._claims
+        if index is None:
+            # First use: rebuild from the claims within the window (older work is not credited anyway).
+            index = ClaimIndex()
+            rows = session.query(
+                self._sql("SELECT seq, created, data FROM claim_log WHERE created >= ? ORDER BY seq"),
+                (now - self._rules.max_age_s - 2 * HOUR_S,),
+            )
+        else:
+            rows = session.query(
+                self._sql("SELECT seq, created, data FROM claim_log WHERE seq > ? ORDER BY seq"),
+                (self._claims_seq,),
+            )
+        min_hour = int((now - self._rules.max_age_s) // HOUR_S) - 1
+        for seq, created, data in rows:
+            try:
+                index.add(decode_batch(bytes(data)), int(created // HOUR_S), min_hour)
+            except StoreError as e:
+                raise StoreUnavailableError(
+                    f"{e} (claim_log seq {seq}): delete that row and restart; its claims are forgotten, nothing else"
+                ) from e
+            self._claims_seq = max(self._claims_seq, int(seq))
+        self._claims = index
+        if now - self._claims_pruned_at >= _PRUNE_EVERY_S:
+            session.query(self._sql("DELETE FROM claim_log WHERE created < ?"), (now - self._rules.max_age_s - 86400,))
+            self._claims_pruned_at = now
+        return index
+
+    def _write_credits(self, tally: LedgerTally, resolution: Resolution | None) -> None:
+        """The ledger's inference counts (claimed and credited) and, when something was not credited, why."""
+        credited = {} if resolution is None else resolution.tally
+        inference_rows = [
+            (dev, day, model, n, credited.get((dev, day, model, Outcome.CREDITED.value), 0))
+            for dev, day, model, n in tally.inference_rows()
+        ]
+        if inference_rows:
+            self._executemany(self._sql(q.UPSERT_INFERENCES), inference_rows)
+        if resolution is None:
+            return
+        if resolution.hours:
+            self._executemany(self._sql(q.UPSERT_HOURS), resolution.hours)
+        rows = [(*key, n) for key, n in sorted(resolution.tally.items()) if key[3] != Outcome.CREDITED.value]
+        if rows:
+            self._executemany(self._sql(q.UPSERT_CREDITS), rows)
+
+    def _credit_hours(self, buckets: list[tuple[str, str, int]]) -> list[tuple[Any, ...]]:
+        """(device, model, hour, credited, cap) of the stored buckets among ``buckets``.
+
+        One query for the batch: its devices and the span of its hours (usually one or two), filtered here.
+        """
+        out: list[tuple[Any, ...]] = []
+        devices = sorted({d for d, _m, _h in buckets})
+        lo, hi = min(h for _d, _m, h in buckets), max(h for _d, _m, h in buckets)
+        for i in range(0, len(devices), _IN_CHUNK):
+            cond, params = self.dialect.in_list("device_id", devices[i : i + _IN_CHUNK])
+            p = self.dialect.placeholder
+            out += self._query(
+                "SELECT device_id, model_id, hour, credited, cap FROM credit_hours"  # noqa: S608
+                f" WHERE {cond} AND hour >= {p} AND hour <= {p}",
+                [*params, lo, hi],
+            )
+        wanted = set(buckets)
+        return [r for r in out if (r[0], r[1], r[2]) in wanted]
+
+    # Backing (for BatchState, inside the ingest transaction)
+
+    def load_device_key(self, device_id: str) -> DeviceKey | None:
+        """The device's key and revocation time, or None (``Backing``)."""
+        return self._load_device_keys([device_id])[device_id]
+
+    def stored_link(self, device_id: str, counter: int) -> ChainLink | None:
+        """The stored envelope at ``counter`` as a link, or None (``Backing``)."""
+        rows = self._query(
+            self._sql("SELECT hash, prev FROM envelopes WHERE device_id = ? AND counter = ?"), (device_id, counter)
+        )
+        return ChainLink(counter, bytes(rows[0][0]), bytes(rows[0][1])) if rows else None
+
+    def hole_at(self, device_id: str, counter: int) -> Hole | None:
+        """The open hole containing ``counter``, or None (``Backing``); holes are disjoint, keyed by ``lo``."""
+        rows = self._query(
+            self._sql("SELECT lo, hi, day FROM holes WHERE device_id = ? AND lo <= ? ORDER BY lo DESC LIMIT 1"),
+            (device_id, counter),
+        )
+        if rows and rows[0][1] >= counter:
+            return Hole(*rows[0])
+        return None
+
+    def replace_hole(self, device_id: str, old_lo: int | None, new: list[Hole]) -> None:
+        """Delete the hole at ``old_lo`` and insert ``new`` (``Backing``)."""
+        if old_lo is not None:
+            self._execute(self._sql("DELETE FROM holes WHERE device_id = ? AND lo = ?"), (device_id, old_lo))
+        if new:
+            self._executemany(
+                self._sql("INSERT INTO holes (device_id, lo, hi, day) VALUES (?, ?, ?, ?)"),
+                [(device_id, h.lo, h.hi, h.day) for h in new],
+            )
+
+    # ------------------------------------------------------------------------------------------------- status
+
+    def record_status(self, device_id: str, status: Mapping[str, Any], at: float) -> None:
+        """Store a device's latest status message (see ``Store.record_status`` and ``_status``).
+
+        Args:
+            device_id: the device id of the status topic (registered or not: strangers are kept, see ``strangers``).
+            status: the decoded JSON object.
+            at: the gateway's receipt time.
+
+        Raises:
+            GatewayInputError: invalid device id or time, not a JSON-encodable mapping, or over 64 KiB as JSON.
+            StoreError: the database failed.
+        """
+        new = parse_status(device_id, status, at)
+        with self._guard("record_status"), self._transaction():
+            self._upsert_status(device_id, new)
+
+    def _upsert_status(self, device_id: str, new: StatusRow) -> None:
+        """Store ``new`` as the device's status, merged with the stored one (inside a transaction)."""
+        if self._execute(self._sql(q.INSERT_STATUS), (device_id, *dataclasses.astuple(new))):
+            return
+        (old,) = self._query(self._sql(q.SELECT_STATUS + self.dialect.lock_rows), (device_id,))
+        row = merge_status(StatusRow(*old), new)
+        self._execute(self._sql(q.UPDATE_STATUS), (*dataclasses.astuple(row), device_id))
+
+    # ------------------------------------------------------------------------------------------- suspensions
+
+    def suspend(self, device_id: str, *, now: float, base_s: float, reason: str, by: str) -> Suspension | None:
+        """Suspend a registered device unless a suspension is in force (see ``Store.suspend``)."""
+        now = check_time(now, "suspension time")
+        with self._guard("suspend"), self._transaction():
+            if not self._query(self._sql("SELECT 1 FROM devices WHERE device_id = ?"), (device_id,)):
+                return None
+            old = self._suspension(device_id, lock=True)
+            if old is not None and old.active(now):
+                return old
+            strikes = old.strikes + 1 if old is not None and now - old.until < STRIKE_MEMORY_S else 1
+            new = Suspension(device_id, now, now + suspension_length(strikes, base_s), strikes, reason[:500], by[:64])
+            row = (new.since, new.until, new.strikes, new.reason, new.by, device_id)
+            if old is None:
+                self._execute(
+                    self._sql(
+                        "INSERT INTO suspensions (since, until, strikes, reason, by_gateway, device_id)"
+                        " VALUES (?, ?, ?, ?, ?, ?)"
+                    ),
+                    row,
+                )
+            else:
+                self._execute(
+                    self._sql(
+                        "UPDATE suspensions SET since = ?, until = ?, strikes = ?, reason = ?, by_gateway = ?"
+                        " WHERE device_id = ?"
+                    ),
+                    row,
+                )
+        return new
+
+    def resume(self, device_id: str, *, now: float) -> Suspension | None:
+        """End the device's suspension now (see ``Store.resume``)."""
+        now = check_time(now, "resume time")
+        with self._guard("resume"), self._transaction():
+            old = self._suspension(device_id, lock=True)
+            if old is None or not old.active(now):
+                return None
+            self._execute(self._sql("UPDATE suspensions SET until = ? WHERE device_id = ?"), (now, device_id))
+        return dataclasses.replace(old, until=now)
+
+    def suspensions(self, *, now: float | None = None) -> list[Suspension]:
+        """The last suspension per device, in force at ``now`` only when given (see ``Store.suspensions``)."""
+        sql = "SELECT device_id, since, until, strikes, reason, by_gateway FROM suspensions"
+        params: tuple[object, ...] = ()
+        if now is not None:
+            sql += " WHERE since <= ? AND until > ?"
+            params = (now, now)
+        with self._guard("suspensions"):
+            rows = self._query(self._sql(sql + " ORDER BY device_id"), params)
+        return [Suspension(*r) for r in rows]
+
+    def _suspension(self, device_id: str, *, lock: bool) -> Suspension | None:
+        sql = "SELECT device_id, since, until, strikes, reason, by_gateway FROM suspensions WHERE device_id = ?"
+        rows = self._query(self._sql(sql + (self.dialect.lock_rows if lock else "")), (device_id,))
+        return Suspension(*rows[0]) if rows else None
+
+    def statuses(self) -> list[DeviceStatus]:
+        """The status of every registered device, ordered by id (see ``Store.statuses``)."""
+        with self._guard("statuses"):
+            rows = self._query(
+                self._sql(
+                    "SELECT d.device_id, s.state, s.reason, s.since, s.last_seen, s.model, s.outbox_backlog, s.info,"
+                    " c.head_counter, c.gaps, c.last_accepted, r.rejects"
+                    " FROM devices d"
+                    " LEFT JOIN statuses s ON s.device_id = d.device_id"
+                    " LEFT JOIN chains c ON c.device_id = d.device_id"
+                    " LEFT JOIN (SELECT device_id, CAST(SUM(rejects) AS {int}) AS rejects FROM ledger"
+                    " GROUP BY device_id) r ON r.device_id = d.device_id"
+                )
+            )
+        out = []
+        for dev, state, reason, since, seen, model, backlog, info, head, gaps, accepted, rejects in sorted(rows):
+            last_seen = max((t for t in (seen, accepted) if t is not None), default=None)
+            out.append(
+                DeviceStatus(
+                    dev,
+                    state or "unknown",
+                    reason,
+                    since,
+                    last_seen,
+                    head,
+                    gaps or 0,
+                    rejects or 0,
+                    model,
+                    backlog,
+                    json.loads(info) if info else {},
+                )
+            )
+        return out
+
+    def strangers(self) -> list[DeviceStatus]:
+        """Status messages from device ids that are not registered, ordered by id (see ``Store.strangers``)."""
+        with self._guard("strangers"):
+            rows = self._query(
+                "SELECT device_id, state, reason, since, last_seen, model, outbox_backlog, info FROM statuses s"
+                " WHERE NOT EXISTS (SELECT 1 FROM devices d WHERE d.device_id = s.device_id)"
+            )
+        return [
+            DeviceStatus(dev, state, reason, since, seen, None, 0, 0, model, backlog, json.loads(info))
+            for dev, state, reason, since, seen, model, backlog, info in sorted(rows)
+        ]
+
+    # ------------------------------------------------------------------------------------------------- ledger
+
+    def ledger(
+        self, *, device_id: str | None = None, day_from: str | None = None, day_to: str | None = None
+    ) -> list[LedgerRow]:
+        """Ledger rows ordered by (device, day); day bounds inclusive (see ``Store.ledger``)."""
+        where, params = _day_conditions(day_from, day_to)
+        if device_id is not None:
+            where, params = where + " AND device_id = ?", [*params, device_id]
+        with self._guard("ledger"):
+            rows = self._query(
+                self._sql(f"SELECT device_id, day, {q.LEDGER_COLUMNS} FROM ledger WHERE 1 = 1{where}"),  # noqa: S608
+                params,
+            )
+            models = self._query(
+                self._sql(
+                    f"SELECT device_id, day, model_id, count, credited FROM ledger_inferences WHERE 1 = 1{where}"  # noqa: S608
+                ),
+                params,
+            )
+            credit_rows = self._query(
+                self._sql(
+                    f"SELECT device_id, day, model_id, outcome, count FROM ledger_credits WHERE 1 = 1{where}"  # noqa: S608
+                ),
+                params,
+            )
+        inferences: dict[tuple[str, str], dict[str, int]] = {}
+        credits: dict[tuple[str, str], dict[str, dict[str, int]]] = {}
+        for dev, day, model, n, credited in sorted(models):
+            inferences.setdefault((dev, day), {})[model] = n
+            if credited:
+                credits.setdefault((dev, day), {}).setdefault(model, {})[Outcome.CREDITED.value] = credited
+        for dev, day, model, outcome, n in sorted(credit_rows):
+            credits.setdefault((dev, day), {}).setdefault(model, {})[outcome] = n
+        out = []
+        for dev, day, env, rec, readings, events, missing, late, dups, rejects, lost, lost_rec in sorted(rows):
+            out.append(
+                LedgerRow(
+                    device_id=dev,
+                    day=day,
+                    envelopes=env,
+                    records=rec,
+                    inferences=inferences.get((dev, day), {}),
+                    readings=readings,
+                    events=events,
+                    missing=missing,
+                    late=late,
+                    duplicates=dups,
+                    rejects=rejects,
+                    announced_lost=lost,
+                    announced_lost_records=lost_rec,
+                    credits=credits.get((dev, day), {}),
+                )
+            )
+        return out
+
+    def envelopes(
+        self, device_id: str, *, day_from: str | None = None, day_to: str | None = None, from_counter: int = 0
+    ) -> Iterator[StoredEnvelope]:
+        """Stored envelopes of a device in counter order, fetched in pages (see ``Store.envelopes``).
+
+        Pages are read by key (counter > the last one returned), so no cursor stays open between pages and other
+        calls on this store may interleave; an envelope filled late below the current position is not returned.
+
+        Raises:
+            GatewayInputError: a day is not ``YYYY-MM-DD`` (raised here, before iterating).
+            StoreError: the database failed (raised while iterating).
+        """
+        where, params = _day_conditions(day_from, day_to)
+        return self._envelope_pages(device_id, where, params, max(0, from_counter))
+
+    def _envelope_pages(self, device_id: str, where: str, params: list[object], start: int) -> Iterator[StoredEnvelope]:
+        stop = MAX_COUNTER
+        if where:  # a day range: its counter bounds from the day index, then pages along the primary key
+            with self._guard("envelopes"):
+                lo, hi = self._query(
+                    self._sql(f"SELECT MIN(counter), MAX(counter) FROM envelopes WHERE device_id = ?{where}"),  # noqa: S608
+                    [device_id, *params],
+                )[0]
+            if lo is None:
+                return
+            start, stop = max(start, lo), hi
+        page = self._sql(
+            "SELECT counter, hash, prev, received_at, data, credit FROM envelopes"  # noqa: S608
+            f" WHERE device_id = ? AND counter >= ? AND counter <= ?{where} ORDER BY counter LIMIT ?"
+        )
+        while start <= stop:
+            with self._guard("envelopes"):
+                rows = self._query(page, [device_id, start, stop, *params, _PAGE_ROWS])
+            for counter, h, prev, received_at, data, credit in rows:
+                yield StoredEnvelope(device_id, counter, bytes(h), bytes(prev), received_at, bytes(data), credit)
+            if len(rows) < _PAGE_ROWS:
+                return
+            start = rows[-1][0] + 1
+
+    def credit_caps(self, device_id: str) -> dict[tuple[str, int], int]:
+        """The cap of every (model, hour) with credited inferences of the device (see ``Store.credit_caps``)."""
+        with self._guard("credit_caps"):
+            rows = self._query(
+                self._sql("SELECT model_id, hour, cap FROM credit_hours WHERE device_id = ?"), (device_id,)
+            )
+        return {(model, hour): cap for model, hour, cap in rows}
+
+    # ------------------------------------------------------------------------------------------------- events
+
+    def events(
+        self, *, kind_prefix: str = "", since: float = 0.0, device_id: str | None = None, limit: int = 10000
+    ) -> list[DeviceEvent]:
+        """Stored events, oldest first (see ``Store.events``)."""
+        since = check_time(since, "since")
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+            raise GatewayInputError(f"limit must be an integer >= 0, got {limit!r}")
+        if not isinstance(kind_prefix, str):
+            raise GatewayInputError(f"kind_prefix must be text, got {type(kind_prefix).__name__}")
+        where, params = " WHERE received_at >= ?", list[object]([since])
+        if kind_prefix:
+            # substr, not LIKE or a range: no wildcard escaping, and PostgreSQL collations cannot reorder it.
+            where, params = where + " AND substr(kind, 1, ?) = ?", [*params, len(kind_prefix), kind_prefix]
+        if device_id is not None:
+            where, params = where + " AND device_id = ?", [*params, device_id]
+        with self._guard("events"):
+            rows = self._query(
+                self._sql(
+                    "SELECT device_id, counter, idx, ts, received_at, kind, data FROM events"  # noqa: S608
+                    f"{where} ORDER BY received_at, device_id, counter, idx LIMIT ?"
+                ),
+                [*params, limit],
+            )
+        return [
+            DeviceEvent(dev, counter, ts, at, kind, json.loads(data)) for dev, counter, _i, ts, at, kind, data in rows
+        ]
+
+    # --------------------------------------------------------------------------------------------- quarantine
+
+    def quarantine_counts(self) -> dict[str, int]:
+        """Rejected inputs by kind (see ``Store.quarantine_counts``)."""
+        with self._guard("quarantine_counts"):
+            rows = self._query("SELECT kind, COUNT(*) FROM quarantine GROUP BY kind ORDER BY kind")
+        return {kind: int(n) for kind, n in rows}
+
+    def quarantined(self, *, limit: int = 100) -> list[dict[str, Any]]:
+        """The newest quarantined inputs first (see ``Store.quarantined``)."""
+        with self._guard("quarantined"):
+            rows = self._query(
+                self._sql(
+                    "SELECT received_at, topic, device_id, kind, reason, size, hash FROM quarantine"
+                    " ORDER BY id DESC LIMIT ?"
+                ),
+                (max(0, int(limit)),),
+            )
+        keys = ("time", "topic", "device", "kind", "reason", "size", "hash")
+        return [dict(zip(keys, (*r[:6], None if r[6] is None else bytes(r[6]).hex()), strict=True)) for r in rows]
+
+
+# --------------------------------------------------------------------------------------------------- helpers
+
+
+def _device_record(row: tuple[Any, ...]) -> DeviceRecord:
+    device_id, did, public_key, cert_pem, enrolled_at, revoked_at = row
+    return DeviceRecord(device_id, did, bytes(public_key), cert_pem, enrolled_at, revoked_at)
+
+
+def _event_rows(
+    device_id: str, counter: int, received_at: float, records: Sequence[object]
+) -> list[tuple[object, ...]]:
+    """The ``events`` rows of an accepted envelope's event records; ``idx`` is the record's index in the envelope."""
+    return [
+        (
+            device_id,
+            counter,
+            i,
+            r.timestamp,
+            received_at,
+            r.kind,
+            json.dumps({k: v.hex() if isinstance(v, bytes) else v for k, v in r.data.items()}, sort_keys=True),
+        )
+        for i, r in enumerate(records)
+        if type(r) is EventRecord
+    ]
+
+
+def _explain_revoked(v: Verdict, state: BatchState, t: float) -> Verdict:
+    """Say "revoked" in the reason when the unknown device is a registered, revoked one."""
+    dev = state.device(v.device_id) if v.device_id is not None else None
+    if dev is None or dev.revoked_at is None:
+        return v
+    reason = f"device {v.device_id!r} was revoked at {iso(dev.revoked_at)}; envelope received at {iso(t)}"
+    return dataclasses.replace(v, reason=reason)
+
+
+def _reason(v: Verdict, who: str | None) -> str:
+    """The verdict's reason, saying which device the content claims when that is not the topic's device."""
+    if v.device_id is not None and v.device_id != who:
+        return f"{v.reason} (the envelope names {v.device_id!r})"
+    return v.reason
+
+
+def _quarantine_row(
+    msg: Inbound,
+    device_id: str | None,
+    kind: str,
+    reason: str,
+    h: bytes | None,
+    *,
+    keep: int = QUARANTINE_PAYLOAD_BYTES,
+) -> tuple[object, ...]:
+    data = msg.payload if isinstance(msg.payload, bytes) else b""
+    topic = msg.topic if isinstance(msg.topic, str) else repr(msg.topic)
+    # Text columns never get a NUL (PostgreSQL refuses it, and the whole batch with it).
+    return (
+        float(msg.received_at),
+        topic[:_MAX_TOPIC_CHARS].replace("\x00", "\\x00"),
+        device_id,
+        kind,
+        reason[:_MAX_REASON_CHARS].replace("\x00", "\\x00"),
+        len(data),
+        h,
+        data[:keep],
+    )

@@ -1,0 +1,117 @@
+"""The gateway configuration: defaults, every key validated by name, paths relative to the file."""
+
+from __future__ import annotations
+
+import datetime
+from pathlib import Path
+
+import pytest
+
+from edge._fs import atomic_write
+from edge.errors import ConfigError
+from edge.fleet.config import load_gateway_config, parse_gateway_config
+from edge.fleet.gateway import subscriptions
+from edge.fleet.pki.ca import FleetCA
+
+
+def issue_gateway_cert(fleet: Path, name: str, file: str = "gateway") -> Path:
+    """A gateway certificate with CN ``name`` at ``<fleet>/gateway/<file>.pem`` (as `edge fleet ca issue-client`)."""
+    now = datetime.datetime.now(datetime.UTC)
+    ca = FleetCA.load(fleet) if (fleet / "ca.pem").exists() else FleetCA.init(fleet, now=now)
+    cert, key = ca.issue_client(name, now=now, days=1)
+    (fleet / "gateway").mkdir(exist_ok=True)
+    atomic_write(fleet / "gateway" / f"{file}.pem", cert)
+    atomic_write(fleet / "gateway" / f"{file}.key", key, mode=0o600)
+    return fleet / "gateway" / f"{file}.pem"
+
+
+def test_defaults_and_store_url_in_the_fleet_dir(tmp_path: Path) -> None:
+    issue_gateway_cert(tmp_path / "fleet", "gateway")
+    p = tmp_path / "gateway.toml"
+    p.write_text('[gateway]\nfleet_dir = "fleet"\n')
+    cfg = load_gateway_config(p)
+    assert cfg.gateway.id == "gateway"  # the CN of broker.cert
+    assert cfg.gateway.fleet_dir == tmp_path / "fleet"
+    assert cfg.store_url == f"sqlite:///{tmp_path / 'fleet' / 'fleet.db'}"
+    assert cfg.fleet_path(cfg.broker.cert) == tmp_path / "fleet" / "gateway" / "gateway.pem"
+    assert cfg.metrics.host == "127.0.0.1"  # metrics stay on loopback unless the operator says otherwise
+
+
+def test_explicit_store_url_and_absolute_paths_are_kept(tmp_path: Path) -> None:
+    cfg = parse_gateway_config(
+        {"gateway": {"store": "postgresql://edge@db/fleet"}, "broker": {"ca": "/etc/edge-fleet/ca.pem"}}
+    )
+    assert cfg.store_url == "postgresql://edge@db/fleet"
+    assert cfg.fleet_path(cfg.broker.ca) == Path("/etc/edge-fleet/ca.pem")
+
+
+@pytest.mark.parametrize(
+    ("doc", "key"),
+    [
+        ({"gateway": {"batch_max": 0}}, "gateway.batch_max"),
+        ({"gateway": {"batch_max": 10_000}}, "gateway.batch_max"),
+        ({"gateway": {"share_group": "a/b"}}, "gateway.share_group"),
+        ({"gateway": {"receive_maximum": 70_000}}, "gateway.receive_maximum"),
+        ({"gateway": {"store": 5}}, "gateway.store"),
+        ({"broker": {"port": 0}}, "broker.port"),
+        ({"broker": {"prot": 8883}}, "broker.prot"),
+        ({"metrics": {"enabled": "yes"}}, "metrics.enabled"),
+        ({"log": {"level": "loud"}}, "log.level"),
+        ({"gatway": {}}, "gatway"),
+    ],
+)
+def test_bad_values_name_the_key(doc: dict, key: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        parse_gateway_config(doc)
+    assert e.value.key == key
+
+
+def test_gateway_id_is_the_certificates_cn(tmp_path: Path) -> None:
+    issue_gateway_cert(tmp_path / "fleet", "gateway-2", file="gateway-2")
+    p = tmp_path / "gateway.toml"
+    p.write_text(
+        '[gateway]\nfleet_dir = "fleet"\n[broker]\ncert = "gateway/gateway-2.pem"\nkey = "gateway/gateway-2.key"\n'
+    )
+    assert load_gateway_config(p).gateway.id == "gateway-2"
+    p.write_text(p.read_text().replace("[gateway]\n", '[gateway]\nid = "gateway-2"\n'))
+    assert load_gateway_config(p).gateway.id == "gateway-2"
+
+
+def test_gateway_id_other_than_the_certificates_cn_refused(tmp_path: Path) -> None:
+    # The broker makes the CN the client id: a second process with the same certificate would take over the first's
+    # session, so an id that is not the CN is a configuration error, not something to discover at run time.
+    issue_gateway_cert(tmp_path / "fleet", "gateway")
+    p = tmp_path / "gateway.toml"
+    p.write_text('[gateway]\nid = "gateway-2"\nfleet_dir = "fleet"\n')
+    with pytest.raises(ConfigError) as e:
+        load_gateway_config(p)
+    assert e.value.key == "gateway.id"
+    assert "'gateway'" in str(e.value) and "edge fleet ca issue-client gateway-2" in str(e.value)
+    assert load_gateway_config(p, resolve_id=False).gateway.id == "gateway-2"  # edge fleet command needs no CN
+
+
+def test_missing_gateway_certificate_names_the_path_and_the_fix(tmp_path: Path) -> None:
+    p = tmp_path / "gateway.toml"
+    p.write_text('[gateway]\nfleet_dir = "fleet"\n')
+    with pytest.raises(ConfigError) as e:
+        load_gateway_config(p)
+    assert e.value.key == "broker.cert" and e.value.value == str(tmp_path / "fleet" / "gateway" / "gateway.pem")
+    assert "edge fleet ca issue-client" in str(e.value)
+    (tmp_path / "fleet" / "gateway").mkdir(parents=True)
+    (tmp_path / "fleet" / "gateway" / "gateway.pem").write_text("not a certificate")
+    with pytest.raises(ConfigError, match="not a PEM certificate"):
+        load_gateway_config(p)
+
+
+def test_missing_and_invalid_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="existing configuration file"):
+        load_gateway_config(tmp_path / "nope.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[gateway\n")
+    with pytest.raises(ConfigError, match="valid TOML"):
+        load_gateway_config(bad)
+
+
+def test_telemetry_is_shared_and_status_is_not() -> None:
+    subs = subscriptions("ingest")
+    assert subs == ["$share/ingest/devices/+/telemetry", "devices/+/status"]
