@@ -23,7 +23,9 @@ Invariants:
 - While offline the thread keeps running: it polls at most every ``_IDLE_S`` seconds, and ``wake()`` (called by the
   sealer after each seal) starts publishing at once.
 
-Only ``transport.py`` knows MQTT; this module sees ``publish`` returning a ``Delivery``.
+The window's rules (order, capacity, what is deleted, when to restart or pause) are ``edge.telemetry.window``'s
+sans-IO ``PublishWindow``; this module owns the threads, the clock, the outbox and the transport, and feeds it events.
+Only ``edge.mqtt`` knows MQTT; this module sees ``publish`` returning a ``Delivery``.
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ from typing import Final, Protocol
 
 from edge.errors import TransportError
 from edge.log import event
-from edge.mqtt import NO_MATCHING_SUBSCRIBERS, Delivery
+from edge.mqtt import Delivery
+from edge.telemetry.window import Action, Outcome, PublishWindow
 
 __all__ = ["DEFAULT_WINDOW", "OutboxReader", "Publisher", "PublisherStats", "Transport"]
 
@@ -149,18 +152,16 @@ class Publisher:
         self.ack_batch = ack_batch
         self.ack_interval = ack_interval
         self.refusal_pause = refusal_pause
+        # The window's bookkeeping; it belongs to the publisher thread (other threads only read its counters).
+        self._core = PublishWindow(window, refusal_pause)
         self._wake = threading.Event()
         self._more = True  # the outbox may hold envelopes we have not read: set by wake() and by the idle poll
         self._stop_at: float | None = None  # monotonic drain deadline once stop() was called
         self._thread: threading.Thread | None = None
         # Resolved deliveries, appended by the transport's network thread (deque appends and pops are atomic).
         self._done: deque[tuple[int, int, Delivery]] = deque()
-        # The rest belongs to the publisher thread.
-        self._epoch = 0  # increments on every reset: deliveries of an older epoch no longer steer the window
-        self._queue: deque[tuple[int, bytes]] = deque()  # read from the outbox, not yet published
-        self._inflight: dict[int, Delivery] = {}
-        self._cursor = 0  # the highest counter read from the outbox since the last reset
-        self._high = 0  # the highest counter ever published: below it, a publication is a republication
+        # Committed groups, appended by the acker thread, handed to the core by the publisher thread.
+        self._committed: deque[list[int]] = deque()
         # Acknowledged counters waiting for their group commit, shared with the acker thread under _ack_cv.
         self._ack_cv = threading.Condition()
         self._ack_q: list[int] = []
@@ -169,9 +170,8 @@ class Publisher:
         self._ack_now = False  # commit what waits without waiting for the group (flush, stop)
         self._ack_exit = False
         self._acker: threading.Thread | None = None
-        self._resume_at = 0.0  # after a refusal: not before this monotonic time
-        self._refill_at = 1  # resolved deliveries that wake the publisher: a quarter of the window
-        self._published = self._acked = self._republished = self._refused = self._failures = self._resets = 0
+        self._acked = 0
+        self._failures = 0  # outbox failures; the core counts the deliveries that failed
 
     # -- public -------------------------------------------------------------------------------------------------
 
@@ -217,16 +217,17 @@ class Publisher:
         Returns:
             The counters (read without a lock: each is exact, the set approximately simultaneous).
         """
-        in_flight = len(self._inflight)
+        core = self._core
+        in_flight = core.in_flight
         return PublisherStats(
-            published=self._published,
+            published=core.published_total,
             acked=self._acked,
-            republished=self._republished,
-            refused=self._refused,
-            failures=self._failures,
-            resets=self._resets,
+            republished=core.republished,
+            refused=core.refused,
+            failures=self._failures + core.failures,
+            resets=core.resets,
             in_flight=in_flight,
-            backlog=len(self._queue) + in_flight + len(self._ack_q),
+            backlog=core.queued + in_flight + len(self._ack_q),
         )
 
     # -- the thread ---------------------------------------------------------------------------------------------
@@ -256,46 +257,41 @@ class Publisher:
     def _step(self) -> bool:
         """One round: collect acknowledgements, commit, publish up to the window, wait. True when finished."""
         self._wake.clear()
-        must_reset = self._collect()
+        self._collect()
         connected = self._transport.connected
-        if must_reset or not connected:
-            if self._inflight or self._queue or self._cursor:
-                self._reset()
-        elif time.monotonic() >= self._resume_at:
+        action = self._core.decide(connected=connected, now=time.monotonic())
+        if action is Action.RESTART:
+            self._reset()
+        elif action is Action.PUBLISH:
             self._fill()
         if self._stop_at is not None:
-            drained = not (self._inflight or self._queue or self._more)
+            drained = self._core.idle and not self._more
             if drained or self._stopping_expired():
                 return True
         self._wait(connected)
         return False
 
-    def _collect(self) -> bool:
-        """Move resolved deliveries out of the window. Returns whether the window must restart from the oldest."""
-        must_reset = False
+    def _collect(self) -> None:
+        """Hand committed groups and resolved deliveries to the core; queue the deletions it decides."""
+        core = self._core
+        committed = self._committed
+        while committed:
+            core.committed(committed.popleft())
         done = self._done
+        if not done:
+            return
+        now = time.monotonic()
         while done:
             epoch, counter, d = done.popleft()
-            if d.ok and d.reason_code != NO_MATCHING_SUBSCRIBERS:
-                # An acknowledgement is one even from a connection since lost: the broker has the envelope.
+            outcome = Outcome.of(ok=d.ok, reason_code=d.reason_code, lost=d.error is not None)
+            r = core.resolved(epoch, counter, outcome, now)
+            if r.delete:
                 self._ack_later(counter)
-            else:
-                self._failures += 1
-                if d.error is None:
-                    self._refused += 1
-                    # One line per pause, not per envelope: a whole window comes back refused at once.
-                    if epoch == self._epoch and time.monotonic() >= self._resume_at:
-                        self._resume_at = time.monotonic() + self.refusal_pause
-                        if d.ok:
-                            event(log, logging.WARNING, "no gateway subscribed; envelopes kept", counter=counter)
-                        else:
-                            event(
-                                log, logging.WARNING, "envelope refused by the broker", counter=counter, reason=d.reason
-                            )
-                must_reset = must_reset or epoch == self._epoch
-            if epoch == self._epoch:
-                self._inflight.pop(counter, None)
-        return must_reset
+            elif r.pause:
+                if outcome is Outcome.UNHEARD:
+                    event(log, logging.WARNING, "no gateway subscribed; envelopes kept", counter=counter)
+                else:
+                    event(log, logging.WARNING, "envelope refused by the broker", counter=counter, reason=d.reason)
 
     def _ack_later(self, counter: int) -> None:
         with self._ack_cv:
@@ -332,6 +328,7 @@ class Publisher:
                     self._ack_busy = False
                     if committed:
                         self._acked += len(batch)
+                        self._committed.append(batch)
                     else:
                         self._ack_q[:0] = batch
                         self._ack_due = time.monotonic() + _ERROR_PAUSE_S
@@ -351,48 +348,37 @@ class Publisher:
 
     def _reset(self, *, flush: bool = True) -> None:
         """Forget the window; the next fill reads the outbox from its oldest unacknowledged envelope."""
-        if self._inflight:
-            event(
-                log, logging.INFO, "restarting from the oldest unacknowledged envelope", in_flight=len(self._inflight)
-            )
-        self._epoch += 1
-        self._inflight.clear()
-        self._queue.clear()
-        self._cursor = 0
+        forgotten = self._core.restart()
+        if forgotten:
+            event(log, logging.INFO, "restarting from the oldest unacknowledged envelope", in_flight=forgotten)
         self._more = True
-        self._resets += 1
         if flush:
             self._flush_acks()  # before re-reading: what is acknowledged must not be published again
 
     def _fill(self) -> None:
-        window = max(1, min(self.window, self._transport.receive_maximum))
-        self._refill_at = max(1, window // 4)
-        while len(self._inflight) < window:
-            if not self._queue:
-                if not self._more:
+        core = self._core
+        core.limit(self._transport.receive_maximum)
+        while True:
+            nxt = core.next()
+            if nxt is None:
+                limit = core.wants()
+                if not limit or not self._more:
                     return
-                limit = max(window, 256)
-                rows = self._outbox.pending(after=self._cursor, limit=limit)
+                rows = self._outbox.pending(after=core.cursor, limit=limit)
                 if len(rows) < limit:
                     self._more = False  # read to its end: wait for wake() or the idle poll
                 if not rows:
                     return
-                self._queue.extend(rows)
-                self._cursor = rows[-1][0]
-            counter, data = self._queue[0]
+                core.offer(rows)
+                continue
+            counter, data = nxt
             try:
                 d = self._transport.publish(self.topic, data)
             except TransportError:
                 self._reset()  # lost the connection between the check and the publish
                 return
-            self._queue.popleft()
-            self._inflight[counter] = d
-            self._published += 1
-            if counter <= self._high:
-                self._republished += 1
-            else:
-                self._high = counter
-            d.add_done_callback(partial(self._resolved, self._epoch, counter))
+            epoch = core.published(counter)
+            d.add_done_callback(partial(self._resolved, epoch, counter))
 
     def _resolved(self, epoch: int, counter: int, d: Delivery) -> None:
         """A delivery resolved (on the transport's network thread): hand it to the publisher thread."""
@@ -400,13 +386,14 @@ class Publisher:
         done.append((epoch, counter, d))
         # Wake the publisher per quarter window, not per PUBACK: it then refills in a burst. Waking it for every
         # acknowledgement made the two threads trade the GIL per message and halved the throughput.
-        if not d.ok or len(done) >= min(self._refill_at, len(self._inflight)):
+        if not d.ok or len(done) >= min(self._core.refill_at, self._core.in_flight):
             self._wake.set()
 
     def _wait(self, connected: bool) -> None:
         timeout = _IDLE_S
-        if connected and self._resume_at > time.monotonic():
-            timeout = min(timeout, self._resume_at - time.monotonic())
+        pause = self._core.retry_in(time.monotonic()) if connected else None
+        if pause is not None:
+            timeout = min(timeout, pause)
         if self._stop_at is not None:
             timeout = min(timeout, max(0.0, self._stop_at - time.monotonic()))
         if not self._wake.wait(timeout):
