@@ -1,15 +1,20 @@
-"""The updater's state machine: states, the transition table, the persisted record and its strict JSON codec.
+"""The updater's state machine: states, events, the (state, event) -> state table, the persisted record and its codec.
 
-Rules (the whole protocol; :data:`TRANSITIONS` is the table that enforces them):
+Rules (the whole protocol; :data:`TRANSITIONS` holds exactly these, and :func:`next_state` enforces them):
 
-- An update goes ``idle -> downloading -> verifying -> staged -> trial -> committed -> idle``.
-- Any step before the commit may end in ``rolled_back`` (the active model untouched, the staging slot cleared).
-- A new update may start from ``idle``, ``committed`` or ``rolled_back``.
-- ``idle -> rolled_back`` is the fleet's revert of the committed model.
-- Anything else is a bug and raises :class:`~edge.ota.errors.IllegalTransition`.
+- An update runs ``idle -> downloading -> verifying -> staged -> trial -> committed -> idle``, one event per step:
+  ``start``, ``downloaded``, ``verified``, ``trial_started``, ``activated``, ``done``.
+- ``failed`` ends any step before the ``active`` switch in ``rolled_back`` (the active model untouched, the staging
+  slot cleared). ``committed`` has no ``failed`` exit: once ``active`` names the new slot, the commit stands, and a
+  restart finishes it.
+- A new update may ``start`` from ``idle``, ``committed`` or ``rolled_back``; ``done`` takes the last two to ``idle``.
+- ``revert`` (``idle -> rolled_back``) is the fleet's revert of the committed model.
+- A pair the table lacks is a bug and raises :class:`~edge.ota.errors.IllegalTransition` naming the state and event.
 
-The core (:func:`transition`, :func:`encode`, :func:`decode`) is sans-IO; :class:`StateFile` alone touches the disk,
-through :func:`edge._fs.atomic_write` with a fault point after the temp file is written and after the rename.
+States are persisted by their value (``"rolled_back"``), so the state file written before the table had events
+still loads. The core (:func:`next_state`, :func:`transition`, :func:`encode`, :func:`decode`) is sans-IO;
+:class:`StateFile` alone touches the disk, through :func:`edge._fs.atomic_write` with a fault point after the temp
+file is written and after the rename.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Final, Literal, cast
 
@@ -33,33 +39,71 @@ __all__ = [
     "ACTIVE_STATES",
     "STATES",
     "TRANSITIONS",
+    "Event",
     "State",
     "StateCorrupt",
     "StateFile",
     "UpdateState",
     "decode",
     "encode",
+    "next_state",
     "transition",
 ]
 
-State = Literal["idle", "downloading", "verifying", "staged", "trial", "committed", "rolled_back"]
+
+class State(StrEnum):
+    """Where an update is; the value is what the state file and the ``ota.<state>`` telemetry events say."""
+
+    IDLE = "idle"
+    DOWNLOADING = "downloading"
+    VERIFYING = "verifying"
+    STAGED = "staged"
+    TRIAL = "trial"
+    COMMITTED = "committed"
+    ROLLED_BACK = "rolled_back"
+
+
+class Event(StrEnum):
+    """What happened: the outcome of one step of the updater, or a request from outside (``start``, ``revert``)."""
+
+    START = "start"
+    DOWNLOADED = "downloaded"
+    VERIFIED = "verified"
+    TRIAL_STARTED = "trial_started"
+    ACTIVATED = "activated"
+    DONE = "done"
+    FAILED = "failed"
+    REVERT = "revert"
+
+
 Previous = Literal["a", "b", "factory"]
 SlotName = Literal["a", "b"]
 
-STATES: Final[tuple[State, ...]] = ("idle", "downloading", "verifying", "staged", "trial", "committed", "rolled_back")
+STATES: Final[tuple[State, ...]] = tuple(State)
 
-TRANSITIONS: Final[Mapping[State, frozenset[State]]] = {
-    "idle": frozenset({"downloading", "rolled_back"}),
-    "downloading": frozenset({"verifying", "rolled_back"}),
-    "verifying": frozenset({"staged", "rolled_back"}),
-    "staged": frozenset({"trial", "rolled_back"}),
-    "trial": frozenset({"committed", "rolled_back"}),
-    "committed": frozenset({"idle", "downloading"}),
-    "rolled_back": frozenset({"idle", "downloading"}),
+TRANSITIONS: Final[Mapping[tuple[State, Event], State]] = {
+    # The update, step by step.
+    (State.IDLE, Event.START): State.DOWNLOADING,
+    (State.DOWNLOADING, Event.DOWNLOADED): State.VERIFYING,
+    (State.VERIFYING, Event.VERIFIED): State.STAGED,
+    (State.STAGED, Event.TRIAL_STARTED): State.TRIAL,
+    (State.TRIAL, Event.ACTIVATED): State.COMMITTED,
+    (State.COMMITTED, Event.DONE): State.IDLE,
+    # A failure before the switch of `active`.
+    (State.DOWNLOADING, Event.FAILED): State.ROLLED_BACK,
+    (State.VERIFYING, Event.FAILED): State.ROLLED_BACK,
+    (State.STAGED, Event.FAILED): State.ROLLED_BACK,
+    (State.TRIAL, Event.FAILED): State.ROLLED_BACK,
+    (State.ROLLED_BACK, Event.DONE): State.IDLE,
+    # The next update need not wait for an outcome to be put to rest.
+    (State.COMMITTED, Event.START): State.DOWNLOADING,
+    (State.ROLLED_BACK, Event.START): State.DOWNLOADING,
+    # The fleet's revert of the committed model.
+    (State.IDLE, Event.REVERT): State.ROLLED_BACK,
 }
 
 #: States in the middle of an update: a restart must continue or roll back from them.
-ACTIVE_STATES: Final[frozenset[State]] = frozenset({"downloading", "verifying", "staged", "trial"})
+ACTIVE_STATES: Final[frozenset[State]] = frozenset({State.DOWNLOADING, State.VERIFYING, State.STAGED, State.TRIAL})
 
 SCHEMA: Final = 1
 MAX_STATE_BYTES: Final = 1 << 20
@@ -92,7 +136,7 @@ class UpdateState:
         updated_at: epoch seconds of the last transition.
     """
 
-    state: State = "idle"
+    state: State = State.IDLE
     name: str | None = None
     version: str | None = None
     slot: SlotName | None = None
@@ -109,12 +153,31 @@ class UpdateState:
         return f"{self.name}@{self.version}" if self.name and self.version else None
 
 
-def transition(current: UpdateState, to: State, *, now: float, **changes: Any) -> UpdateState:
-    """The record after moving from ``current.state`` to ``to`` (with other fields changed as given).
+def next_state(state: State, event: Event) -> State:
+    """The state that ``event`` leads to from ``state``, by :data:`TRANSITIONS`.
+
+    Args:
+        state: where the update is.
+        event: what happened.
+
+    Returns:
+        The next state.
+
+    Raises:
+        IllegalTransition: the table has no entry for ``(state, event)``.
+    """
+    try:
+        return TRANSITIONS[state, event]
+    except KeyError:
+        raise IllegalTransition(f"illegal OTA transition: event {event} in state {state}") from None
+
+
+def transition(current: UpdateState, event: Event, *, now: float, **changes: Any) -> UpdateState:
+    """The record after ``event`` in ``current.state`` (with other fields changed as given).
 
     Args:
         current: the record now.
-        to: the next state.
+        event: what happened.
         now: the time of the transition (epoch seconds).
         **changes: other :class:`UpdateState` fields to set.
 
@@ -122,18 +185,16 @@ def transition(current: UpdateState, to: State, *, now: float, **changes: Any) -
         The new record (nothing is persisted here).
 
     Raises:
-        IllegalTransition: the table does not allow ``current.state -> to``.
+        IllegalTransition: the table has no entry for ``(current.state, event)``.
     """
-    if to not in TRANSITIONS.get(current.state, frozenset()):
-        raise IllegalTransition(f"illegal OTA transition {current.state} -> {to}")
-    return replace(current, state=to, updated_at=now, **changes)
+    return replace(current, state=next_state(current.state, event), updated_at=now, **changes)
 
 
 def encode(state: UpdateState) -> bytes:
     """The record as canonical JSON bytes (sorted keys; ``failed`` sorted)."""
     body = {
         "schema": SCHEMA,
-        "state": state.state,
+        "state": state.state.value,
         "name": state.name,
         "version": state.version,
         "slot": state.slot,
@@ -166,9 +227,9 @@ def decode(data: bytes) -> UpdateState:
         raise StateCorrupt(f"state file keys: missing {sorted(_KEYS - keys)}, unknown {sorted(keys - _KEYS)}")
     if body["schema"] != SCHEMA:
         raise StateCorrupt(f"state file schema {body['schema']!r}, expected {SCHEMA}")
-    state = body["state"]
-    if state not in STATES:
-        raise StateCorrupt(f"unknown state {state!r:.40}")
+    if body["state"] not in STATES:
+        raise StateCorrupt(f"unknown state {body['state']!r:.40}")
+    state = State(body["state"])
     name, version = _opt_text(body, "name", 64), _opt_text(body, "version", 44)
     if (name is None) != (version is None):
         raise StateCorrupt("state file name and version must both be set or both be null")
@@ -196,7 +257,7 @@ def decode(data: bytes) -> UpdateState:
     if state in ACTIVE_STATES and (name is None or slot is None or previous is None):
         raise StateCorrupt(f"state {state} needs name, version, slot and previous")
     return UpdateState(
-        state=cast(State, state),
+        state=state,
         name=name,
         version=version,
         slot=cast("SlotName | None", slot),
@@ -247,7 +308,7 @@ class StateFile:
     def save(self, state: UpdateState) -> None:
         """Persist ``state`` atomically and durably (fault points ``state.<state>.written`` / ``.renamed``)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        written, renamed = _faults.state_points(state.state)
+        written, renamed = _faults.state_points(state.state.value)
         points = {"written": written, "renamed": renamed}
         atomic_write(self.path, encode(state), checkpoint=lambda step: _faults.checkpoint(points[step]))
 

@@ -17,6 +17,10 @@ Order of writes (why every crash point ends with a valid model running):
 
 The ``active`` link only ever names a slot whose committed manifest matches its file (checked again on every read),
 so whatever the crash point, the box runs the old model or the new one, never a partial file.
+
+A run is a loop over :data:`edge.ota.state.TRANSITIONS`: the step of the current state does its work and returns an
+event (an exception before the ``active`` switch is ``failed``), the table names the next state, and that state is
+persisted before the next step. A run ends in a state without a step: ``idle`` (committed) or ``rolled_back``.
 """
 
 from __future__ import annotations
@@ -30,14 +34,15 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, Literal, Protocol
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Final, Literal, NamedTuple, Protocol
 
 from edge.errors import InputError, ModelError
 from edge.log import event
 from edge.ota import _faults
 from edge.ota.errors import IllegalTransition, OtaError, UpdateRejected
-from edge.ota.slots import ActiveModel, SlotInvalid, SlotName, Slots, file_sha256, release_files
-from edge.ota.state import ACTIVE_STATES, State, StateCorrupt, StateFile, UpdateState, transition
+from edge.ota.slots import ActiveModel, SlotInvalid, SlotName, SlotRecord, Slots, file_sha256, release_files
+from edge.ota.state import ACTIVE_STATES, Event, State, StateCorrupt, StateFile, UpdateState, transition
 from edge.wire.errors import ManifestError
 from edge.wire.manifest import (
     FLOAT_FILE,
@@ -129,6 +134,36 @@ class _Rollback(Exception):  # noqa: N818 -- internal control flow: carries the 
         self.detail = detail
 
 
+@dataclass(slots=True)
+class _Run:
+    """What one run of the update carries from step to step; memory only, a resumed run re-derives it from disk."""
+
+    record: UpdateState  # as last persisted
+    slot: SlotName
+    timings: dict[str, float] = field(default_factory=dict)
+    manifest: ModelManifest | None = None  # the release in the slot, once downloaded or read back
+    checked: bool = False  # the slot's files were verified in this run
+    result: TrialResult | None = None
+    variant: str | None = None
+    latency_ms: float | None = None
+
+
+class _Move(NamedTuple):
+    """A step's outcome: the event for the table, and the record fields (or event extras) it sets."""
+
+    event: Event
+    changes: Mapping[str, Any] = MappingProxyType({})
+
+
+def _failure(e: Exception) -> tuple[str, str]:
+    """The rollback reason and detail of an exception raised by a step."""
+    if isinstance(e, _Rollback):
+        return e.reason, e.detail
+    if isinstance(e, OtaError | ManifestError | ModelError):
+        return getattr(e, "reason", "ota_error"), str(e)
+    return "io_error", str(e)
+
+
 class Updater:
     """Installs model releases into the A/B slots, persisting every transition.
 
@@ -198,7 +233,7 @@ class Updater:
             st, corrupt = UpdateState(), str(e)
         active = self.slots.active()
         return {
-            "state": st.state,
+            "state": st.state.value,
             "model": st.model_id,
             "slot": st.slot,
             "reason": st.reason if corrupt is None else "corrupt_state",
@@ -247,7 +282,7 @@ class Updater:
             return outcome or Outcome("unchanged", None, e.reason)
         st, _ = self._load()
         if (
-            st.state == "rolled_back"
+            st.state is State.ROLLED_BACK
             and st.reason in TRANSIENT_REASONS
             and st.name is not None
             and st.version is not None
@@ -286,7 +321,7 @@ class Updater:
             started = time.monotonic()
             st = self._persist(
                 st,
-                "downloading",
+                Event.START,
                 name=name,
                 version=version,
                 slot=self.slots.inactive_slot(),
@@ -296,7 +331,7 @@ class Updater:
                 rollout=rollout,
                 failed=st.failed - {model_id} if force else st.failed,
             )
-            return self._run(st, started, resumed=False)
+            return self._run(st, started)
 
     def revert(self, *, reason: str, rollout: str | None = None) -> Outcome:
         """The fleet's rollback: run the previous model again and never retry the current one unless forced.
@@ -324,11 +359,11 @@ class Updater:
                 return Outcome("unchanged", self._model_id(active), "nothing_to_revert")
             manifest = active.manifest
             self._from = manifest.model_id
-            if st.state != "idle":
-                st = self._persist(st, "idle")
+            if st.state is not State.IDLE:
+                st = self._persist(st, Event.DONE)
             st = self._persist(
                 st,
-                "rolled_back",
+                Event.REVERT,
                 kind="ota.reverted",
                 name=manifest.name,
                 version=manifest.version,
@@ -346,53 +381,104 @@ class Updater:
 
     # -- the update --------------------------------------------------------------------------------------------------
 
-    def _run(self, st: UpdateState, started: float, *, resumed: bool) -> Outcome:
-        """Drive ``st`` from wherever it is to committed or rolled_back."""
-        timings: dict[str, float] = {}
+    def _run(self, st: UpdateState, started: float) -> Outcome:
+        """Drive ``st`` from wherever it is to idle (committed) or rolled_back: each step's event, through the table."""
         assert st.slot is not None and st.name is not None and st.version is not None
-        slot: SlotName = st.slot
-        if st.state == "trial" and self._already_switched(st):
-            return self._finish_commit(st, None, timings, started)
-        try:
-            if st.state == "downloading":
-                t = time.monotonic()
-                manifest = self._download(st)
-                timings["download"] = time.monotonic() - t
-                st = self._persist(st, "verifying")
-            else:
-                manifest = self.slots.read_record(slot).manifest
-                if manifest.model_id != st.model_id:
-                    raise _Rollback("slot_invalid", f"slot {slot} holds {manifest.model_id}, not {st.model_id}")
+        run = _Run(record=st, slot=st.slot)
+        steps: Mapping[State, Callable[[_Run], _Move]] = {
+            State.DOWNLOADING: self._step_download,
+            State.VERIFYING: self._step_verify,
+            State.STAGED: self._step_start_trial,
+            State.TRIAL: self._step_trial,
+            State.COMMITTED: self._step_report_commit,
+        }
+        while (step := steps.get(run.record.state)) is not None:
+            move: _Move | None = None
+            try:
+                move = step(run)
+                run.record = self._persist(run.record, move.event, **move.changes)
+            except IllegalTransition:
+                raise  # a bug, not a property of the update
+            except (_Rollback, OtaError, ManifestError, ModelError, OSError) as e:
+                if run.record.state is State.COMMITTED or (move is not None and move.event is Event.ACTIVATED):
+                    raise  # `active` names the new slot already: the commit stands, and a restart finishes it
+                run.record = self._roll_back(run.record, *_failure(e))
+        st = run.record
+        if st.state is State.ROLLED_BACK:
+            return Outcome("rolled_back", st.model_id, st.reason, timings=run.timings)
+        run.timings["total"] = time.monotonic() - started
+        event(
+            log,
+            logging.INFO,
+            "model committed",
+            model=st.model_id,
+            slot=st.slot,
+            variant=run.variant,
+            latency_ms=run.latency_ms,
+        )
+        return Outcome("committed", st.model_id, None, run.variant, run.latency_ms, run.timings)
+
+    def _step_download(self, run: _Run) -> _Move:
+        t = time.monotonic()
+        run.manifest = self._download(run.record)
+        run.timings["download"] = time.monotonic() - t
+        return _Move(Event.DOWNLOADED)
+
+    def _step_verify(self, run: _Run) -> _Move:
+        manifest = self._checked_manifest(run)
+        self.slots.write_manifest(run.slot, manifest, variant=manifest.quantization, point="stage")
+        return _Move(Event.VERIFIED)
+
+    def _step_start_trial(self, run: _Run) -> _Move:
+        self._checked_manifest(run)
+        return _Move(Event.TRIAL_STARTED, {"attempts": 1})
+
+    def _step_trial(self, run: _Run) -> _Move:
+        st = run.record
+        if not run.checked:  # the run starts in trial: a crash interrupted the trial or what came after it
+            record = self._switched_record(st)
+            if record is not None:
+                run.variant = record.variant
+                return _Move(Event.ACTIVATED, {"reason": None, "variant": run.variant, "latency_ms": None})
+            self._checked_manifest(run)
+            # The candidate itself may be what killed the process.
+            if st.attempts >= 2:
+                raise _Rollback("trial_interrupted", f"the trial of {st.model_id} was interrupted twice")
+            run.record = self._save(st, attempts=st.attempts + 1)
+        manifest = self._checked_manifest(run)
+        t = time.monotonic()
+        result = self._trial(run.slot, manifest)
+        run.timings["trial"] = time.monotonic() - t
+        _faults.checkpoint("trial.passed")
+        t = time.monotonic()
+        # The committed manifest goes first: `active` may only ever name a slot that says it is committed.
+        self.slots.write_manifest(run.slot, manifest, variant=result.variant, committed_at=self.clock(), point="commit")
+        self.slots.activate(run.slot)
+        run.timings["commit"] = time.monotonic() - t
+        run.result, run.variant, run.latency_ms = result, result.variant, round(result.latency_ms, 4)
+        return _Move(Event.ACTIVATED, {"reason": None, "variant": run.variant, "latency_ms": run.latency_ms})
+
+    def _step_report_commit(self, run: _Run) -> _Move:
+        # A restart that only finishes the commit has no trial result: the service loads the active model anyway.
+        if run.result is not None and self.on_commit is not None:
+            self._call_hook("on_commit", self.on_commit, run.result, self.slots.active())
+        _faults.checkpoint("commit.on_commit_done")
+        return _Move(Event.DONE)
+
+    def _checked_manifest(self, run: _Run) -> ModelManifest:
+        """The release in the slot, its files verified once per run (a resumed run reads it from the slot first)."""
+        st = run.record
+        if run.manifest is None:
+            manifest = self.slots.read_record(run.slot).manifest
+            if manifest.model_id != st.model_id:
+                raise _Rollback("slot_invalid", f"slot {run.slot} holds {manifest.model_id}, not {st.model_id}")
+            run.manifest = manifest
+        if not run.checked:
             t = time.monotonic()
-            self._verify(slot, manifest)
-            timings["verify"] = time.monotonic() - t
-            if st.state == "verifying":
-                self.slots.write_manifest(slot, manifest, variant=manifest.quantization, point="stage")
-                st = self._persist(st, "staged")
-            if st.state == "staged":
-                st = self._persist(st, "trial", attempts=1)
-            elif resumed:  # a trial was interrupted: the candidate itself may be what killed the process
-                if st.attempts >= 2:
-                    raise _Rollback("trial_interrupted", f"the trial of {st.model_id} was interrupted twice")
-                st = self._save(st, attempts=st.attempts + 1)
-            t = time.monotonic()
-            result = self._trial(slot, manifest)
-            timings["trial"] = time.monotonic() - t
-            _faults.checkpoint("trial.passed")
-            t = time.monotonic()
-            # The committed manifest goes first: `active` may only ever name a slot that says it is committed.
-            self.slots.write_manifest(slot, manifest, variant=result.variant, committed_at=self.clock(), point="commit")
-            self.slots.activate(slot)
-            timings["commit"] = time.monotonic() - t
-        except IllegalTransition:
-            raise  # a bug, not a property of the update
-        except _Rollback as e:
-            return self._roll_back(st, e.reason, e.detail, timings)
-        except (OtaError, ManifestError, ModelError) as e:
-            return self._roll_back(st, getattr(e, "reason", "ota_error"), str(e), timings)
-        except OSError as e:
-            return self._roll_back(st, "io_error", str(e), timings)
-        return self._finish_commit(st, result, timings, started)
+            self._verify(run.slot, run.manifest)
+            run.timings["verify"] = time.monotonic() - t
+            run.checked = True
+        return run.manifest
 
     def _download(self, st: UpdateState) -> ModelManifest:
         assert st.slot is not None and st.name is not None and st.version is not None
@@ -442,31 +528,14 @@ class Updater:
             golden = load_golden(slot_dir / GOLDEN_FILE, input_info=manifest.input)
         return self.trial(manifest, files, golden, threads=self.threads)
 
-    def _finish_commit(
-        self, st: UpdateState, result: TrialResult | None, timings: dict[str, float], started: float
-    ) -> Outcome:
-        """Persist committed (``active`` already names the slot), tell the service, go idle."""
-        variant = result.variant if result is not None else self.slots.read_record(st.slot or "a").variant
-        latency = round(result.latency_ms, 4) if result is not None else None
-        st = self._persist(st, "committed", reason=None, variant=variant, latency_ms=latency)
-        if result is not None and self.on_commit is not None:
-            self._call_hook("on_commit", self.on_commit, result, self.slots.active())
-        _faults.checkpoint("commit.on_commit_done")
-        st = self._persist(st, "idle")
-        timings["total"] = time.monotonic() - started
-        event(
-            log, logging.INFO, "model committed", model=st.model_id, slot=st.slot, variant=variant, latency_ms=latency
-        )
-        return Outcome("committed", st.model_id, None, variant, latency, timings)
-
-    def _roll_back(self, st: UpdateState, reason: str, detail: str, timings: dict[str, float]) -> Outcome:
+    def _roll_back(self, st: UpdateState, reason: str, detail: str) -> UpdateState:
         reason = reason if _REASON.fullmatch(reason) else "ota_error"
         model_id = st.model_id
         failed = st.failed if reason in TRANSIENT_REASONS or model_id is None else st.failed | {model_id}
         event(log, logging.WARNING, "update rolled back", model=model_id, reason=reason, detail=detail[:500])
-        st = self._persist(st, "rolled_back", reason=reason, failed=failed)
+        st = self._persist(st, Event.FAILED, reason=reason, failed=failed)
         self._clean_after_rollback(st)
-        return Outcome("rolled_back", model_id, reason, timings=timings)
+        return st
 
     def _clean_after_rollback(self, st: UpdateState) -> None:
         # A transient failure keeps the slot's complete files: the retry then fetches only what is missing.
@@ -478,12 +547,12 @@ class Updater:
 
     def _recover(self, st: UpdateState) -> Outcome | None:
         if st.state in ACTIVE_STATES:
-            event(log, logging.WARNING, "resuming an interrupted update", model=st.model_id, state=st.state)
+            event(log, logging.WARNING, "resuming an interrupted update", model=st.model_id, state=st.state.value)
             self._from = self._previous_id(st)
-            return self._run(st, time.monotonic(), resumed=True)
-        if st.state == "committed":
-            self._persist(st, "idle")
-        elif st.state == "rolled_back":
+            return self._run(st, time.monotonic())
+        if st.state is State.COMMITTED:
+            self._persist(st, Event.DONE)
+        elif st.state is State.ROLLED_BACK:
             self._clean_after_rollback(st)
             active = self.slots.active()
             if active.manifest is not None and active.manifest.model_id in st.failed:
@@ -493,15 +562,15 @@ class Updater:
                     self._call_hook("on_revert", self.on_revert, now_active)
         return None
 
-    def _already_switched(self, st: UpdateState) -> bool:
-        """Whether a crash came after ``active`` was switched to the slot under trial (then the commit stands)."""
+    def _switched_record(self, st: UpdateState) -> SlotRecord | None:
+        """The slot's committed record when a crash came after ``active`` was switched to it (the commit stands)."""
         if st.slot is None or self.slots.active_slot() != st.slot:
-            return False
+            return None
         try:
             record = self.slots.validate(st.slot)
         except SlotInvalid:
-            return False
-        return record.committed_at is not None and record.manifest.model_id == st.model_id
+            return None
+        return record if record.committed_at is not None and record.manifest.model_id == st.model_id else None
 
     # -- helpers -----------------------------------------------------------------------------------------------------
 
@@ -534,17 +603,18 @@ class Updater:
             return self.state_file.load(), None
         except StateCorrupt as e:
             event(log, logging.ERROR, "OTA state file corrupt; keeping the active model", error=str(e))
-            st = UpdateState(state="rolled_back", reason="corrupt_state", updated_at=self.clock())
+            st = UpdateState(state=State.ROLLED_BACK, reason="corrupt_state", updated_at=self.clock())
             self.state_file.save(st)
             self._emit("ota.rolled_back", st, {})
             return st, Outcome("rolled_back", None, "corrupt_state")
 
-    def _persist(self, st: UpdateState, to: State, *, kind: str | None = None, **changes: Any) -> UpdateState:
-        """Check, persist and report one transition (extra ``variant``/``latency_ms`` go to the event only)."""
+    def _persist(self, st: UpdateState, on: Event, *, kind: str | None = None, **changes: Any) -> UpdateState:
+        """Check ``on`` against the table, persist and report the transition (``variant``/``latency_ms`` go to the
+        event only)."""
         extra: dict[str, EventValue] = {k: changes.pop(k) for k in ("variant", "latency_ms") if k in changes}
-        new = transition(st, to, now=self.clock(), **changes)
+        new = transition(st, on, now=self.clock(), **changes)
         self.state_file.save(new)
-        self._emit(kind or f"ota.{to}", new, extra)
+        self._emit(kind or f"ota.{new.state.value}", new, extra)
         return new
 
     def _save(self, st: UpdateState, **changes: Any) -> UpdateState:
