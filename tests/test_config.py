@@ -1,12 +1,13 @@
-"""Configuration: defaults, validation errors that name the key, path resolution."""
+"""Configuration: defaults, validation errors that name the key, path resolution, the docs against the declarations."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
 import re
+import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import pytest
 
@@ -17,13 +18,21 @@ from edge.config import (
     MAX_TOP_K,
     RANGES,
     Config,
-    _num,
     load_config,
     parse_config,
 )
 from edge.errors import ConfigError
 from edge.inference.model import MAX_MODEL_BYTES
 from edge.sensing.frames import PixelFormat
+from edge.toml_config import (
+    Setting,
+    int_between,
+    number_text,
+    parse_section,
+    read_toml,
+    section_types,
+    settings,
+)
 from edge.wire import schema
 from edge.wire._bounds import MAX_RECORDS_PER_ENVELOPE
 
@@ -195,7 +204,7 @@ def test_absurd_numeric_values_are_refused_naming_the_key(key: str, value: Any) 
     assert info.value.key == key
     assert key in str(info.value)
     _, high = RANGES[key]
-    assert _num(high) in str(info.value)  # the message states the range
+    assert number_text(high) in str(info.value)  # the message states the range
 
 
 @pytest.mark.parametrize("key", list(RANGES))
@@ -257,7 +266,7 @@ def test_the_docs_state_every_range() -> None:
         elif m := re.match(r"#?\s*(\w+)\s*=", line):
             example_lines.setdefault(f"{section}.{m.group(1)}", line)
     for key, (low, high) in RANGES.items():
-        span = f"{_num(low)}..{_num(high)}"
+        span = f"{number_text(low)}..{number_text(high)}"
         rows = [line for line in table if line.startswith(f"| `{key}` |")]
         assert len(rows) == 1 and f"`{span}`" in rows[0], (key, span, rows)
         assert span in example_lines.get(key, ""), (key, span, example_lines.get(key))
@@ -296,3 +305,145 @@ def test_the_broker_host_is_a_host_not_a_url(host: str) -> None:
     with pytest.raises(ConfigError, match="host name or IP address") as info:
         parse_config({"telemetry": {"host": host}})
     assert info.value.key == "telemetry.host" and "hunter2" not in str(info.value)
+
+
+# -- the declarations against the docs ------------------------------------------------------------------------------
+
+SECTIONS = section_types(Config)
+
+
+def _spec() -> dict[str, Setting]:
+    """Every dotted key of the file and its declaration (default and converter)."""
+    return {f"{name}.{s.key}": s for name, section in SECTIONS.items() for s in settings(section)}
+
+
+def _example() -> tuple[dict[str, Any], set[str], set[str]]:
+    """docs/edge.example.toml: its parsed keys (dotted), its commented-out keys and its section headers."""
+    text = (DOCS / "edge.example.toml").read_text(encoding="utf-8")
+    active = {f"{name}.{key}": v for name, table in tomllib.loads(text).items() for key, v in table.items()}
+    commented: set[str] = set()
+    headers: set[str] = set()
+    section = ""
+    for line in text.splitlines():
+        if m := re.match(r"\[(\w+)\]", line):
+            section = m.group(1)
+            headers.add(section)
+        elif section and (m := re.match(r"#\s*(\w+)\s*=", line)):
+            commented.add(f"{section}.{m.group(1)}")
+    return active, commented, headers
+
+
+def test_every_section_field_is_declared_with_its_converter() -> None:
+    defaults = Config()
+    for name, section in SECTIONS.items():
+        assert [s.key for s in settings(section)] == [f.name for f in dataclasses.fields(section)], name
+        for s in settings(section):
+            assert s.default == getattr(getattr(defaults, name), s.key), (name, s.key)
+            assert callable(s.convert)
+
+
+def test_a_field_without_a_converter_is_a_declaration_bug() -> None:
+    @dataclasses.dataclass(frozen=True)
+    class Undeclared:
+        ok: Annotated[int, int_between(0, 9)] = 1
+        plain: int = 2
+
+    with pytest.raises(TypeError, match=r"Undeclared\.plain"):
+        settings(Undeclared)
+
+
+def test_the_example_file_states_every_key_at_its_default() -> None:
+    spec = _spec()
+    active, commented, headers = _example()
+    assert headers == set(SECTIONS), "docs/edge.example.toml has a [section] for each section, no other"
+    assert not (active.keys() & commented), "a key is both set and commented out"
+    assert active.keys() | commented == spec.keys(), {
+        "undocumented": sorted(spec.keys() - active.keys() - commented),
+        "not in the spec": sorted((active.keys() | commented) - spec.keys()),
+    }
+    for key, value in active.items():
+        assert spec[key].convert(key, value) == spec[key].default, (key, value, spec[key].default)
+    for key in commented:
+        # Commented out only when the default cannot be written in the file (None, or a value the file refuses).
+        default = spec[key].default
+        try:
+            written = default is not None and spec[key].convert(
+                key, str(default) if isinstance(default, Path) else default
+            )
+        except ConfigError:
+            written = False
+        assert not written, f"{key} is commented out, but its default {default!r} can be written: write it"
+
+
+def test_the_configuration_table_names_every_key() -> None:
+    documented: set[str] = set()
+    for line in (DOCS / "configuration.md").read_text(encoding="utf-8").splitlines():
+        if not line.startswith("| `"):
+            continue
+        section = ""
+        for written in re.findall(r"`([\w.]+)`", line.split("|")[1]):
+            key = section + written if written.startswith(".") else written  # `telemetry.ca`, `.cert`, `.key`
+            section = key.split(".")[0]
+            documented.add(key)
+    documented = {k for k in documented if "." in k}  # not the environment variables
+    assert documented == _spec().keys(), {
+        "undocumented": sorted(_spec().keys() - documented),
+        "not in the spec": sorted(documented - _spec().keys()),
+    }
+
+
+# -- unknown keys: all at once, with the nearest known key ----------------------------------------------------------
+
+
+def test_every_unknown_key_is_reported_at_once_with_a_suggestion() -> None:
+    doc = {"telemtry": {}, "model": {"thread": 2, "wamrup": 1, "threads": 0}, "log": {"zzz": 1}}
+    with pytest.raises(ConfigError) as info:
+        parse_config(doc)
+    text = str(info.value)
+    assert info.value.key == "telemtry"  # the top level first, then the sections in their order
+    assert "no such key (did you mean 'telemetry'?)" in text
+    assert "'model.thread' (did you mean 'model.threads'?)" in text
+    assert "'model.wamrup' (did you mean 'model.warmup'?)" in text
+    assert "'log.zzz' (check the spelling)" in text
+    assert text.count("model.threads") == 1  # a known key is only suggested, not reported
+
+
+def test_unknown_keys_are_reported_before_bad_values() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config({"model": {"threads": 0, "thread": 2}})
+    assert info.value.key == "model.thread"
+    assert str(info.value).endswith("expected no such key (did you mean 'model.threads'?)")
+
+
+def test_one_section_reports_all_its_unknown_keys() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_section(SECTIONS["telemetry"], "telemetry", {"hots": "x", "prot": 1, "port": 1})
+    assert info.value.key == "telemetry.hots"
+    assert "did you mean 'telemetry.host'?" in str(info.value)
+    assert "'telemetry.prot' (did you mean 'telemetry.port'?)" in str(info.value)
+
+
+def test_an_unknown_keys_value_is_shown_without_credentials() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config({"ota": {"repositry": "https://admin:hunter2@models.example.net/fleet/"}})
+    assert info.value.key == "ota.repositry" and "did you mean 'ota.repository'?" in str(info.value)
+    assert "hunter2" not in str(info.value)
+
+
+# -- reading the file -----------------------------------------------------------------------------------------------
+
+
+def test_invalid_toml_names_the_file_and_the_line(write_config) -> None:
+    path = write_config("[model]\nthreads = 1\n[source\n")
+    with pytest.raises(ConfigError) as info:
+        read_toml(path)
+    assert info.value.key == "<file>" and info.value.value == str(path)
+    assert "valid TOML (line 3, column 8:" in str(info.value)
+
+
+def test_an_oversized_file_is_refused_before_it_is_parsed(write_config) -> None:
+    path = write_config("# padding\n" * 20)
+    assert read_toml(path, max_bytes=200) == {}
+    with pytest.raises(ConfigError, match="at most 100 bytes") as info:
+        read_toml(path, max_bytes=100)
+    assert info.value.value == str(path)

@@ -12,25 +12,22 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from edge.config import (
-    LOG_FORMATS,
-    LOG_LEVELS,
-    LogConfig,
-    _bool,
-    _choice,
-    _float_at_least,
-    _float_between,
-    _int_between,
-    _path,
-    _port,
-    _Section,
-    _str,
-    read_toml,
-)
+from edge.config import LogConfig
 from edge.errors import ConfigError
 from edge.fleet.credit import CreditRules
+from edge.toml_config import (
+    boolean,
+    float_at_least,
+    float_between,
+    fs_path,
+    int_between,
+    parse_document,
+    read_toml,
+    string,
+    tcp_port,
+)
 
 __all__ = [
     "BrokerConfig",
@@ -44,6 +41,39 @@ __all__ = [
     "load_gateway_config",
     "parse_gateway_config",
 ]
+
+
+def _share_group(key: str, v: Any) -> str:
+    s = string(key, v)
+    if any(c in s for c in "/+#") or len(s) > 64:
+        raise ConfigError(key, v, "a name of at most 64 characters without '/', '+' or '#'")
+    return s
+
+
+def _store(key: str, v: Any) -> str:
+    if not isinstance(v, str):
+        raise ConfigError(key, v, "a store URL (sqlite:///path or postgresql://...) or a path")
+    return v
+
+
+def _ceiling(key: str, v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float) or not 0 < v <= 1e9:  # NaN fails the range too
+        raise ConfigError(key, v, "inferences per second: a number above 0 and at most 1e9")
+    return float(v)
+
+
+def _ceilings(key: str, v: Any) -> dict[str, float]:
+    if not isinstance(v, Mapping):
+        raise ConfigError(key, v, "a table of model name or id = inferences per second, e.g. {digits = 5000}")
+    return {str(name): _ceiling(f"{key}.{name}", per_s) for name, per_s in v.items()}
+
+
+def _command_ttl(key: str, v: Any) -> float:
+    ttl = float_at_least(1.0)(key, v)
+    # Boxes refuse commands that live longer than their max TTL (edge.wire.commands.DEFAULT_MAX_TTL_S).
+    if ttl > 3600.0:
+        raise ConfigError(key, v, "at most 3600 seconds (boxes refuse longer-lived commands)")
+    return ttl
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,42 +98,42 @@ class IngestConfig:
         suspend_s: the first suspension's length; each repeat within a day doubles it, at most 64 times.
     """
 
-    id: str = ""
-    fleet_dir: Path = Path("fleet")
-    store: str = ""
-    share_group: str = "ingest"
-    batch_max: int = 200
-    batch_wait_ms: int = 20
-    receive_maximum: int = 2000
-    store_timeout_s: float = 300.0
-    reject_burst: int = 100
-    reject_per_s: float = 1.0
-    suspend_s: float = 60.0
+    id: Annotated[str, string] = ""
+    fleet_dir: Annotated[Path, fs_path] = Path("fleet")
+    store: Annotated[str, _store] = ""
+    share_group: Annotated[str, _share_group] = "ingest"
+    batch_max: Annotated[int, int_between(1, 5000)] = 200
+    batch_wait_ms: Annotated[int, int_between(0, 10_000)] = 20
+    receive_maximum: Annotated[int, int_between(1, 65535)] = 2000
+    store_timeout_s: Annotated[float, float_between(1.0, 86_400.0)] = 300.0
+    reject_burst: Annotated[int, int_between(0, 1_000_000)] = 100
+    reject_per_s: Annotated[float, float_between(0.001, 1_000_000.0)] = 1.0
+    suspend_s: Annotated[float, float_between(1.0, 86_400.0)] = 60.0
 
 
 @dataclass(frozen=True, slots=True)
 class BrokerConfig:
     """The broker and the gateway's client credentials (relative paths live in the fleet directory)."""
 
-    host: str = "127.0.0.1"
-    port: int = 8883
-    ca: Path = Path("ca.pem")
-    cert: Path = Path("gateway/gateway.pem")
-    key: Path = Path("gateway/gateway.key")
-    keepalive_s: int = 30
-    session_expiry_s: int = 86400
+    host: Annotated[str, string] = "127.0.0.1"
+    port: Annotated[int, tcp_port] = 8883
+    ca: Annotated[Path, fs_path] = Path("ca.pem")
+    cert: Annotated[Path, fs_path] = Path("gateway/gateway.pem")
+    key: Annotated[Path, fs_path] = Path("gateway/gateway.key")
+    keepalive_s: Annotated[int, int_between(5, 65535)] = 30
+    session_expiry_s: Annotated[int, int_between(0, 0xFFFFFFFF)] = 86400
     # Apply the registry to the broker through mosquitto's dynamic-security plugin (edge.fleet.broker_sync):
     # what the fragment `edge fleet broker-config` writes. Off for a broker that enforces access some other way.
-    dynamic_security: bool = True
+    dynamic_security: Annotated[bool, boolean] = True
 
 
 @dataclass(frozen=True, slots=True)
 class MetricsConfig:
     """The Prometheus endpoint (``/metrics``); loopback by default: put a proxy in front to expose it."""
 
-    enabled: bool = True
-    host: str = "127.0.0.1"
-    port: int = 9108
+    enabled: Annotated[bool, boolean] = True
+    host: Annotated[str, string] = "127.0.0.1"
+    port: Annotated[int, tcp_port] = 9108
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,10 +147,10 @@ class RolloutConfig:
         command_ttl_s: the lifetime of the signed update and rollback commands.
     """
 
-    enabled: bool = True
-    interval_s: float = 2.0
-    device_timeout_s: float = 900.0
-    command_ttl_s: float = 900.0
+    enabled: Annotated[bool, boolean] = True
+    interval_s: Annotated[float, float_at_least(0.1)] = 2.0
+    device_timeout_s: Annotated[float, float_at_least(1.0)] = 900.0
+    command_ttl_s: Annotated[float, _command_ttl] = 900.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,8 +163,8 @@ class LedgerConfig:
         ceilings: per model, by name (every version) or id (``name@version``): inferences per second.
     """
 
-    ceiling_per_s: float = 1000.0
-    ceilings: Mapping[str, float] = field(default_factory=dict)
+    ceiling_per_s: Annotated[float, _ceiling] = 1000.0
+    ceilings: Annotated[Mapping[str, float], _ceilings] = field(default_factory=dict)
 
     def rules(self) -> CreditRules:
         """The crediting rules these settings make."""
@@ -167,39 +197,6 @@ def default_store_url(fleet_dir: Path) -> str:
     return f"sqlite:///{(fleet_dir / 'fleet.db').resolve()}"
 
 
-def _share_group(key: str, v: Any) -> str:
-    s = _str(key, v)
-    if any(c in s for c in "/+#") or len(s) > 64:
-        raise ConfigError(key, v, "a name of at most 64 characters without '/', '+' or '#'")
-    return s
-
-
-def _store(key: str, v: Any) -> str:
-    if not isinstance(v, str):
-        raise ConfigError(key, v, "a store URL (sqlite:///path or postgresql://...) or a path")
-    return v
-
-
-def _ceiling(key: str, v: Any) -> float:
-    if isinstance(v, bool) or not isinstance(v, int | float) or not 0 < v <= 1e9:  # NaN fails the range too
-        raise ConfigError(key, v, "inferences per second: a number above 0 and at most 1e9")
-    return float(v)
-
-
-def _ceilings(key: str, v: Any) -> dict[str, float]:
-    if not isinstance(v, Mapping):
-        raise ConfigError(key, v, "a table of model name or id = inferences per second, e.g. {digits = 5000}")
-    return {str(name): _ceiling(f"{key}.{name}", per_s) for name, per_s in v.items()}
-
-
-def _command_ttl(key: str, v: Any) -> float:
-    ttl = float(_float_at_least(1.0)(key, v))
-    # Boxes refuse commands that live longer than their max TTL (edge.wire.commands.DEFAULT_MAX_TTL_S).
-    if ttl > 3600.0:
-        raise ConfigError(key, v, "at most 3600 seconds (boxes refuse longer-lived commands)")
-    return ttl
-
-
 def parse_gateway_config(data: Mapping[str, Any]) -> GatewayConfig:
     """Validate a parsed TOML document into a ``GatewayConfig``.
 
@@ -212,67 +209,7 @@ def parse_gateway_config(data: Mapping[str, Any]) -> GatewayConfig:
     Raises:
         ConfigError: a key is unknown or a value is invalid; the message names the key.
     """
-    di, db, dm, dl, dr, dg = (
-        IngestConfig(),
-        BrokerConfig(),
-        MetricsConfig(),
-        LogConfig(),
-        RolloutConfig(),
-        LedgerConfig(),
-    )
-    top = _Section("", data)
-    tables = {name: _Section(name, top.get(name, {}, lambda _k, v: v)) for name in GatewayConfig.__dataclass_fields__}
-    top.finish()
-    s = tables["gateway"]
-    gateway = IngestConfig(
-        id=s.get("id", di.id, _str),
-        fleet_dir=s.get("fleet_dir", di.fleet_dir, _path),
-        store=s.get("store", di.store, _store),
-        share_group=s.get("share_group", di.share_group, _share_group),
-        batch_max=s.get("batch_max", di.batch_max, _int_between(1, 5000)),
-        batch_wait_ms=s.get("batch_wait_ms", di.batch_wait_ms, _int_between(0, 10_000)),
-        receive_maximum=s.get("receive_maximum", di.receive_maximum, _int_between(1, 65535)),
-        store_timeout_s=s.get("store_timeout_s", di.store_timeout_s, _float_between(1.0, 86_400.0)),
-        reject_burst=s.get("reject_burst", di.reject_burst, _int_between(0, 1_000_000)),
-        reject_per_s=s.get("reject_per_s", di.reject_per_s, _float_between(0.001, 1_000_000.0)),
-        suspend_s=s.get("suspend_s", di.suspend_s, _float_between(1.0, 86_400.0)),
-    )
-    s = tables["broker"]
-    broker = BrokerConfig(
-        host=s.get("host", db.host, _str),
-        port=s.get("port", db.port, _port),
-        ca=s.get("ca", db.ca, _path),
-        cert=s.get("cert", db.cert, _path),
-        key=s.get("key", db.key, _path),
-        keepalive_s=s.get("keepalive_s", db.keepalive_s, _int_between(5, 65535)),
-        session_expiry_s=s.get("session_expiry_s", db.session_expiry_s, _int_between(0, 0xFFFFFFFF)),
-        dynamic_security=s.get("dynamic_security", db.dynamic_security, _bool),
-    )
-    s = tables["metrics"]
-    metrics = MetricsConfig(
-        enabled=s.get("enabled", dm.enabled, _bool),
-        host=s.get("host", dm.host, _str),
-        port=s.get("port", dm.port, _port),
-    )
-    s = tables["rollout"]
-    rollout = RolloutConfig(
-        enabled=s.get("enabled", dr.enabled, _bool),
-        interval_s=s.get("interval_s", dr.interval_s, _float_at_least(0.1)),
-        device_timeout_s=s.get("device_timeout_s", dr.device_timeout_s, _float_at_least(1.0)),
-        command_ttl_s=s.get("command_ttl_s", dr.command_ttl_s, _command_ttl),
-    )
-    s = tables["ledger"]
-    ledger = LedgerConfig(
-        ceiling_per_s=s.get("ceiling_per_s", dg.ceiling_per_s, _ceiling),
-        ceilings=s.get("ceilings", dg.ceilings, _ceilings),
-    )
-    s = tables["log"]
-    log = LogConfig(
-        level=s.get("level", dl.level, _choice(LOG_LEVELS)), format=s.get("format", dl.format, _choice(LOG_FORMATS))
-    )
-    for section in tables.values():
-        section.finish()
-    return GatewayConfig(gateway=gateway, broker=broker, metrics=metrics, rollout=rollout, ledger=ledger, log=log)
+    return parse_document(GatewayConfig, data)
 
 
 def load_gateway_config(path: str | os.PathLike[str], *, resolve_id: bool = True) -> GatewayConfig:

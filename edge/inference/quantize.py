@@ -29,7 +29,7 @@ import numpy.typing as npt
 from edge._fs import atomic_write
 from edge.arrays import ArrayLimits, NpzArchive, is_npy, read_npy
 from edge.errors import ConfigError, InputError, ModelError
-from edge.inference.model import MAX_MODEL_BYTES
+from edge.inference.limits import MAX_MODEL_BYTES
 
 __all__ = ["load_calibration", "quantize_static_model"]
 

@@ -11,23 +11,14 @@ Array layouts by pixel format (all ``uint8``; rows may be padded, i.e. any row s
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 
+from edge.sensing.pixels import PixelFormat
+
 __all__ = ["Frame", "PixelFormat", "Reading"]
-
-
-class PixelFormat(enum.StrEnum):
-    """Pixel formats a source can deliver and the preprocessor can read."""
-
-    RGB888 = "RGB888"
-    BGR888 = "BGR888"
-    GRAY8 = "GRAY8"
-    YUYV = "YUYV"
-    NV12 = "NV12"
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import datetime
+import re
+import tomllib
 from pathlib import Path
 
 import pytest
 
 from edge._fs import atomic_write
 from edge.errors import ConfigError
-from edge.fleet.config import load_gateway_config, parse_gateway_config
+from edge.fleet.config import GatewayConfig, load_gateway_config, parse_gateway_config
 from edge.fleet.gateway import subscriptions
 from edge.fleet.pki.ca import FleetCA
+from edge.toml_config import section_types, settings
+
+DOCS = Path(__file__).resolve().parents[2] / "docs"
 
 
 def issue_gateway_cert(fleet: Path, name: str, file: str = "gateway") -> Path:
@@ -115,3 +120,41 @@ def test_missing_and_invalid_files(tmp_path: Path) -> None:
 def test_telemetry_is_shared_and_status_is_not() -> None:
     subs = subscriptions("ingest")
     assert subs == ["$share/ingest/devices/+/telemetry", "devices/+/status"]
+
+
+# The example in docs/gateway.md shows every key at its default, except these, which show a typical value.
+EXAMPLE_VALUES = {"gateway.id", "gateway.fleet_dir", "broker.cert", "broker.key", "ledger.ceilings"}
+
+
+def _documented_example() -> dict[str, dict[str, object]]:
+    text = (DOCS / "gateway.md").read_text(encoding="utf-8")
+    m = re.search(r"## Running the gateway\n.*?```toml\n(.*?)```", text, re.S)
+    assert m, "docs/gateway.md has an example configuration under 'Running the gateway'"
+    return tomllib.loads(m.group(1))
+
+
+def test_the_documented_example_states_every_key_at_its_default() -> None:
+    doc = _documented_example()
+    parse_gateway_config(doc)  # valid as documented
+    spec = {f"{name}.{s.key}": s for name, section in section_types(GatewayConfig).items() for s in settings(section)}
+    shown = {f"{name}.{key}": v for name, table in doc.items() for key, v in table.items()}
+    assert shown.keys() == spec.keys(), {
+        "undocumented": sorted(spec.keys() - shown.keys()),
+        "not in the spec": sorted(shown.keys() - spec.keys()),
+    }
+    for key, value in shown.items():
+        converted = spec[key].convert(key, value)
+        if key in EXAMPLE_VALUES:
+            assert converted != spec[key].default, f"{key} is at its default: drop it from EXAMPLE_VALUES"
+        else:
+            assert converted == spec[key].default, (key, value, spec[key].default)
+
+
+def test_every_unknown_key_is_named_at_once_with_a_suggestion() -> None:
+    with pytest.raises(ConfigError) as e:
+        parse_gateway_config({"broker": {"prot": 8883, "hots": "h", "port": 0}, "rollout": {"interval": 2}})
+    assert e.value.key == "broker.hots"
+    text = str(e.value)
+    assert "no such key (did you mean 'broker.host'?)" in text
+    assert "'broker.prot' (did you mean 'broker.port'?)" in text
+    assert "'rollout.interval' (did you mean 'rollout.interval_s'?)" in text

@@ -1,0 +1,341 @@
+"""Reading a TOML configuration file into frozen dataclasses, by declaration (the box's and the gateway's).
+
+A section is a frozen dataclass whose fields are its keys; each field states, in one line, its type, the converter
+that validates a value from the file (``Annotated`` metadata) and its default::
+
+    @dataclass(frozen=True, slots=True)
+    class LogConfig:
+        level: Annotated[str, one_of(("debug", "info", "warning", "error"))] = "info"
+
+A document is a frozen dataclass whose fields are sections (``parse_document``).
+
+Invariants:
+- The file is read bounded (``MAX_TOML_BYTES``) before it is parsed.
+- Every error is a ``ConfigError(key, value, expected)`` naming the dotted key (``"<file>"`` for the file itself),
+  the value (credentials masked, see ``shown``) and what was expected.
+- Every unknown key of the document is reported at once, in one error, each with the nearest known key.
+- A section's unknown keys are checked before its values; a key missing from the file takes the field's default.
+- A converter takes ``(dotted_key, value)`` and returns the typed value or raises ``ConfigError``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import re
+import tomllib
+import typing
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+from edge.errors import ConfigError
+from edge.log import REDACTED, redact
+
+__all__ = [
+    "MAX_TOML_BYTES",
+    "TCP_PORTS",
+    "Converter",
+    "Setting",
+    "boolean",
+    "float_at_least",
+    "float_between",
+    "fs_path",
+    "host_name",
+    "int_between",
+    "number_text",
+    "one_of",
+    "parse_document",
+    "parse_section",
+    "path_or_disabled",
+    "read_toml",
+    "section_types",
+    "settings",
+    "shown",
+    "string",
+    "tcp_port",
+]
+
+T = TypeVar("T")
+D = TypeVar("D")
+
+Converter = Callable[[str, Any], T]
+"""Validates the value of a dotted key and returns it typed; raises ``ConfigError``."""
+
+MAX_TOML_BYTES = 1024 * 1024
+"""The largest configuration file read (a full one is a few KiB)."""
+
+
+# -- declaring sections ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Setting:
+    """One key of a section, as declared: its name in the section, its default and its converter."""
+
+    key: str
+    default: Any
+    convert: Converter[Any]
+
+
+_SETTINGS: dict[type[Any], tuple[Setting, ...]] = {}  # by section class: annotations are evaluated once
+
+
+def settings(section: type[Any]) -> tuple[Setting, ...]:
+    """The keys of a section dataclass, in declaration order.
+
+    Raises:
+        TypeError: a field's annotation is not ``Annotated[type, converter]`` or it has no default (a bug in the
+            declaration, not in the file).
+    """
+    if section in _SETTINGS:
+        return _SETTINGS[section]
+    hints = typing.get_type_hints(section, include_extras=True)
+    out = []
+    for f in dataclasses.fields(section):
+        hint = hints[f.name]
+        converters = [m for m in getattr(hint, "__metadata__", ()) if callable(m)]
+        if typing.get_origin(hint) is not Annotated or len(converters) != 1:
+            raise TypeError(f"{section.__name__}.{f.name} is not annotated Annotated[type, converter]")
+        if f.default is not dataclasses.MISSING:
+            default: Any = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            raise TypeError(f"{section.__name__}.{f.name} has no default")
+        out.append(Setting(f.name, default, converters[0]))
+    _SETTINGS[section] = tuple(out)
+    return _SETTINGS[section]
+
+
+def section_types(document: type[Any]) -> dict[str, type[Any]]:
+    """The sections of a document dataclass: each field's name and its section dataclass."""
+    hints = typing.get_type_hints(document)
+    return {f.name: hints[f.name] for f in dataclasses.fields(document)}
+
+
+# -- parsing ----------------------------------------------------------------------------------------------------------
+
+
+def _dotted(name: str, key: str) -> str:
+    return f"{name}.{key}" if name else key
+
+
+def _table(name: str, table: object) -> Mapping[str, Any]:
+    if not isinstance(table, Mapping):
+        raise ConfigError(name, table, "a table")
+    return table
+
+
+def _unknown(name: str, table: Mapping[str, Any], known: list[str]) -> list[tuple[str, Any, str]]:
+    """The keys of ``table`` not in ``known``: (dotted key, value, what to say about it), sorted."""
+    out = []
+    for key in sorted(set(table) - set(known)):
+        close = difflib.get_close_matches(key, known, n=1)
+        hint = f"did you mean {_dotted(name, close[0])!r}?" if close else "check the spelling"
+        out.append((_dotted(name, key), table[key], hint))
+    return out
+
+
+def _raise_unknown(unknown: list[tuple[str, Any, str]]) -> None:
+    """One error for every unknown key: the first is its key and value, the others are listed."""
+    if not unknown:
+        return
+    (key, value, hint), *others = unknown
+    expected = f"no such key ({hint})"
+    if others:
+        expected += "; also no such keys: " + ", ".join(f"{k!r} ({h})" for k, _, h in others)
+    raise ConfigError(key, shown(value), expected)
+
+
+def _convert(cls: type[D], name: str, table: Mapping[str, Any]) -> D:
+    values = {s.key: s.convert(_dotted(name, s.key), table[s.key]) for s in settings(cls) if s.key in table}
+    return cls(**values)
+
+
+def parse_section(cls: type[D], name: str, table: object) -> D:
+    """Validate one TOML table into the section dataclass ``cls``.
+
+    Args:
+        cls: the section, its fields declared with ``setting``.
+        name: the section's name, the prefix of its dotted keys (``""``: the top level).
+        table: the table as ``tomllib`` returns it.
+
+    Returns:
+        The frozen section, defaults filled in.
+
+    Raises:
+        ConfigError: ``table`` is not a table; some keys are unknown (all of them named in one error); a value is
+            invalid.
+    """
+    t = _table(name, table)
+    _raise_unknown(_unknown(name, t, [s.key for s in settings(cls)]))
+    return _convert(cls, name, t)
+
+
+def parse_document(cls: type[D], data: Mapping[str, Any]) -> D:
+    """Validate a parsed TOML document into ``cls``, a dataclass whose fields are sections (``section_types``).
+
+    Every unknown key of the document, of the top level and of each section, is reported in one error before any
+    value is checked.
+
+    Args:
+        cls: the document.
+        data: the document as ``tomllib`` returns it.
+
+    Returns:
+        The frozen document; a missing section is all defaults.
+
+    Raises:
+        ConfigError: a section is not a table, keys are unknown, or a value is invalid; the message names the key.
+    """
+    sections = section_types(cls)
+    unknown = _unknown("", data, list(sections))
+    tables = {name: _table(name, data.get(name, {})) for name in sections}
+    for name, section in sections.items():
+        unknown += _unknown(name, tables[name], [s.key for s in settings(section)])
+    _raise_unknown(unknown)
+    return cls(**{name: _convert(section, name, tables[name]) for name, section in sections.items()})
+
+
+def read_toml(path: Path, *, max_bytes: int = MAX_TOML_BYTES) -> dict[str, Any]:
+    """Read a TOML file, at most ``max_bytes`` of it.
+
+    Args:
+        path: the file.
+        max_bytes: the largest file accepted.
+
+    Returns:
+        The document as ``tomllib`` returns it.
+
+    Raises:
+        ConfigError: key ``"<file>"``, the path as value: the file is missing, unreadable, too large, not UTF-8 or
+            not valid TOML (the message gives the line and column).
+    """
+    try:
+        with path.open("rb") as f:
+            raw = f.read(max_bytes + 1)
+    except FileNotFoundError:
+        raise ConfigError("<file>", str(path), "an existing configuration file") from None
+    except OSError as e:
+        raise ConfigError("<file>", str(path), f"a readable UTF-8 file ({e})") from e
+    if len(raw) > max_bytes:
+        raise ConfigError("<file>", str(path), f"a configuration file of at most {max_bytes} bytes")
+    try:
+        return tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError("<file>", str(path), f"a readable UTF-8 file ({e})") from e
+    except tomllib.TOMLDecodeError as e:
+        # Python 3.11's error has no lineno attribute; its message ends "(at line N, column M)".
+        msg = str(e)
+        m = re.search(r"\s*\(at (line \d+, column \d+)\)$", msg)
+        where = f"{m.group(1)}: {msg[: m.start()]}" if m else msg
+        raise ConfigError("<file>", str(path), f"valid TOML ({where})") from e
+
+
+# -- converters -------------------------------------------------------------------------------------------------------
+
+
+def number_text(x: float) -> str:
+    """A bound as the docs write it: ``64``, ``0.001``, ``2592000`` (no ``.0``, no exponent)."""
+    return str(int(x)) if float(x).is_integer() else repr(float(x))
+
+
+def shown(v: Any) -> Any:
+    """A value fit for an error message: credentials masked (``edge.log.redact``), also those of a scheme-less
+    ``user:password@host``, which redact() cannot tell from an e-mail address."""
+    if not isinstance(v, str):
+        return v
+    if "://" not in v and "@" in v:
+        v = f"{REDACTED}@{v.rpartition('@')[2]}"
+    return redact(v)
+
+
+def string(key: str, v: Any) -> str:
+    """A non-empty string."""
+    if not isinstance(v, str) or not v:
+        raise ConfigError(key, v, "a non-empty string")
+    return v
+
+
+def boolean(key: str, v: Any) -> bool:
+    """``true`` or ``false``."""
+    if not isinstance(v, bool):
+        raise ConfigError(key, v, "true or false")
+    return v
+
+
+def float_at_least(low: float) -> Converter[float]:
+    """A finite number >= ``low``, as a float."""
+
+    def convert(key: str, v: Any) -> float:
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v < low:
+            raise ConfigError(key, v, f"a finite number >= {low}")
+        return float(v)
+
+    return convert
+
+
+def int_between(low: int, high: int) -> Converter[int]:
+    """An integer in ``low..high``, both ends included."""
+
+    def convert(key: str, v: Any) -> int:
+        if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= high:
+            raise ConfigError(key, v, f"an integer >= {number_text(low)} and <= {number_text(high)}")
+        return v
+
+    return convert
+
+
+def float_between(low: float, high: float) -> Converter[float]:
+    """A finite number in ``low..high``, both ends included, as a float."""
+
+    def convert(key: str, v: Any) -> float:
+        ok = not isinstance(v, bool) and isinstance(v, int | float) and math.isfinite(v) and low <= v <= high
+        if not ok:
+            raise ConfigError(key, v, f"a finite number >= {number_text(low)} and <= {number_text(high)}")
+        return float(v)
+
+    return convert
+
+
+def one_of(options: tuple[str, ...]) -> Converter[str]:
+    """One of the strings ``options``."""
+
+    def convert(key: str, v: Any) -> str:
+        if v not in options:
+            raise ConfigError(key, v, "one of " + ", ".join(repr(o) for o in options))
+        return str(v)
+
+    return convert
+
+
+TCP_PORTS = (1, 65535)
+
+
+def tcp_port(key: str, v: Any) -> int:
+    """A TCP port number."""
+    low, high = TCP_PORTS
+    if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= high:
+        raise ConfigError(key, v, f"a TCP port number {low}..{high}")
+    return v
+
+
+def host_name(key: str, v: Any) -> str:
+    """A host name or IP address: a URL or ``user:password@host`` would reach logs and errors verbatim."""
+    if not isinstance(v, str) or not v or any(c in v for c in "/@?# \t"):
+        raise ConfigError(key, shown(v), "a host name or IP address (not a URL)")
+    return v
+
+
+def fs_path(key: str, v: Any) -> Path:
+    """A path, written as a non-empty string."""
+    return Path(string(key, v))
+
+
+def path_or_disabled(key: str, v: Any) -> Path | None:
+    """A path, or ``""`` (TOML has no null) for None: the feature off."""
+    if v == "":
+        return None
+    return fs_path(key, v)
