@@ -1,9 +1,18 @@
-"""The exceptions of edge, grouped by whose fault a failure is.
+"""The exceptions of edge, grouped by whose fault a failure is: every error class has exactly one of four roots.
 
-- ``InputError``: what came from outside is wrong (a malformed frame, serial packet, record or model file).
-  The service rejects it, counts it, logs it and keeps running.
-- ``TransportError``: a device or connection failed (a serial port closed, a broker went away).
+- ``InputError``: what came from outside is wrong (a malformed frame, serial packet, record, model file, release,
+  a command, an operator's request that names what does not exist). The service rejects it, counts it, logs it and
+  keeps running.
+- ``TransportError``: a device, connection or database failed (a serial port closed, a broker went away, a
+  statement failed). The same call may work later.
 - ``ConfigError``: the local configuration is wrong; the service refuses to start and names the key.
+- ``ResourceError``: a local resource is exhausted or held: a disk or bounded store full, a lock another process
+  holds. Nobody's input is wrong; waiting, freeing space or stopping the other process fixes it.
+
+A bug is a plain ``RuntimeError`` (an illegal state transition, a precondition broken by our own code) and has none
+of the roots, so no handler of the four mistakes it for a property of the input. Grouping classes (``EdgeError``,
+``edge.ota.errors.OtaError``, ``edge.fleet.errors.GatewayError``, ``edge.telemetry.outbox.OutboxError``) are only
+ever caught, never raised. tests/test_errors.py walks the tree and checks all of this.
 
 Dual bases (``ValueError`` beside ``EdgeError``) let callers that only know the standard library catch them too.
 """
@@ -17,6 +26,7 @@ __all__ = [
     "InputError",
     "ModelError",
     "ProtocolError",
+    "ResourceError",
     "TransportError",
 ]
 
@@ -43,6 +53,10 @@ class ModelError(InputError):
 
 class TransportError(EdgeError):
     """A device, port or connection failed."""
+
+
+class ResourceError(EdgeError):
+    """A local resource is exhausted or held by another process: a full disk or bounded store, a busy lock."""
 
 
 class ConfigError(EdgeError, ValueError):

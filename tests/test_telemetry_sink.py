@@ -7,12 +7,15 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from edge.fleet.store import DeviceRecord, Inbound, open_store
+from edge.identity.did import did_key_from_public
 from edge.telemetry.outbox import Outbox
 from edge.telemetry.sink import TelemetrySink
 from edge.wire.envelope import open_envelope
 from edge.wire.records import InferenceRecord, ReadingRecord
-from edge.wire.schema import DEFAULT_LIMITS, EventRecord, LossNotice
+from edge.wire.schema import DEFAULT_LIMITS, LossNotice
 
 DEVICE = "sink-box"
 
@@ -115,12 +118,46 @@ def test_full_disk_where_nothing_fits_holds_counts_and_later_announces(tmp_path,
     assert sink.stats.seal_failures == 5 and sink.stats.envelopes == 0
     assert sink.stats.held_batches == 2 and sink.stats.dropped_batches == 3
     assert sink.stats.dropped_records == 1200
-    # The operator frees space: the held batches go out, led by a signed event counting what was dropped.
+    # The operator frees space: the held batches go out, led by a signed loss notice counting what was dropped.
     outbox.close()
     sink.outbox = open_outbox(path, key)
     sink.write([inference(2000)])
     sink.close()
     records = sealed_records(sink.outbox, key)
-    assert isinstance(records[0], EventRecord) and records[0].kind == "telemetry.records_dropped"
-    assert records[0].data == {"records": 1200}
+    assert records[0] == LossNotice(records[0].timestamp, 0, 0, 0, 0, unsealed_records=1200)
     assert [r.seq for r in records[1:]] == list(range(1200, 2001))
+    assert not any(isinstance(r, LossNotice) for r in records[1:])  # announced once
+
+
+def test_records_the_sink_drops_reach_the_fleet_ledger(tmp_path, key) -> None:
+    """Sink drops and outbox drops, in one loss format, counted by the fleet's own ingest into its ledger."""
+    path = tmp_path / "o.sqlite"
+    outbox = open_outbox(path, key, max_pages=3)
+    sink = TelemetrySink(outbox, batch_records=400, batch_age_s=60, max_held_batches=1)
+    for start in range(0, 1200, 400):
+        sink.write([inference(i) for i in range(start, start + 400)])
+    assert sink.stats.dropped_records == 800
+    outbox.close()
+    # Room again, but a small backlog bound: the outbox drops the envelope that announced the sink's loss, and
+    # carries that announcement into its own notice.
+    sink.outbox = open_outbox(path, key, max_envelopes=2)
+    for start in (1200, 1300):
+        sink.write([inference(i) for i in range(start, start + 100)])
+        sink.flush()
+    sink.close()
+    dropped = sink.outbox.stats()
+    assert (dropped.dropped_envelopes, dropped.dropped_records) == (1, 400)
+
+    store = open_store(f"sqlite:///{tmp_path / 'gateway.db'}")
+    try:
+        public = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+        did = did_key_from_public(key.public_key())
+        store.add_device(DeviceRecord(DEVICE, did, public, "", time.time() - 3600))
+        inbound = [Inbound(f"devices/{DEVICE}/telemetry", d, time.time()) for _, d in sink.outbox.pending(0, 1000)]
+        assert all(r.verdict is not None and r.verdict.accepted for r in store.ingest(inbound))
+        rows = store.ledger()
+    finally:
+        store.close()
+    assert sum(r.announced_lost for r in rows) == dropped.dropped_envelopes
+    # Every record that never reached the fleet is in its loss figures: the sink's 800 and the outbox's.
+    assert sum(r.announced_lost_records for r in rows) == 800 + dropped.dropped_records

@@ -21,8 +21,11 @@ Invariants:
   bytes (its chain hash, computed at seal time anyway); ``pending`` recomputes it (~10 us for 14 KB; 0.018 ms per
   envelope read in all, where checking our own Ed25519 signature made it 0.19 ms) and checks that the bytes are the
   envelope of this device and this counter. A row that fails is deleted, counted (``corrupt_rows``), logged and
-  announced as loss in the next envelope sealed. A file of schema 1 (no digests) is migrated when opened: each row's
-  signature is verified once, and only rows that verify get a digest; the others are removed as corrupt.
+  announced as loss in the next envelope sealed. A file of schema 1 (no digests) is migrated when opened
+  (``_outbox_schema``): each row's signature is verified once, and only rows that verify get a digest; the others
+  are removed as corrupt.
+- Records the caller dropped before sealing (``seal_many(..., unsealed=n)``) are announced in the same notice as the
+  outbox's own loss; the arithmetic of both is ``edge.telemetry.loss``.
 - Nothing is half-written: every failure rolls its transaction back; a full disk that dropping cannot fix raises
   ``OutboxFullError`` with the outbox unchanged, and the caller keeps its records.
 - State lives only in this database, changed only by transactions (no side files).
@@ -31,7 +34,6 @@ Invariants:
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import sqlite3
 import threading
@@ -41,24 +43,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
-import cbor2
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from edge.errors import EdgeError, InputError
+from edge.errors import EdgeError, InputError, ResourceError, TransportError
 from edge.identity.keys import validate_device_id
 from edge.log import event
-from edge.wire._cbor import DECODE_ERRORS, new_decoder, read_head
-from edge.wire.cose import ALG_EDDSA, HEADER_ALG, HEADER_KID
-from edge.wire.envelope import GENESIS_PREV, P_RECORDS, envelope_hash, parse_envelope, seal_envelope
-from edge.wire.schema import (
-    TYPE_LOSS,
-    LossNotice,
-    TelemetryLimits,
-    TelemetryRecord,
-    encode_record,
-    record_from_item,
+from edge.telemetry._outbox_schema import (
+    INSERT_ENVELOPE,
+    SCHEMA_VERSION,
+    ForeignOwnerError,
+    Head,
+    SchemaError,
+    open_schema,
+    read_head,
+    write_head,
 )
+from edge.telemetry.loss import Loss, merge
+from edge.wire._cbor import DECODE_ERRORS
+from edge.wire.envelope import EnvelopeLayout, envelope_hash, first_record, parse_envelope, seal_envelope
+from edge.wire.schema import TYPE_LOSS, LossNotice, TelemetryLimits, TelemetryRecord, encode_record, record_from_item
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -67,90 +71,40 @@ __all__ = [
     "Outbox",
     "OutboxError",
     "OutboxFormatError",
+    "OutboxClosedError",
     "OutboxFullError",
+    "OutboxUnavailableError",
     "OutboxStats",
     "Sealed",
 ]
 
 log = logging.getLogger("edge.telemetry.outbox")
 
-SCHEMA_VERSION: Final = 2  # PRAGMA user_version of an outbox of this schema (1: no row digests, migrated)
-_APPLICATION_ID: Final = 0x65646F62  # "edob": marks the file as an edge outbox (PRAGMA application_id)
-
-# The largest canonical loss notice (map head, 6 keys, a float64 and four 9-byte uints: 53 bytes) plus the growth of
-# the record array head and of the payload's byte-string head when it is prepended (2 + 2 bytes), rounded up: an
-# envelope is accepted only if it fits with this much room, so a notice can always be added after dropping.
+# The largest canonical loss notice (map head, 7 keys, a float64, four 9-byte uints and a 5-byte unsealed count: 59
+# bytes) plus the growth of the record array head and of the payload's byte-string head when it is prepended (2 + 2
+# bytes), rounded up: an envelope is accepted only if it fits with this much room, so a notice can always be added.
 _NOTICE_SLACK: Final = 64
-_DROP_CHUNK: Final = 64  # rows read per step while choosing the oldest envelopes to drop (or migrating)
+_DROP_CHUNK: Final = 64  # rows read per step while choosing the oldest envelopes to drop
 # Counters per DELETE in ``ack``: below SQLite's smallest default variable limit (999 before 3.32).
 _ACK_CHUNK: Final = 500
 _BUSY_TIMEOUT_S: Final = 5.0
 # A checkpoint truncates the WAL back to this size, so the file a burst left behind does not hold disk space.
 _WAL_SIZE_LIMIT: Final = 4 * 1024 * 1024
 
-# The blob is the last column: the small ones (and the digest) sit in the b-tree cell, so reading them (ack's
-# RETURNING, drops) never walks the blob's overflow pages. ``hash`` is SHA-256 of ``data`` (= ``envelope_hash``).
-_ENVELOPES_TABLE: Final = """CREATE TABLE {name} (
-        counter INTEGER PRIMARY KEY,
-        records INTEGER NOT NULL,
-        bytes INTEGER NOT NULL,
-        created REAL NOT NULL,
-        hash BLOB NOT NULL,
-        data BLOB NOT NULL
-    )"""
-_SCHEMA: Final = (
-    _ENVELOPES_TABLE.format(name="envelopes"),
-    # One row (id 0). backlog_* mirror the envelopes table so bounds are checked without scanning it (an aggregate
-    # would read every row). unannounced_* is loss (corrupt rows) that the next sealed envelope must report.
-    """CREATE TABLE head (
-        id INTEGER PRIMARY KEY CHECK (id = 0),
-        device_id TEXT NOT NULL,
-        public_key BLOB NOT NULL,
-        next_counter INTEGER NOT NULL,
-        last_hash BLOB NOT NULL,
-        backlog_envelopes INTEGER NOT NULL,
-        backlog_bytes INTEGER NOT NULL,
-        backlog_records INTEGER NOT NULL,
-        dropped_envelopes INTEGER NOT NULL,
-        dropped_records INTEGER NOT NULL,
-        corrupt_rows INTEGER NOT NULL,
-        unannounced_envelopes INTEGER NOT NULL,
-        unannounced_records INTEGER NOT NULL,
-        unannounced_first INTEGER NOT NULL,
-        unannounced_last INTEGER NOT NULL
-    )""",
-)
-_ENVELOPE_COLUMNS: Final = ("counter", "records", "bytes", "created", "hash", "data")
-_V1_ENVELOPE_COLUMNS: Final = ("counter", "data", "records", "bytes", "created")  # schema 1, migrated on open
-_HEAD_COLUMNS: Final = (
-    "id",
-    "device_id",
-    "public_key",
-    "next_counter",
-    "last_hash",
-    "backlog_envelopes",
-    "backlog_bytes",
-    "backlog_records",
-    "dropped_envelopes",
-    "dropped_records",
-    "corrupt_rows",
-    "unannounced_envelopes",
-    "unannounced_records",
-    "unannounced_first",
-    "unannounced_last",
-)
-_HEAD_STATE: Final = _HEAD_COLUMNS[3:]  # what a transaction may change
-_READ_HEAD: Final = f"SELECT {', '.join(_HEAD_STATE)} FROM head WHERE id = 0"  # noqa: S608 -- constants
-_WRITE_HEAD: Final = f"UPDATE head SET {', '.join(f'{c} = ?' for c in _HEAD_STATE)} WHERE id = 0"  # noqa: S608
-_INSERT_INTO: Final = "INSERT INTO {} (counter, records, bytes, created, hash, data) VALUES (?, ?, ?, ?, ?, ?)"
-_INSERT_ENVELOPE: Final = _INSERT_INTO.format("envelopes")
-
 
 class OutboxError(EdgeError):
-    """The outbox cannot do what was asked (cannot be opened, closed, or an SQLite failure); the message names it."""
+    """Groups the outbox's errors (caught, never raised: each subclass has its fault root); the message names it."""
 
 
-class OutboxFormatError(OutboxError):
+class OutboxUnavailableError(OutboxError, TransportError):
+    """The outbox's database cannot be opened or used (SQLite failed, not in WAL mode)."""
+
+
+class OutboxClosedError(OutboxError, RuntimeError):
+    """The outbox was used after ``close()``: a bug of its caller."""
+
+
+class OutboxFormatError(OutboxError, InputError):
     """The file is not an outbox of this schema (another database, another version, or an inconsistent head)."""
 
 
@@ -158,11 +112,11 @@ class ForeignOutboxError(OutboxFormatError):
     """The outbox belongs to another device id or another key: its chain is not ours to continue."""
 
 
-class OutboxFullError(OutboxError):
+class OutboxFullError(OutboxError, ResourceError):
     """The disk is full even after dropping the oldest envelopes; nothing was written, retry later."""
 
 
-class EnvelopeTooLargeError(OutboxError, ValueError):
+class EnvelopeTooLargeError(OutboxError, InputError):
     """One batch can never be sealed: too many records, or larger than the outbox or the wire allows on its own."""
 
 
@@ -208,75 +162,19 @@ class OutboxStats:
     corrupt_rows: int
 
 
-@dataclass(frozen=True, slots=True)
-class _Loss:
-    """Envelopes gone unsent that the next envelope must announce (disjoint sets of counters merge)."""
-
-    envelopes: int
-    records: int
-    first: int
-    last: int
-
-    def merge(self, other: _Loss | None) -> _Loss:
-        if other is None:
-            return self
-        return _Loss(
-            self.envelopes + other.envelopes,
-            self.records + other.records,
-            min(self.first, other.first),
-            max(self.last, other.last),
-        )
-
-    def notice(self, now: float) -> LossNotice:
-        return LossNotice(now, self.envelopes, self.records, self.first, self.last)
-
-
-def _merge(a: _Loss | None, b: _Loss | None) -> _Loss | None:
-    return b if a is None else a.merge(b)
-
-
-@dataclass
-class _Head:
-    """The head row as one transaction sees and changes it."""
-
-    next_counter: int
-    last_hash: bytes
-    backlog_envelopes: int
-    backlog_bytes: int
-    backlog_records: int
-    dropped_envelopes: int
-    dropped_records: int
-    corrupt_rows: int
-    unannounced_envelopes: int
-    unannounced_records: int
-    unannounced_first: int
-    unannounced_last: int
-
-    def unannounced(self) -> _Loss | None:
-        if self.unannounced_envelopes == 0:
-            return None
-        return _Loss(
-            self.unannounced_envelopes, self.unannounced_records, self.unannounced_first, self.unannounced_last
-        )
-
-    def set_unannounced(self, loss: _Loss | None) -> None:
-        loss = loss or _Loss(0, 0, 0, 0)
-        self.unannounced_envelopes, self.unannounced_records = loss.envelopes, loss.records
-        self.unannounced_first, self.unannounced_last = loss.first, loss.last
-
-
 @dataclass
 class _Txn:
     """One sealing transaction: the head it changes, its clock reading, what it sealed and dropped so far."""
 
-    head: _Head
+    head: Head
     now: float
     attempted_bytes: int = 0
     attempted: int = 0
-    dropped: list[_Loss] = field(default_factory=list)
+    dropped: list[Loss] = field(default_factory=list)
+    rest: Loss = field(default_factory=Loss)  # loss beyond what the last notice could hold: the next one's
 
 
-class _DiskFullError(Exception):
+class _DiskFullError(ResourceError):
     """SQLITE_FULL inside a write transaction (already rolled back); ``attempted`` is the bytes sealed until then."""
 
     def __init__(self, attempted: int, batches: int) -> None:
@@ -349,11 +247,7 @@ class Outbox:
         self._public_raw = self._public.public_bytes(Encoding.Raw, PublicFormat.Raw)
         self._clock = clock
         self._lock = threading.Lock()
-        self._payload_prefix = b"\xa6\x01\x01\x02" + cbor2.dumps(self.device_id) + b"\x03"
-        # Our canonical envelopes start D2 84 <bstr protected> A0 <bstr payload>: fixed up to the payload's head.
-        protected = cbor2.dumps({HEADER_ALG: ALG_EDDSA, HEADER_KID: self.device_id.encode()}, canonical=True)
-        self._envelope_prefix = b"\xd2\x84" + cbor2.dumps(protected) + b"\xa0"
-        self._migrated: list[tuple[int, int, str]] = []  # rows a schema-1 migration removed, logged once committed
+        self._layout = EnvelopeLayout(self.device_id)
         try:
             # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE takes the write lock up front, so a
             # transaction never fails half-way on a lock upgrade). timeout is SQLite's busy_timeout.
@@ -361,14 +255,20 @@ class Outbox:
                 self.path, timeout=_BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
             )
         except sqlite3.Error as e:
-            raise OutboxError(f"cannot open outbox {self.path}: {e}") from e
+            raise OutboxUnavailableError(f"cannot open outbox {self.path}: {e}") from e
         try:
             self._configure(max_pages)
             self._open_schema()
+        except ForeignOwnerError as e:
+            self._conn.close()
+            raise ForeignOutboxError(str(e)) from e
+        except SchemaError as e:
+            self._conn.close()
+            raise OutboxFormatError(str(e)) from e
         except sqlite3.DatabaseError as e:
             self._conn.close()
             if isinstance(e, sqlite3.OperationalError):
-                raise OutboxError(f"cannot open outbox {self.path}: {e}") from e
+                raise OutboxUnavailableError(f"cannot open outbox {self.path}: {e}") from e
             raise OutboxFormatError(f"{self.path} is not an outbox: {e}") from e
         except BaseException:
             self._conn.close()
@@ -380,7 +280,7 @@ class Outbox:
         conn = self._db()
         mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
         if str(mode).lower() != "wal":
-            raise OutboxError(f"cannot open outbox {self.path}: journal_mode is {mode!r}, WAL is required")
+            raise OutboxUnavailableError(f"cannot open outbox {self.path}: journal_mode is {mode!r}, WAL is required")
         # FULL, not NORMAL: in WAL mode NORMAL skips the fsync at commit, so a power cut could undo the last commits
         # after their envelopes were published, and their counters would be issued again (a fork at the gateway).
         conn.execute("PRAGMA synchronous=FULL")
@@ -394,120 +294,29 @@ class Outbox:
             conn.execute(f"PRAGMA max_page_count={int(max_pages)}")
 
     def _open_schema(self) -> None:
-        conn = self._db()
-        conn.execute("BEGIN IMMEDIATE")  # a concurrent first open must not create the schema twice
-        try:
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-            created = version == 0 and not tables
-            if created:
-                self._create()
-            else:
-                self._check_schema(version, tables)
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-        if created:
+        opened = open_schema(self._db(), str(self.path), self.device_id, self._public_raw, self._signature_fault)
+        if opened.created:
             event(log, logging.INFO, "outbox created", path=str(self.path), device=self.device_id)
-        if version == 1:
-            event(log, logging.WARNING, "outbox migrated to schema 2", path=str(self.path), removed=len(self._migrated))
-        for counter, records, why in self._migrated:
+        if opened.version == 1:
+            event(log, logging.WARNING, "outbox migrated to schema 2", path=str(self.path), removed=len(opened.removed))
+        for counter, records, why in opened.removed:
             event(log, logging.ERROR, "outbox row corrupt: removed unsent", counter=counter, records=records, why=why)
-
-    def _create(self) -> None:
-        conn = self._db()
-        for statement in _SCHEMA:
-            conn.execute(statement)
-        placeholders = ", ".join("?" * len(_HEAD_COLUMNS))
-        conn.execute(
-            f"INSERT INTO head ({', '.join(_HEAD_COLUMNS)}) VALUES ({placeholders})",  # noqa: S608 -- constants
-            (0, self.device_id, self._public_raw, 1, GENESIS_PREV, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0),
-        )
-        conn.execute(f"PRAGMA application_id={_APPLICATION_ID}")
-        conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-
-    def _check_schema(self, version: int, tables: set[str]) -> None:
-        conn = self._db()
-        app = conn.execute("PRAGMA application_id").fetchone()[0]
-        if app != _APPLICATION_ID or version not in {1, SCHEMA_VERSION} or not {"envelopes", "head"} <= tables:
-            raise OutboxFormatError(
-                f"{self.path} is not an outbox of schema {SCHEMA_VERSION} (or 1, migrated)"
-                f" (application_id {app:#x}, user_version {version}, tables {sorted(tables)})"
-            )
-        envelope_columns = _V1_ENVELOPE_COLUMNS if version == 1 else _ENVELOPE_COLUMNS
-        for table, expected in (("envelopes", envelope_columns), ("head", _HEAD_COLUMNS)):
-            columns = tuple(r[1] for r in conn.execute(f"PRAGMA table_info({table})"))
-            if columns != expected:
-                raise OutboxFormatError(f"{self.path}: table {table} has columns {columns}, expected {expected}")
-        # The owner is checked before a migration: another key would see every row as corrupt and delete it.
-        row = conn.execute("SELECT device_id, public_key FROM head WHERE id = 0").fetchone()
-        if row is None:
-            raise OutboxFormatError(f"{self.path}: the head row is missing")
-        if row[0] != self.device_id:
-            raise ForeignOutboxError(f"{self.path} belongs to device {row[0]!r}, not {self.device_id!r}")
-        if row[1] != self._public_raw:
-            # Continuing another key's chain would also turn its whole backlog into "corrupt" rows.
-            raise ForeignOutboxError(f"{self.path} was sealed with another key of device {self.device_id!r}")
-        if version == 1:
-            self._migrate_v1()
-        head = self._read_head()
-        top = conn.execute("SELECT MAX(counter) FROM envelopes").fetchone()[0]
-        if top is not None and top >= head.next_counter:
-            raise OutboxFormatError(f"{self.path}: envelope {top} is at or past the head's next counter")
-        count = conn.execute("SELECT COUNT(*) FROM envelopes").fetchone()[0]
-        if count != head.backlog_envelopes:
-            # Only an edit from outside can cause this; the scan reads every row once, at start-up only.
-            n, nbytes, records = conn.execute(
-                "SELECT COUNT(*), COALESCE(SUM(bytes), 0), COALESCE(SUM(records), 0) FROM envelopes"
-            ).fetchone()
-            event(log, logging.WARNING, "outbox backlog totals repaired", path=str(self.path), rows=n, head=count)
-            head.backlog_envelopes, head.backlog_bytes, head.backlog_records = n, nbytes, records
-            self._write_head(head)
-
-    def _migrate_v1(self) -> None:
-        """Schema 1 -> 2, inside the opening transaction: a digest for every row whose signature verifies.
-
-        A digest computed over rotten bytes would certify the rot, so each row is verified once (our signature, device
-        and counter, ~0.2 ms per row); a row that fails is removed as corrupt, counted and announced like one found by
-        ``pending``. The table is rebuilt with the blob last; all or nothing, like any transaction.
-        """
-        conn = self._db()
-        head = self._read_head()
-        conn.execute(_ENVELOPES_TABLE.format(name="envelopes_v2"))
-        after = 0
-        while rows := conn.execute(
-            "SELECT counter, data, records, bytes, created FROM envelopes WHERE counter > ? ORDER BY counter LIMIT ?",
-            (after, _DROP_CHUNK),
-        ).fetchall():
-            for counter, data, records, size, created in rows:
-                if (why := self._signature_fault(counter, data)) is not None:
-                    self._migrated.append(self._count_corrupt(head, counter, records, size, why))
-                    continue
-                insert = (counter, records, size, created, envelope_hash(data), data)
-                conn.execute(_INSERT_INTO.format("envelopes_v2"), insert)
-            after = rows[-1][0]
-        conn.execute("DROP TABLE envelopes")
-        conn.execute("ALTER TABLE envelopes_v2 RENAME TO envelopes")
-        self._write_head(head)
-        conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     # ------------------------------------------------------------------------------------------------- helpers
 
     def _db(self) -> sqlite3.Connection:
         if self._conn is None:
-            raise OutboxError(f"outbox {self.path} is closed")
+            raise OutboxClosedError(f"outbox {self.path} is closed")
         return self._conn
 
-    def _read_head(self) -> _Head:
-        row = self._db().execute(_READ_HEAD).fetchone()
-        if row is None:
+    def _read_head(self) -> Head:
+        head = read_head(self._db())
+        if head is None:
             raise OutboxFormatError(f"{self.path}: the head row is missing")
-        return _Head(*row)
+        return head
 
-    def _write_head(self, head: _Head) -> None:
-        self._db().execute(_WRITE_HEAD, [getattr(head, c) for c in _HEAD_STATE])
+    def _write_head(self, head: Head) -> None:
+        write_head(self._db(), head)
 
     def _rollback(self) -> None:
         conn = self._db()
@@ -521,11 +330,12 @@ class Outbox:
 
     # ------------------------------------------------------------------------------------------------- sealing
 
-    def seal(self, records: Sequence[TelemetryRecord]) -> Sealed:
+    def seal(self, records: Sequence[TelemetryRecord], *, unsealed: int = 0) -> Sealed:
         """Seal one envelope and commit it with the advanced chain head (one fsync).
 
         Args:
             records: the batch, at most ``limits.max_records - 1`` records (one slot is kept for a loss notice).
+            unsealed: records the caller dropped before sealing, to announce in this envelope's loss notice.
 
         Returns:
             What was committed.
@@ -537,22 +347,25 @@ class Outbox:
             MalformedEnvelopeError: the envelope exceeds ``limits.max_envelope_bytes`` or the clock is out of range.
             OutboxError: the outbox is closed or SQLite failed; nothing written.
         """
-        return self.seal_many([records])[0]
+        return self.seal_many([records], unsealed=unsealed)[0]
 
-    def seal_many(self, batches: Sequence[Sequence[TelemetryRecord]]) -> list[Sealed]:
+    def seal_many(self, batches: Sequence[Sequence[TelemetryRecord]], *, unsealed: int = 0) -> list[Sealed]:
         """Seal several envelopes, in order, in one transaction (group commit: one fsync for all).
 
         Bounds are enforced per envelope before it is inserted: the oldest envelopes are deleted until it fits, and
-        it starts with a loss notice naming them (merged with any loss not yet announced). On a full disk the oldest
-        envelopes are dropped the same way to make room and the transaction is retried once.
+        it starts with a loss notice naming them (merged with any loss not yet announced and with ``unsealed``). On a
+        full disk the oldest envelopes are dropped the same way to make room and the transaction is retried once.
 
         Args:
             batches: the batches, each at most ``limits.max_records - 1`` records.
+            unsealed: records the caller dropped before sealing (they never got a counter); the first envelope
+                announces them. With no batches, one envelope holding only the notice is sealed.
 
         Returns:
-            One ``Sealed`` per batch, in order, all committed.
+            One ``Sealed`` per batch (or the one notice envelope), in order, all committed.
 
         Raises:
+            ValueError: ``unsealed`` is negative.
             EnvelopeTooLargeError: a batch has too many records, or its envelope plus a worst-case loss notice
                 exceeds ``max_bytes`` or ``limits.max_envelope_bytes``; nothing written.
             OutboxFullError: the disk is full even after dropping; nothing written (keep the records, retry later).
@@ -566,19 +379,22 @@ class Outbox:
                     f"batch of {len(records)} records: at most {self.limits.max_records - 1}"
                     " (one slot is kept for a loss notice)"
                 )
+        given = Loss.of_unsealed(unsealed) if unsealed else None
         if not batches:
-            return []
+            if given is None:
+                return []
+            batches = [[]]
         with self._lock:
             try:
                 try:
-                    return self._seal_transaction(batches, reserve=0)
+                    return self._seal_transaction(batches, given, reserve=0)
                 except _DiskFullError as first:
                     # Room for what failed to fit, twice over: SQLite needs pages for the b-tree besides the blobs.
                     estimate = first.attempted * len(batches) // max(first.batches, 1)
                     reserve = 2 * estimate + 4 * self._page_size()
                 self._checkpoint()
                 try:
-                    return self._seal_transaction(batches, reserve=reserve)
+                    return self._seal_transaction(batches, given, reserve=reserve)
                 except _DiskFullError as e:
                     raise OutboxFullError(
                         f"outbox {self.path}: disk full even after dropping the oldest envelopes;"
@@ -587,19 +403,21 @@ class Outbox:
             except sqlite3.Error as e:
                 raise self._sqlite_error("seal", e) from e
 
-    def _seal_transaction(self, batches: Sequence[Sequence[TelemetryRecord]], reserve: int) -> list[Sealed]:
+    def _seal_transaction(
+        self, batches: Sequence[Sequence[TelemetryRecord]], given: Loss | None, reserve: int
+    ) -> list[Sealed]:
         conn = self._db()
         tx: _Txn | None = None
         try:
             conn.execute("BEGIN IMMEDIATE")
             tx = _Txn(self._read_head(), self._clock())
-            loss = tx.head.unannounced()
+            loss = merge(tx.head.unannounced(), given)
             if reserve > 0 and tx.head.backlog_envelopes > 0:
-                loss = _merge(loss, self._drop_oldest(tx, min_envelopes=1, min_bytes=reserve))
+                loss = merge(loss, self._drop_oldest(tx, min_envelopes=1, min_bytes=reserve))
             out = []
             for records in batches:
                 out.append(self._seal_one(tx, records, loss))
-                loss = None  # announced by the envelope just sealed
+                loss = tx.rest or None  # the rest is announced by the next envelope
             tx.head.set_unannounced(None)
             self._write_head(tx.head)
             conn.execute("COMMIT")
@@ -621,19 +439,24 @@ class Outbox:
                 first=d.first,
                 last=d.last,
             )
+        if tx.rest:
+            # Only carried notices can add up past one notice's bound, and only in a group too short to announce
+            # the rest; the head keeps no unsealed count, so this is said here, loudly.
+            event(log, logging.ERROR, "outbox loss beyond one notice's bound not announced", records=tx.rest.unsealed)
         return out
 
-    def _seal_one(self, tx: _Txn, records: Sequence[TelemetryRecord], loss: _Loss | None) -> Sealed:
+    def _seal_one(self, tx: _Txn, records: Sequence[TelemetryRecord], loss: Loss | None) -> Sealed:
         # Sealed optimistically with what is known to be unannounced; re-sealed (signed again, rarely) only when a
         # bound forces a drop, because the notice must be inside the signed envelope that follows the drop.
         head, now = tx.head, tx.now
         if head.backlog_envelopes + 1 > self.max_envelopes:
             # The count bound is known before encoding: drop first, so the envelope is encoded and signed once.
-            loss = _merge(loss, self._drop_oldest(tx, min_envelopes=head.backlog_envelopes + 1 - self.max_envelopes))
-        data = self._seal_bytes(tx, records, loss)
+            loss = merge(loss, self._drop_oldest(tx, min_envelopes=head.backlog_envelopes + 1 - self.max_envelopes))
+        notice = self._notice(tx, loss)
+        data = self._seal_bytes(tx, records, notice)
         tx.attempted_bytes += len(data)
         tx.attempted += 1
-        own = len(data) - (len(encode_record(loss.notice(now), self.limits)) if loss else 0)
+        own = len(data) - (len(encode_record(notice, self.limits)) if notice else 0)
         cap = min(self.max_bytes, self.limits.max_envelope_bytes)
         if own + _NOTICE_SLACK > cap:
             raise EnvelopeTooLargeError(
@@ -647,15 +470,16 @@ class Outbox:
                 min_envelopes=head.backlog_envelopes + 1 - self.max_envelopes,
                 min_bytes=head.backlog_bytes + len(data) + _NOTICE_SLACK - self.max_bytes,
             )
-            loss = _merge(loss, freed)
-            data = self._seal_bytes(tx, records, loss)
+            loss = merge(loss, freed)
+            notice = self._notice(tx, loss)
+            data = self._seal_bytes(tx, records, notice)
         digest = envelope_hash(data)
         try:
             # The chain hash doubles as the row's digest: bit rot is found without verifying our own signature.
-            self._db().execute(_INSERT_ENVELOPE, (head.next_counter, len(records), len(data), now, digest, data))
+            self._db().execute(INSERT_ENVELOPE, (head.next_counter, len(records), len(data), now, digest, data))
         except sqlite3.IntegrityError as e:
             raise OutboxFormatError(f"{self.path}: counter {head.next_counter} exists: the head is behind") from e
-        sealed = Sealed(head.next_counter, digest, len(data), len(records), loss.notice(now) if loss else None)
+        sealed = Sealed(head.next_counter, digest, len(data), len(records), notice)
         head.next_counter += 1
         head.last_hash = digest
         head.backlog_envelopes += 1
@@ -663,14 +487,23 @@ class Outbox:
         head.backlog_records += len(records)
         return sealed
 
-    def _seal_bytes(self, tx: _Txn, records: Sequence[TelemetryRecord], loss: _Loss | None) -> bytes:
-        batch: Sequence[TelemetryRecord] = records if loss is None else [loss.notice(tx.now), *records]
+    @staticmethod
+    def _notice(tx: _Txn, loss: Loss | None) -> LossNotice | None:
+        # One notice holds a bounded count of unsealed records; what it cannot hold waits for the next envelope.
+        if not loss:
+            tx.rest = Loss()
+            return None
+        announced, tx.rest = loss.split()
+        return announced.notice(tx.now)
+
+    def _seal_bytes(self, tx: _Txn, records: Sequence[TelemetryRecord], notice: LossNotice | None) -> bytes:
+        batch: Sequence[TelemetryRecord] = records if notice is None else [notice, *records]
         head = tx.head
         return seal_envelope(
             self.device_id, head.next_counter, head.last_hash, batch, tx.now, self._key, limits=self.limits
         )
 
-    def _drop_oldest(self, tx: _Txn, *, min_envelopes: int, min_bytes: int = 0) -> _Loss:
+    def _drop_oldest(self, tx: _Txn, *, min_envelopes: int, min_bytes: int = 0) -> Loss:
         """Delete the oldest envelopes until at least ``min_envelopes`` and ``min_bytes`` are freed (or none is left).
 
         Returns the loss to announce: the envelopes deleted, merged with the notices they carried.
@@ -678,7 +511,7 @@ class Outbox:
         conn, head = self._db(), tx.head
         count = nbytes = nrecords = 0
         first = last = 0
-        carried: _Loss | None = None
+        carried: Loss | None = None
         after = 0
         while count < max(min_envelopes, 1) or nbytes < min_bytes:
             rows = conn.execute(
@@ -693,7 +526,7 @@ class Outbox:
                 count += 1
                 nbytes += size
                 nrecords += records
-                carried = _merge(carried, self._carried_loss(data))
+                carried = merge(carried, self._carried_loss(data))
                 if count >= max(min_envelopes, 1) and nbytes >= min_bytes:
                     break
         if count == 0:  # the head counted a backlog the table does not hold: only an edit from outside does this
@@ -704,16 +537,16 @@ class Outbox:
         head.backlog_records -= nrecords
         head.dropped_envelopes += count
         head.dropped_records += nrecords
-        tx.dropped.append(_Loss(count, nrecords, first, last))
+        tx.dropped.append(Loss.of_envelopes(first, last, envelopes=count, records=nrecords))
         return tx.dropped[-1].merge(carried)
 
-    def _carried_loss(self, data: bytes) -> _Loss | None:
+    def _carried_loss(self, data: bytes) -> Loss | None:
         # A dropped envelope may itself announce earlier loss (its first record); that announcement must survive, or
         # the gap it explained would become unexplained at the gateway. Our own canonical bytes: a notice, if any, is
         # the first record. A row too damaged to read carries nothing we could forward.
         try:
             _, msg = parse_envelope(data, self.limits)
-            first = self._first_record(msg.payload)
+            first = first_record(msg.payload, self.limits)
             if not isinstance(first, dict) or first.get(0) != TYPE_LOSS:
                 return None
             notice = record_from_item(first)
@@ -721,20 +554,7 @@ class Outbox:
             log.debug("dropped row unreadable, no loss notice carried: %s", e)
             return None
         assert isinstance(notice, LossNotice)
-        return _Loss(notice.envelopes_dropped, notice.records_dropped, notice.first_counter, notice.last_counter)
-
-    def _first_record(self, payload: bytes) -> object:
-        # Only the first record is decoded (a 100-record payload costs ~0.2 ms to decode whole, and at the byte bound
-        # every seal drops one). Canonical payloads hold keys 1..6 in order, the record array last.
-        fp = io.BytesIO(payload)
-        major, pairs = read_head(fp)
-        decoder = new_decoder(fp, self.limits.max_depth)
-        for _ in range(pairs if major == 5 else 0):
-            if decoder.decode() == P_RECORDS:
-                major, count = read_head(fp)
-                return decoder.decode() if major == 4 and count else None
-            decoder.decode()
-        return None
+        return Loss.from_notice(notice)
 
     def _page_size(self) -> int:
         return int(self._db().execute("PRAGMA page_size").fetchone()[0])
@@ -798,20 +618,12 @@ class Outbox:
 
     def _row_fault(self, counter: int, data: object, digest: object) -> str | None:
         # Any change to the bytes changes their SHA-256; a change to the stored digest no longer matches them. The
-        # rest is structure without decoding: the bytes are an envelope of this device (kid) for this counter, so a
-        # row moved with its digest to another counter is caught too.
+        # layout check catches a row moved with its digest to another counter.
         if type(data) is not bytes or type(digest) is not bytes:
             return "data or digest is not a blob"
         if hashlib.sha256(data).digest() != digest:
             return "digest mismatch: the bytes changed since they were sealed"
-        start = len(self._envelope_prefix)
-        if not data.startswith(self._envelope_prefix) or len(data) <= start or data[start] >> 5 != 2:
-            return "not an envelope of this device"
-        width = {24: 1, 25: 2, 26: 4, 27: 8}.get(data[start] & 0x1F, 0)  # the payload's byte-string head
-        body = start + 1 + width
-        if not width or not data.startswith(self._payload_prefix + cbor2.dumps(counter), body):
-            return "a valid envelope, but not the one for this counter"
-        return None
+        return self._layout.fault(data, counter)
 
     def _signature_fault(self, counter: int, data: bytes) -> str | None:
         # Schema-1 rows have no digest: our own signature, then the same device and counter check (migration only).
@@ -820,11 +632,9 @@ class Outbox:
             msg.verify(self._public)
         except InputError as e:
             return f"{type(e).__name__}: {e}"
-        # The signature covers the payload; this checks the row holds the envelope for its own key, without decoding
-        # the records (a canonical payload starts {1: 1, 2: device, 3: counter, ...}).
-        if device != self.device_id or not msg.payload.startswith(self._payload_prefix + cbor2.dumps(counter)):
+        if device != self.device_id:
             return "a valid envelope, but not the one for this counter"
-        return None
+        return self._layout.payload_fault(msg.payload, counter)
 
     def _remove_corrupt(self, bad: list[tuple[int, bytes, str]]) -> None:
         with self._lock:
@@ -840,7 +650,7 @@ class Outbox:
                         (counter, data),
                     ).fetchone()
                     if row is not None:
-                        removed.append(self._count_corrupt(head, counter, row[0], row[1], why))
+                        removed.append((counter, head.remove_corrupt(counter, row[0], row[1]), why))
                 self._write_head(head)
                 conn.execute("COMMIT")
             except sqlite3.Error as e:
@@ -855,17 +665,6 @@ class Outbox:
                 raise
         for counter, records, why in removed:
             event(log, logging.ERROR, "outbox row corrupt: removed unsent", counter=counter, records=records, why=why)
-
-    @staticmethod
-    def _count_corrupt(head: _Head, counter: int, records: int, size: int, why: str) -> tuple[int, int, str]:
-        # A corrupt row leaves the backlog as unannounced loss: the next envelope sealed reports it.
-        records, size = max(int(records), 0), int(size)
-        head.backlog_envelopes -= 1
-        head.backlog_bytes -= size
-        head.backlog_records -= records
-        head.corrupt_rows += 1
-        head.set_unannounced(_merge(head.unannounced(), _Loss(1, records, counter, counter)))
-        return counter, records, why
 
     def ack(self, counters: Iterable[int]) -> int:
         """Delete acknowledged envelopes, all in one transaction (one ``DELETE`` per 500 counters).

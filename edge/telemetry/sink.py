@@ -10,8 +10,9 @@ Invariants:
   the failure is counted and logged, and sealing is retried on the next write or tick: the service keeps running.
   Memory for such batches is bounded (``max_held_batches``); past it the oldest held batch is dropped, counted
   and logged, because by then the box has a full disk and an operator must act. Those records never got a
-  counter, so the first envelope sealed afterwards starts with a signed ``telemetry.records_dropped`` event that
-  says how many: loss is announced, never silent.
+  counter, so the first envelope sealed afterwards starts with a signed loss notice (``LossNotice``, the outbox's
+  own format, with ``unsealed_records``) that says how many, and the fleet's ledger counts them with the outbox's
+  losses: loss is announced, never silent. The count is kept by ``edge.telemetry.loss.PendingLoss``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from edge.config import LIVE_SETTINGS
 from edge.errors import InputError
 from edge.log import event
+from edge.telemetry.loss import PendingLoss
 from edge.telemetry.outbox import EnvelopeTooLargeError, Outbox, OutboxError
 from edge.wire.envelope import Batcher
 from edge.wire.records import Record
@@ -79,7 +81,7 @@ class TelemetrySink:
         self._batcher: Batcher[TelemetryRecord] = Batcher(batch_records, batch_age_s)
         self._held: deque[list[TelemetryRecord]] = deque()
         self._max_held = max_held_batches
-        self._unannounced = 0  # records dropped from memory that no sealed event has reported yet
+        self._lost = PendingLoss()  # records dropped from memory that no sealed notice has announced yet
         self._clock = clock
         self._lock = threading.Lock()
         self._closed = threading.Event()
@@ -175,12 +177,9 @@ class TelemetrySink:
         # Called with the lock held. Each retry makes the held batches strictly smaller, so this ends.
         filtered = False
         while self._held:
-            batches = list(self._held)
-            if self._unannounced:
-                notice = EventRecord(time.time(), "telemetry.records_dropped", {"records": self._unannounced})
-                batches.insert(0, [notice])
+            unsealed = self._lost.offer()
             try:
-                sealed = self.outbox.seal_many(batches)
+                sealed = self.outbox.seal_many(list(self._held), unsealed=unsealed)
             except EnvelopeTooLargeError as e:
                 if all(len(b) == 1 for b in self._held):
                     self._hold_after_failure(e)  # cannot happen with valid records; kept bounded all the same
@@ -188,6 +187,9 @@ class TelemetrySink:
                 # Records that are each valid can still make an envelope over the limit: halve the batches.
                 self._held = deque(h for b in self._held for h in (b[: len(b) // 2], b[len(b) // 2 :]) if h)
                 continue
+            except OutboxError as e:  # before InputError: a corrupt outbox file is not the records' fault
+                self._hold_after_failure(e)
+                return
             except InputError as e:
                 if filtered:
                     # Every record encodes alone, yet the batch does not: drop it loudly rather than stall.
@@ -197,11 +199,8 @@ class TelemetrySink:
                 self._held = deque(k for k in (self._valid_only(b) for b in self._held) if k)
                 filtered = True
                 continue
-            except OutboxError as e:
-                self._hold_after_failure(e)
-                return
             self._held.clear()
-            self._unannounced = 0
+            self._lost.announced(unsealed)
             self.stats.held_batches = 0
             self.stats.envelopes += len(sealed)
             self._wake()
@@ -224,7 +223,7 @@ class TelemetrySink:
         for lost in self._held:
             self.stats.dropped_batches += 1
             self.stats.dropped_records += len(lost)
-            self._unannounced += len(lost)
+            self._lost.drop(len(lost))
         self._held.clear()
         self.stats.held_batches = 0
         event(log, logging.ERROR, "telemetry batch dropped", error=str(e))
@@ -235,7 +234,7 @@ class TelemetrySink:
             lost = self._held.popleft()
             self.stats.dropped_batches += 1
             self.stats.dropped_records += len(lost)
-            self._unannounced += len(lost)
+            self._lost.drop(len(lost))
         self.stats.held_batches = len(self._held)
         n = self.stats.seal_failures
         if n <= 10 or n % 100 == 0:

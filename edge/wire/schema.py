@@ -38,6 +38,7 @@ from edge.wire.records import InferenceRecord, ReadingRecord
 
 __all__ = [
     "DEFAULT_LIMITS",
+    "MAX_UNSEALED_RECORDS",
     "EventRecord",
     "EventValue",
     "LossNotice",
@@ -57,14 +58,16 @@ EventValue = int | float | str | bytes | bool | None
 
 @dataclass(frozen=True, slots=True)
 class LossNotice:
-    """Envelopes the device dropped unsent (its outbox was full): loss is reported, never silent.
+    """Telemetry the device dropped unsent (its outbox or its sink was full): loss is reported, never silent.
 
     Attributes:
         timestamp: when the drop happened (epoch seconds).
-        envelopes_dropped: how many envelopes were dropped (>= 1).
+        envelopes_dropped: how many sealed envelopes were dropped (0 when only unsealed records were).
         records_dropped: how many records those envelopes held.
         first_counter, last_counter: the lowest and highest envelope counter dropped (a gap at the gateway over
-            exactly these counters is explained by this notice).
+            exactly these counters is explained by this notice); both 0 when no envelope was dropped.
+        unsealed_records: records dropped before they were sealed, so before they got a counter (key 6, absent
+            when 0: notices without it decode as before).
     """
 
     timestamp: float
@@ -72,6 +75,7 @@ class LossNotice:
     records_dropped: int
     first_counter: int
     last_counter: int
+    unsealed_records: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,7 +139,7 @@ K_TOP_K, K_SCORE, K_LABEL, K_TIMINGS, K_BACKEND = 7, 8, 9, 10, 11
 # Reading.
 K_CHANNEL, K_VALUE = 2, 3
 # Loss notice.
-K_ENVELOPES_DROPPED, K_RECORDS_DROPPED, K_FIRST_COUNTER, K_LAST_COUNTER = 2, 3, 4, 5
+K_ENVELOPES_DROPPED, K_RECORDS_DROPPED, K_FIRST_COUNTER, K_LAST_COUNTER, K_UNSEALED_RECORDS = 2, 3, 4, 5, 6
 # Event.
 K_KIND, K_DATA = 2, 3
 
@@ -144,7 +148,13 @@ _INFERENCE_REQUIRED = _INFERENCE_KEYS - {K_SCORE, K_LABEL}
 _OPTIONAL_SETS: tuple[frozenset[int], ...] = (frozenset(), frozenset({K_SCORE}), frozenset({K_LABEL}))
 _INFERENCE_KEYSETS = frozenset(_INFERENCE_REQUIRED | extra for extra in (*_OPTIONAL_SETS, _INFERENCE_KEYS))
 _READING_KEYS = frozenset({K_TYPE, K_TIMESTAMP, K_CHANNEL, K_VALUE})
-_LOSS_KEYS = frozenset(range(6))
+_LOSS_REQUIRED = frozenset(range(6))
+_LOSS_KEYS = _LOSS_REQUIRED | {K_UNSEALED_RECORDS}
+# Records a sink dropped before sealing, per notice. A box that drops more announces the rest in its next notices.
+# The bound keeps the ledger's loss sum in 64 bits: the counter ranges add at most MAX_COUNTER x 1000 (``_bounds``),
+# and the headroom left (2.1e17) takes more than 2e11 accepted envelopes at this bound, each a signed message the
+# gateway must receive, where the ranges are mere claims. It also fits the outbox's 64-byte room for a notice.
+MAX_UNSEALED_RECORDS: Final = 1 << 20
 _EVENT_KEYS = frozenset({K_TYPE, K_TIMESTAMP, K_KIND, K_DATA})
 
 # Field bounds (part of the schema, stated in the CDDL; the numeric ones and their reasons are in ``_bounds``).
@@ -343,10 +353,23 @@ def _reading(item: Mapping[Any, Any]) -> ReadingRecord:
 
 
 def _loss(item: Mapping[Any, Any]) -> LossNotice:
-    _keys(item, _LOSS_KEYS, _LOSS_KEYS, "loss")
+    _keys(item, _LOSS_KEYS, _LOSS_REQUIRED, "loss")
     first = _uint(item[K_FIRST_COUNTER], "first_counter", MAX_COUNTER)
     last = _uint(item[K_LAST_COUNTER], "last_counter", MAX_COUNTER)
     envelopes = _uint(item[K_ENVELOPES_DROPPED], "envelopes_dropped")
+    unsealed = 0
+    if K_UNSEALED_RECORDS in item:
+        # Present only when non-zero: each notice has one encoding.
+        unsealed = _uint(item[K_UNSEALED_RECORDS], "unsealed_records", MAX_UNSEALED_RECORDS)
+        if unsealed == 0:
+            raise _fail("unsealed_records", unsealed, "1 or more (the key is omitted for 0)")
+    if envelopes == 0 and unsealed:
+        # Only records that never had a counter: no range to explain, and no envelope records.
+        if (first, last, _uint(item[K_RECORDS_DROPPED], "records_dropped", 0)) != (0, 0, 0):
+            raise MalformedRecordError(
+                f"loss notice of unsealed records only: counters {first}..{last} must be 0..0, records_dropped 0"
+            )
+        return LossNotice(_timestamp(item), 0, 0, 0, 0, unsealed)
     if not 1 <= first <= last or not 1 <= envelopes <= last - first + 1:
         raise MalformedRecordError(
             f"loss notice: counters {first}..{last} cannot hold {envelopes} dropped envelopes"
@@ -361,6 +384,7 @@ def _loss(item: Mapping[Any, Any]) -> LossNotice:
         records_dropped=records,
         first_counter=first,
         last_counter=last,
+        unsealed_records=unsealed,
     )
 
 
@@ -471,7 +495,7 @@ def record_to_item(record: TelemetryRecord) -> dict[int, Any]:
             K_RECORDS_DROPPED: record.records_dropped,
             K_FIRST_COUNTER: record.first_counter,
             K_LAST_COUNTER: record.last_counter,
-        }
+        } | ({K_UNSEALED_RECORDS: record.unsealed_records} if record.unsealed_records else {})
     if isinstance(record, EventRecord):
         return {K_TYPE: TYPE_EVENT, K_TIMESTAMP: record.timestamp, K_KIND: record.kind, K_DATA: dict(record.data)}
     raise MalformedRecordError(f"not a telemetry record: {type(record).__name__}")

@@ -63,18 +63,21 @@ class ChainRow:
     def announce(self, notice: LossNotice) -> tuple[int, int]:
         """Count a loss notice against ``lost_mark`` (see the module docstring).
 
+        Records dropped before sealing (``unsealed_records``) have no counter to repeat: they count in full, once
+        per accepted envelope that carries the notice.
+
         Returns:
             (envelopes, records) it adds to the ledger.
         """
-        mark = self.lost_mark
+        mark, unsealed = self.lost_mark, notice.unsealed_records
         if notice.last_counter <= mark:
-            return 0, 0
+            return 0, unsealed
         self.lost_mark = notice.last_counter
         self.dirty = True
         if notice.first_counter > mark:
-            return notice.envelopes_dropped, notice.records_dropped
+            return notice.envelopes_dropped, notice.records_dropped + unsealed
         envelopes = min(notice.envelopes_dropped, notice.last_counter - mark)
-        return envelopes, min(notice.records_dropped, envelopes * MAX_RECORDS_PER_ENVELOPE)
+        return envelopes, min(notice.records_dropped, envelopes * MAX_RECORDS_PER_ENVELOPE) + unsealed
 
 
 @dataclass(frozen=True, slots=True)
