@@ -6,7 +6,8 @@
   this input could not be stored, however often it is retried.
 - ``IngestFailedError``: the gateway's ingest cannot go on (the store stayed unavailable past its deadline, or its
   worker failed); the process exits non-zero so its supervisor restarts it.
-- ``DeviceExistsError`` / ``UnknownDeviceError``: a registry operation named a device that does (not) exist.
+- ``DeviceExistsError`` / ``UnknownDeviceError``: a registry operation named a device that does (not) exist (the
+  operator's input).
 - ``GatewayInputError``: an argument handed to the gateway from outside is invalid (a device record whose did:key
   does not match its key, a status that is not a JSON object, a day not in ``YYYY-MM-DD`` form).
 - ``LedgerExportError``: a ledger export file does not verify; the message names the line or the total.
@@ -31,7 +32,7 @@ __all__ = [
 
 
 class GatewayError(EdgeError):
-    """Base of the errors the gateway raises on purpose."""
+    """Groups the fleet's errors (caught, never raised: each subclass also has its fault root)."""
 
 
 class StoreError(GatewayError, TransportError):
@@ -46,11 +47,11 @@ class IngestFailedError(GatewayError, TransportError):
     """Ingest cannot go on: the store stayed unavailable past its deadline, or the worker failed unexpectedly."""
 
 
-class DeviceExistsError(GatewayError, ValueError):
+class DeviceExistsError(GatewayError, InputError):
     """A device with this id is already registered."""
 
 
-class UnknownDeviceError(GatewayError, LookupError):
+class UnknownDeviceError(GatewayError, InputError, LookupError):
     """No device with this id is registered."""
 
 

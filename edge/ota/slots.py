@@ -35,7 +35,7 @@ from edge._fs import atomic_write, fsync_dir
 from edge.errors import InputError
 from edge.log import event
 from edge.ota import _faults
-from edge.ota.errors import OtaError
+from edge.ota.errors import OtaError, SlotBusyError
 from edge.wire.errors import ManifestError
 from edge.wire.manifest import FLOAT_FILE, GOLDEN_FILE, MODEL_FILE, ModelManifest, target_path
 
@@ -207,10 +207,10 @@ class Slots:
         """Empty ``slot`` (its manifest first, so a crash midway leaves a slot that is recognisably invalid).
 
         Raises:
-            OtaError: ``slot`` is the active one (never clear what runs).
+            SlotBusyError: ``slot`` is the active one (never clear what runs).
         """
         if slot == self.active_slot():
-            raise OtaError(f"refusing to clear slot {slot}: it is active")
+            raise SlotBusyError(f"refusing to clear slot {slot}: it is active")
         d = self.slot_dir(slot)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(d / MANIFEST)

@@ -37,10 +37,10 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final, Literal, NamedTuple, Protocol
 
-from edge.errors import InputError, ModelError
+from edge.errors import InputError, ModelError, ResourceError
 from edge.log import event
 from edge.ota import _faults
-from edge.ota.errors import IllegalTransition, OtaError, UpdateRejected
+from edge.ota.errors import IllegalTransition, OtaError, OtaNotConfiguredError, UpdateRejected
 from edge.ota.slots import ActiveModel, SlotInvalid, SlotName, SlotRecord, Slots, file_sha256, release_files
 from edge.ota.state import ACTIVE_STATES, Event, State, StateCorrupt, StateFile, UpdateState, transition
 from edge.wire.errors import ManifestError
@@ -85,7 +85,7 @@ class TrustSource(Protocol):
         """Download a verified target to ``dest`` (raises ``UpdateRejected``)."""
 
 
-class UpdaterBusy(OtaError):  # noqa: N818 -- names the condition
+class UpdaterBusy(OtaError, ResourceError):  # noqa: N818 -- names the condition: a lock another process holds
     """Another process (the service or ``edge ota``) holds the updater's lock."""
 
     reason = "busy"
@@ -216,10 +216,10 @@ class Updater:
         """The TUF client.
 
         Raises:
-            OtaError: none was configured.
+            OtaNotConfiguredError: none was configured (a ConfigError naming [ota] repository).
         """
         if self._trust is None:
-            raise OtaError("no OTA repository configured (set [ota] repository and root)")
+            raise OtaNotConfiguredError
         return self._trust
 
     # -- public surface --------------------------------------------------------------------------------------------

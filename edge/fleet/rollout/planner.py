@@ -38,7 +38,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from edge.fleet.errors import GatewayError, GatewayInputError
+from edge.fleet.errors import GatewayInputError
 from edge.fleet.store import DeviceEvent
 from edge.identity.errors import InvalidDeviceIdError
 from edge.identity.keys import validate_device_id
@@ -93,7 +93,7 @@ class RolloutError(GatewayInputError):
     """A rollout argument or rollout file is invalid (bad stages, name, version, devices, or a corrupt file)."""
 
 
-class RolloutConflictError(GatewayError, ValueError):
+class RolloutConflictError(GatewayInputError):
     """The request conflicts with the rollouts' state: one is already running, or none is."""
 
 
