@@ -15,11 +15,12 @@ import json
 import logging
 import re
 import sys
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Final, TextIO
 
-__all__ = ["REDACTED", "configure", "event", "redact"]
+__all__ = ["REDACTED", "Throttle", "configure", "event", "redact"]
 
 _FIELDS = "edge_fields"
 
@@ -75,6 +76,60 @@ def event(logger: logging.Logger, level: int, message: str, **fields: Any) -> No
     """Log ``message`` with structured ``fields`` (kept as keys in the JSON output; redacted by the formatters)."""
     if logger.isEnabledFor(level):
         logger.log(level, message, extra={_FIELDS: fields}, stacklevel=2)
+
+
+class Throttle:
+    """The one log throttle: per key, the first ``first`` occurrences are logged, then at most one per ``every_s``,
+    which reports how many were suppressed since the last one logged. A flood of one kind of reject (a hostile box, a
+    noisy serial line, a broken camera) then costs a line per interval, and nothing goes uncounted. Thread-safe; the
+    clock is injected, so tests drive it.
+
+    Args:
+        every_s: the least time between two logged occurrences of one key, after the first ``first``.
+        first: occurrences of each key logged in full before the interval applies.
+        clock: monotonic seconds.
+        max_keys: keys remembered; beyond it all are forgotten at once (each then logs again): bounded memory
+            whatever the keys (device ids, topics) an attacker chooses.
+    """
+
+    def __init__(
+        self,
+        every_s: float,
+        *,
+        first: int = 1,
+        clock: Callable[[], float] = time.monotonic,
+        max_keys: int = 10_000,
+    ) -> None:
+        self._every = every_s
+        self._first = first
+        self._clock = clock
+        self._max_keys = max_keys
+        self._lock = threading.Lock()
+        self._seen: dict[tuple[str, ...], int] = {}
+        self._last: dict[tuple[str, ...], float] = {}
+        self._suppressed: dict[tuple[str, ...], int] = {}
+
+    def allow(self, *key: str, n: int = 1) -> int | None:
+        """Record ``n`` occurrences of ``key``; None means do not log, else how many were suppressed before these.
+
+        Args:
+            *key: what is counted apart (a reason, a device and a verdict...).
+            n: occurrences at once (a counter read periodically).
+        """
+        with self._lock:
+            now = self._clock()
+            seen = self._seen.get(key, 0)
+            if len(self._seen) >= self._max_keys and seen == 0:
+                self._seen.clear()
+                self._last.clear()
+                self._suppressed.clear()
+            self._seen[key] = seen + n
+            last = self._last.get(key)
+            if seen >= self._first and last is not None and now - last < self._every:
+                self._suppressed[key] = self._suppressed.get(key, 0) + n
+                return None
+            self._last[key] = now
+            return self._suppressed.pop(key, 0) + n - 1
 
 
 def _secret_name(name: object) -> bool:

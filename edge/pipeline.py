@@ -9,7 +9,8 @@ instead of growing memory:
 - ``infer``: preprocesses each frame into one reused input buffer and runs the model. Only native code runs here
   between two queue operations (both release the GIL), so this stage is the time the model and the C preprocessing
   take and little more.
-- ``emit``: postprocesses, hashes the input frame and builds records, handing them to the sink in batches.
+- ``emit``: postprocesses and builds records (with the digest the read stage took), handing them to the sink in
+  batches.
 
 Invariants: every frame that enters is either inferred, rejected (malformed, counted by reason) or dropped by the
 queue policy (counted); records leave in the order frames arrived; ``stop()`` lets queued items finish.
@@ -41,7 +42,7 @@ from edge.inference.model import Model
 from edge.inference.postprocess import Kind, scalar_score, topk
 from edge.inference.preprocess import backend as preprocess_backend
 from edge.inference.preprocess import preprocess_image
-from edge.log import event
+from edge.log import Throttle, event
 from edge.sensing.frames import Frame, Reading
 from edge.sensing.sources import Source
 from edge.sinks import Sink
@@ -140,6 +141,7 @@ class Pipeline:
         self.source = source
         self.sink = sink
         self.stats = PipelineStats()
+        self._reject_log = Throttle(1.0, first=10)  # rejects are logged from the infer thread only
         self.backend = preprocess_backend()
         self._top_k = top_k
         self._drop_oldest = on_full == "drop_oldest"
@@ -306,8 +308,18 @@ class Pipeline:
         counts = self.stats.rejected
         n = counts.get(reason, 0) + 1
         counts[reason] = n
-        if n <= 10 or n % 1000 == 0:  # the first few in full, then a heartbeat: a flood must not flood the log
-            event(log, logging.WARNING, "frame rejected", seq=frame.seq, reason=reason, error=str(error), count=n)
+        suppressed = self._reject_log.allow(reason)
+        if suppressed is not None:  # the first few in full, then one a second: a flood must not flood the log
+            event(
+                log,
+                logging.WARNING,
+                "frame rejected",
+                seq=frame.seq,
+                reason=reason,
+                error=str(error),
+                count=n,
+                suppressed=suppressed,
+            )
 
     def _emit(self) -> None:
         get, get_nowait = self._out.get, self._out.get_nowait

@@ -4,9 +4,10 @@
  * AVX2 horizontal pass: per output column one unaligned 64-bit load holds both taps; byte shuffles driven by
  * per-column controls (prepare_words) extract the components of 8 columns, which are converted to float (YUV -> RGB
  * in float right there) and blended with FMA. Plain loads beat vpgatherdd on Zen 3 by ~1.5x here.
- * SSE4.1: the same word scheme at 128 bits (scalar 64-bit loads, byte shuffles, vector arithmetic): the shape the
- * NEON kernels will have (vqtbl1q_u8 for pshufb; prepare_words is plain C, its __m256i members only storage, so it
- * can move to a shared file when they land).
+ * SSE4.1: the same word scheme at 128 bits (scalar 64-bit loads, byte shuffles, vector arithmetic).
+ * preprocess_neon.c uses this word scheme too, with its own preparation (prepare_neon: 32-byte tables of four words
+ * looked up with vqtbl2q_u8, four columns at a time) rather than prepare_words, whose layout follows pshufb's
+ * 16-byte lanes.
  */
 #include <string.h>
 

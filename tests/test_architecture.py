@@ -15,6 +15,8 @@ The rules are tested on purpose-made violations too, so a broken walker cannot p
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
 import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -191,3 +193,74 @@ def test_cycles_are_found(tmp_path) -> None:
         {"a.py": "from edge import b\n", "b.py": "def f():\n    from edge.c import x\n", "c.py": "import edge.a\n"},
     )
     assert cycles(import_graph(root)) == [["edge.a", "edge.b", "edge.c"]]
+
+
+# -- the box without the fleet, as an image installs it -------------------------------------------------------------
+
+
+def box_only_copy(tmp_path: Path) -> Path:
+    """The package as the box image installs it: everything but edge/fleet (C extension and models included)."""
+    import shutil  # noqa: PLC0415
+
+    site = tmp_path / "site"
+    shutil.copytree(ROOT, site / "edge", ignore=shutil.ignore_patterns("fleet", "__pycache__"))
+    assert not (site / "edge" / "fleet").exists()
+    return site
+
+
+# The test venv installs the checkout in editable mode, whose import hook would find edge.fleet in the checkout
+# whatever PYTHONPATH says: the launcher drops that hook, so only the copy on PYTHONPATH is importable, as on a box.
+_BOX_LAUNCHER = (
+    "import runpy, sys\n"
+    "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in getattr(f, '__module__', '')]\n"
+    "runpy.run_module(sys.argv.pop(1), run_name='__main__', alter_sys=True)\n"
+)
+
+
+def run_python(site: Path, module: str, *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m module args`` against the box-only copy."""
+    env = {**os.environ, "PYTHONPATH": str(site), "PYTHONDONTWRITEBYTECODE": "1"}
+    return subprocess.run(
+        [sys.executable, "-c", _BOX_LAUNCHER, module, *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=120,
+    )
+
+
+def test_box_runs_without_the_fleet(tmp_path) -> None:
+    site = box_only_copy(tmp_path)
+    (tmp_path / "probe.py").write_text("import edge, edge.cli\nprint(edge.__file__, edge.cli.fleet_installed())\n")
+    probe = run_python(site, "probe", cwd=tmp_path)
+    assert probe.returncode == 0, probe.stderr
+    assert probe.stdout.split() == [str(site / "edge" / "__init__.py"), "False"]
+
+    helped = run_python(site, "edge", "--help", cwd=tmp_path)
+    assert helped.returncode == 0, helped.stderr
+    assert "run" in helped.stdout and "ota" in helped.stdout
+    assert "fleet" not in helped.stdout and "gateway" not in helped.stdout
+    refused = run_python(site, "edge", "fleet", "status", cwd=tmp_path)
+    assert refused.returncode == 2 and "invalid choice: 'fleet'" in refused.stderr
+
+    cfg = tmp_path / "edge.toml"
+    cfg.write_text(
+        f'[device]\ndata_dir = "{tmp_path / "data"}"\n[source]\nkind = "synthetic"\ncount = 3\n'
+        f'[sink]\nkind = "jsonl"\npath = "{tmp_path / "records.jsonl"}"\n[log]\nlevel = "warning"\n'
+    )
+    ran = run_python(site, "edge", "run", "--config", str(cfg), cwd=tmp_path)
+    assert ran.returncode == 0, ran.stderr
+    assert len((tmp_path / "records.jsonl").read_text().splitlines()) == 3
+
+
+def test_help_loads_neither_numpy_nor_onnxruntime(tmp_path) -> None:
+    code = (
+        "import sys, contextlib, io, edge.cli\n"
+        "with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
+        "    edge.cli.main(['--help'])\n"
+        "print(sorted(m for m in ('numpy', 'onnxruntime') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]"

@@ -407,7 +407,7 @@ def test_worked_example_in_the_docs_is_exact() -> None:
     data = sign_command(
         key, "box-1", "set", {"key": "telemetry.batch_records", "value": 7}, now=1700000000.0, nonce=bytes(range(16))
     )
-    doc = (Path(__file__).resolve().parents[2] / "docs" / "commands.md").read_text()
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "commands.md").read_text()
     block = doc.split("## 6. Worked example", 1)[1].split("```text\n", 1)[1].split("```", 1)[0]
     assert data.hex() == "".join(block.split())
     cmd = CommandVerifier(key.public_key(), "box-1", seen=NonceSet()).verify(data, 1700000001.0)

@@ -96,3 +96,47 @@ def test_library_loggers_only_pass_warnings(restore_loggers: None) -> None:
     logging.getLogger("urllib3").debug("Starting new HTTPS connection (1): host:443")
     logging.getLogger("tuf.ngclient").info("Downloading: %s", URL)
     assert out.getvalue() == ""
+
+
+# -- the one log throttle -------------------------------------------------------------------------------------------
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_throttle_logs_first_then_once_per_interval_with_the_suppressed_count() -> None:
+    from edge.log import Throttle  # noqa: PLC0415
+
+    clock = FakeClock()
+    throttle = Throttle(10.0, clock=clock)
+    assert throttle.allow("box-1", "fork") == 0
+    assert [throttle.allow("box-1", "fork") for _ in range(5)] == [None] * 5
+    assert throttle.allow("box-2", "fork") == 0  # keys are counted apart
+    clock.t += 10.0
+    assert throttle.allow("box-1", "fork") == 5
+    assert throttle.allow("box-1", "fork") is None
+
+
+def test_throttle_first_n_in_full_and_batches_of_occurrences() -> None:
+    from edge.log import Throttle  # noqa: PLC0415
+
+    clock = FakeClock()
+    throttle = Throttle(1.0, first=3, clock=clock)
+    assert [throttle.allow("cobs") for _ in range(4)] == [0, 0, 0, None]
+    assert throttle.allow("cobs", n=7) is None
+    clock.t += 1.0
+    assert throttle.allow("cobs", n=2) == 9  # 8 suppressed before, and the first of these two is the one logged
+
+
+def test_throttle_memory_is_bounded_whatever_the_keys() -> None:
+    from edge.log import Throttle  # noqa: PLC0415
+
+    throttle = Throttle(60.0, clock=FakeClock(), max_keys=100)
+    for i in range(1000):
+        assert throttle.allow(f"attacker-{i}") == 0
+    assert len(throttle._seen) <= 100

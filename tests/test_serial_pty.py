@@ -237,7 +237,7 @@ def test_missing_port_raises_transport_error(tmp_path: Path) -> None:
 
 def test_rejects_logged_without_flood(caplog: pytest.LogCaptureFixture) -> None:
     with pty_pair() as (master, _, path):
-        source = SerialSource(path, log_every=10)
+        source = SerialSource(path, log_every_s=60.0)
         consumer = Consumer(source)
         with caplog.at_level(logging.WARNING, logger="edge.sensing.serial"):
             for _ in range(50):
@@ -249,5 +249,5 @@ def test_rejects_logged_without_flood(caplog: pytest.LogCaptureFixture) -> None:
             consumer.stop()
     assert source.rejects == {"cobs": 50}
     logged = [r for r in caplog.records if r.name == "edge.sensing.serial"]
-    assert 1 <= len(logged) <= 5
+    assert len(logged) == 1  # 50 rejects within a minute: the first one logged, the rest counted
     assert "cobs" in logged[0].getMessage()

@@ -41,7 +41,7 @@ from edge.fleet.errors import IngestFailedError, StoreUnavailableError
 from edge.fleet.metrics import GatewayMetrics
 from edge.fleet.store import Inbound, IngestResult, Store
 from edge.fleet.suspend import RejectBudget, Suspension
-from edge.log import event
+from edge.log import Throttle, event
 from edge.mqtt import Incoming
 from edge.wire.topics import topic_device_any
 
@@ -162,28 +162,6 @@ class FairQueue:
             return out
 
 
-class _Throttle:
-    """Allows one log per key per interval and counts the ones it suppressed (reported with the next one)."""
-
-    def __init__(self, every_s: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self._every = every_s
-        self._clock = clock
-        self._last: dict[tuple[str, ...], float] = {}
-        self._suppressed: collections.Counter[tuple[str, ...]] = collections.Counter()
-
-    def allow(self, *key: str) -> int | None:
-        """None: suppress; else the number suppressed since the last allowed one."""
-        now = self._clock()
-        last = self._last.get(key)
-        if last is not None and now - last < self._every:
-            self._suppressed[key] += 1
-            return None
-        if len(self._last) >= _LOG_KEYS_MAX:
-            self._last.clear()
-        self._last[key] = now
-        return self._suppressed.pop(key, 0)
-
-
 class IngestLoop:
     """Batches incoming messages into store transactions and acknowledges what committed.
 
@@ -226,7 +204,7 @@ class IngestLoop:
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._error: BaseException | None = None
-        self._throttle = _Throttle(_LOG_EVERY_S)
+        self._throttle = Throttle(_LOG_EVERY_S, max_keys=_LOG_KEYS_MAX)
         self.failed: BaseException | None = None
         self.heartbeat = time.monotonic()  # the worker's latest turn (the systemd watchdog is fed while it moves)
         self.stats = IngestStats()

@@ -106,7 +106,7 @@ _HEADER_KEYS: Final = frozenset(
 )
 _LINE_KEYS: Final = frozenset({"counter", "received_at", "envelope"})
 _CREDIT_KEYS: Final = frozenset(o.value for o in UNCREDITED)
-_MAX_CAP: Final = 1 << 53
+_MAX_CAP: Final = MAX_COUNTER  # a per-hour ceiling, held exactly by every JSON reader like a counter
 _MAX_JSON_DEPTH: Final = 5  # header: totals / credits / model / outcome
 
 

@@ -5,7 +5,7 @@ Invariants:
 - This module only moves bytes: all parsing, validation and limits live in the sans-IO ``PacketDecoder`` and
   ``FrameAssembler``; it supplies them with bytes, a monotonic ``now`` and a wall-clock receive time.
 - Bad input never raises: it is rejected and counted by reason in ``rejects``; each reason is logged on its first
-  occurrence and then at most once per ``log_every`` occurrences, so a noisy line cannot flood the log.
+  occurrence and then at most once per ``log_every_s`` seconds, so a noisy line cannot flood the log.
 - A port that fails or disappears (including the peer closing a pty) raises ``TransportError`` from ``items()``:
   a device failure, not bad input. A serial line has no end-of-stream, so ``items()`` ends cleanly only after
   ``close()``.
@@ -25,6 +25,7 @@ from typing import Any
 import serial
 
 from edge.errors import TransportError
+from edge.log import Throttle
 from edge.sensing.frames import Frame, Reading
 from edge.sensing.serial_protocol import FrameAssembler, Hello, PacketDecoder, SerialLimits
 
@@ -49,7 +50,7 @@ class SerialSource:
         baudrate: int = 921600,
         limits: SerialLimits | None = None,
         read_timeout: float = 0.1,
-        log_every: int = 100,
+        log_every_s: float = 10.0,
     ) -> None:
         """Open the port.
 
@@ -58,22 +59,23 @@ class SerialSource:
             baudrate: line speed.
             limits: protocol limits; defaults to ``SerialLimits()``.
             read_timeout: seconds one read may block; bounds how long ``close()`` can take to take effect.
-            log_every: log each reject reason on its first occurrence, then once per this many occurrences.
+            log_every_s: log each reject reason on its first occurrence, then at most once per this many
+                seconds, with the count suppressed in between (``edge.log.Throttle``).
 
         Raises:
             TransportError: the port cannot be opened.
-            ValueError: ``read_timeout`` or ``log_every`` is not positive.
+            ValueError: ``read_timeout`` or ``log_every_s`` is not positive.
         """
         if read_timeout <= 0:
             raise ValueError(f"read_timeout must be positive, got {read_timeout!r}")
-        if log_every < 1:
-            raise ValueError(f"log_every must be at least 1, got {log_every!r}")
+        if not log_every_s > 0:
+            raise ValueError(f"log_every_s must be positive, got {log_every_s!r}")
         limits = limits if limits is not None else SerialLimits()
         self._port_name = port
         self._decoder = PacketDecoder(limits)
         self._assembler = FrameAssembler(limits)
-        self._log_every = log_every
-        self._logged_at: dict[str, int] = {}
+        self._reject_log = Throttle(log_every_s)
+        self._counted: dict[str, int] = {}
         self._lock = threading.Lock()
         self._closed = False
         self._in_read = False
@@ -168,7 +170,9 @@ class SerialSource:
 
     def _log_rejects(self) -> None:
         for reason, count in self.rejects.items():
-            last = self._logged_at.get(reason, 0)
-            if count > last and (last == 0 or count - last >= self._log_every):
-                self._logged_at[reason] = count
+            new = count - self._counted.get(reason, 0)
+            if new <= 0:
+                continue
+            self._counted[reason] = count
+            if self._reject_log.allow(reason, n=new) is not None:
                 _log.warning("serial %s: rejected %s (%d so far)", self._port_name, reason, count)

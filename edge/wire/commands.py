@@ -65,6 +65,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from edge.errors import InputError
 from edge.identity.errors import InvalidDeviceIdError
 from edge.identity.keys import validate_device_id
+from edge.wire._bounds import INT64_MAX, INT64_MIN, MAX_EPOCH
 from edge.wire._cbor import DECODE_ERRORS, loads_strict
 from edge.wire.cose import ALG_EDDSA, COSE_SIGN1_TAG, HEADER_ALG, HEADER_KID, decode_sign1, sign1
 from edge.wire.errors import BadSignatureError, MalformedEnvelopeError
@@ -118,8 +119,6 @@ VERSION: Final = 1
 
 _NAME = re.compile(r"[a-z][a-z0-9_./-]{0,31}")
 _ARG_KEY = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-_INT64 = (-(2**63), 2**63 - 1)
-_MAX_EPOCH: Final = 1e11
 # payload map 1, args map 2: anything deeper is not a command.
 _PAYLOAD_MAX_DEPTH: Final = 2
 
@@ -269,7 +268,7 @@ def _check_args(args: object) -> dict[str, Scalar]:
         if isinstance(v, bool) or v is None:
             pass
         elif isinstance(v, int):
-            if not _INT64[0] <= v <= _INT64[1]:
+            if not INT64_MIN <= v <= INT64_MAX:
                 raise ValueError(f"arg {k!r}: integer out of the 64-bit range")
         elif isinstance(v, float):
             if not math.isfinite(v):
@@ -284,8 +283,8 @@ def _check_args(args: object) -> dict[str, Scalar]:
 
 
 def _check_time(what: str, t: object) -> float:
-    if isinstance(t, bool) or not isinstance(t, int | float) or not math.isfinite(t) or not 0 <= t <= _MAX_EPOCH:
-        raise ValueError(f"{what} must be epoch seconds in 0..1e11, got {t!r:.40}")
+    if isinstance(t, bool) or not isinstance(t, int | float) or not math.isfinite(t) or not 0 <= t <= MAX_EPOCH:
+        raise ValueError(f"{what} must be epoch seconds in 0..{MAX_EPOCH:.0f}, got {t!r:.40}")
     return float(t)
 
 

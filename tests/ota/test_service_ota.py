@@ -18,7 +18,7 @@ import pytest
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "tests" / "gateway"))  # the fleet fixtures (CA, registry, broker) are shared
+sys.path.insert(0, str(ROOT / "tests" / "fleet"))  # the fleet fixtures (CA, registry, broker) are shared
 sys.path.insert(0, str(ROOT / "tools" / "models"))
 
 import ota_models  # noqa: E402

@@ -40,7 +40,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))  # the fleet, broker and hostile box of the tests are reused, not copied
-sys.path.insert(0, str(ROOT / "tests" / "gateway"))
+sys.path.insert(0, str(ROOT / "tests" / "fleet"))
 sys.path.insert(0, str(ROOT / "tools" / "bench"))  # the gateway benchmark's PostgreSQL helpers
 
 import paho.mqtt.client as mqtt  # noqa: E402

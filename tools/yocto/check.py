@@ -108,6 +108,7 @@ _PACKAGE_MODULES = {
     "python3-compression": "gzip tarfile zipfile",
     "python3-crypt": "hashlib",
     "python3-datetime": "calendar datetime",
+    "python3-difflib": "difflib",
     "python3-io": "socket ssl tempfile termios",
     "python3-json": "json",
     "python3-logging": "logging",
@@ -151,11 +152,16 @@ def bb_vars(path: Path) -> dict[str, str]:
     text = re.sub(r"\\\n", " ", path.read_text(encoding="utf-8"))
     out: dict[str, str] = {}
     for line in text.splitlines():
-        m = re.match(r'^([A-Za-z0-9_:${}./-]+)\s*(\?\?=|\?=|:=|\+=|\.=|=)\s*"(.*)"\s*$', line)
+        m = re.match(r'^([A-Za-z0-9_:${}./-]+)\s*(\?\?=|\?=|:=|\+=|\.=|=\+|=\.|=)\s*"(.*)"\s*$', line)
         if m:
             name, op, value = m.groups()
             value = " ".join(value.split())
-            out[name] = f"{out.get(name, '')} {value}".strip() if op in ("+=", ".=") else value
+            if op in ("+=", ".="):
+                out[name] = f"{out.get(name, '')} {value}".strip()
+            elif op in ("=+", "=."):
+                out[name] = f"{value} {out.get(name, '')}".strip()
+            else:
+                out[name] = value
     return out
 
 
@@ -347,7 +353,7 @@ def check_fleet_split() -> str:
     problems = []
     if FLEET_PACKAGE not in rv.get("PACKAGES", "").split():
         problems.append(f"PACKAGES does not name {FLEET_PACKAGE}: the fleet would ship in ${{PN}}, on every box")
-    if rv.get(f"FILES:{FLEET_PACKAGE}", "") != FLEET_FILES:
+    if FLEET_FILES not in rv.get(f"FILES:{FLEET_PACKAGE}", "").split():
         problems.append(f"FILES:{FLEET_PACKAGE} is not {FLEET_FILES!r}")
     fleet_rdepends = set(rv.get(f"RDEPENDS:{FLEET_PACKAGE}", "").split())
     box_rdepends = set(rv.get("RDEPENDS:${PN}", "").split())

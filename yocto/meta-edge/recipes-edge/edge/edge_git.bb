@@ -57,12 +57,11 @@ USERADD_PARAM:${PN} = "--system --gid edge --groups dialout --home-dir ${EDGE_DA
 
 SYSTEMD_SERVICE:${PN} = "edge.service"
 
-# The fleet side (edge/fleet/: the gateway, its store, the CA, the TUF repository signer, rollouts) runs on the
-# operator's servers, never on a box: it goes into its own package, which no image of this layer installs
+# edge-fleet: the fleet side (edge/fleet/: the gateway, its store, the CA, the TUF repository signer, rollouts) runs
+# on the operator's servers, never on a box. It goes into its own package, which no image of this layer installs
 # (tools/yocto/check.py checks both). Listed first so that its FILES claim edge/fleet before ${PN}'s do.
 PACKAGES =+ "${PN}-fleet"
-FILES:${PN}-fleet = "${PYTHON_SITEPACKAGES_DIR}/edge/fleet"
-SUMMARY:${PN}-fleet = "N3 Edge fleet side: gateway, store, CA, model repository and rollouts (not for boxes)"
+FILES:${PN}-fleet += "${PYTHON_SITEPACKAGES_DIR}/edge/fleet"
 
 do_install:append() {
     # The unit is the one the package ships and tests/test_systemd.py verifies: installed from the source, never copied.
@@ -108,10 +107,12 @@ RDEPENDS:${PN} += "\
     python3-crypt \
     python3-cryptography \
     python3-datetime \
+    python3-difflib \
     python3-io \
     python3-json \
     python3-logging \
     python3-math \
+    python3-netclient \
     python3-numbers \
     python3-numpy \
     python3-paho-mqtt \

@@ -25,9 +25,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
 from edge.identity import load_private_key
-from edge.wire.records import InferenceRecord
-from edge.wire.envelope import GENESIS_PREV, open_envelope
 from edge.telemetry.outbox import Outbox
+from edge.wire.envelope import GENESIS_PREV, open_envelope
+from edge.wire.records import InferenceRecord
 from edge.wire.schema import DEFAULT_LIMITS
 
 DEVICE_ID = "oeqa-box"
