@@ -2,9 +2,10 @@
 
 Two backends share every rule (``_base.SqlStore``) and differ only in connection handling, SQL dialect and locking:
 ``_sqlite`` (the embedded default, WAL) and ``_postgres`` (several gateway processes on one database). ``_sql`` holds
-the schema and its migrations, ``_batch`` the state of one ingest batch, ``_checks`` and ``_status`` the pure checks
-on what callers hand the store. ``open_store`` lives here, not beside the types, so that the backends can import the
-types without an import loop.
+the schema and its migrations, ``_plan`` the ingest rules as a sans-IO planner (what each verdict stores, counts and
+quarantines; ``_base`` carries its plans out), ``_batch`` the state of one ingest batch, ``_checks`` and ``_status``
+the pure checks on what callers hand the store. ``open_store`` lives here, not beside the types, so that the backends
+can import the types without an import loop.
 """
 
 from __future__ import annotations

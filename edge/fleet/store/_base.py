@@ -1,18 +1,19 @@
 """The store's logic, shared by both backends: ingest, the registry, status, the ledger and quarantine queries.
 
-Backends (``_store_sqlite``, ``_store_postgres``) supply the connection, the transaction, the SQL dialect and the
-error types to translate; every rule lives here, once.
+Backends (``_sqlite``, ``_postgres``) supply the connection, the transaction, the SQL dialect and the error types to
+translate. The ingest rules (what each verdict stores, counts and quarantines) are ``_plan``'s: this module reads
+and writes what its plans say and decides nothing about a message itself.
 
 Ingest of one batch, in one transaction:
-1. Each message is routed by its topic: ``devices/<id>/telemetry`` to the verifier, ``devices/<id>/status`` to the
-   status parser; anything else is rejected as ``wrong_topic`` without verifying anything. A message is attributed
-   to the device of its topic, the identity the broker authenticated (only that device may write there), never to
-   an id its content claims: rejects count against the box that sent them.
+1. Each message is routed by its topic (``edge.wire.topics.topic_route``): ``devices/<id>/telemetry`` to the
+   verifier, ``devices/<id>/status`` to the status parser, anything else to ``wrong_topic`` without verifying
+   anything. A message is attributed to the device of its topic, the identity the broker authenticated.
 2. The registered devices among the telemetry topics are loaded with one query, and their chain rows locked with one
    query in sorted order (created first if missing): every later read of a chain happens under that lock.
-3. Each telemetry message is verified in order by ``ChainVerifier`` over a ``BatchState``; accepted envelopes, chain
-   heads, quarantine rows and ledger increments are collected in memory. Status messages are parsed under bounds;
-   the last valid one of each device in the batch is stored, earlier ones are ``superseded``.
+3. Each telemetry message is verified in order by ``ChainVerifier`` over a ``BatchState`` and planned by
+   ``_plan.IngestPlanner``; accepted envelopes, chain heads, quarantine rows and ledger increments are collected in
+   memory as the plans say. Status messages are planned too: the last valid one of each device in the batch is
+   stored, earlier ones are ``superseded``.
 4. The inference records of the accepted envelopes are credited (``edge.fleet.credit``): under the claims lock
    (``_claims_session``: on SQLite this transaction, which holds the write lock; on PostgreSQL a short transaction
    of its own on a second connection, under an advisory lock) the in-memory claim index (``edge.fleet.claims``)
@@ -54,14 +55,19 @@ from edge.fleet.store._checks import (
     check_day,
     check_device,
     check_time,
-    iso,
     redact,
-    topic_device_any,
     topic_route,
     utc_day,
 )
+from edge.fleet.store._plan import (
+    QUARANTINE_PAYLOAD_BYTES,
+    SUPERSEDED,
+    IngestPlanner,
+    event_rows,
+    quarantine_row,
+)
 from edge.fleet.store._sql import Dialect
-from edge.fleet.store._status import StatusRow, decode_status, merge_status, parse_status
+from edge.fleet.store._status import StatusRow, merge_status, parse_status
 from edge.fleet.store.types import (
     DeviceEvent,
     DeviceRecord,
@@ -73,17 +79,12 @@ from edge.fleet.store.types import (
 )
 from edge.fleet.suspend import STRIKE_MEMORY_S, Suspension, suspension_length
 from edge.wire._bounds import MAX_COUNTER
-from edge.wire.chain import ChainLink, ChainVerifier, Verdict, VerdictKind
-from edge.wire.envelope import Envelope, envelope_hash
-from edge.wire.schema import EventRecord, TelemetryLimits
+from edge.wire.chain import ChainLink, ChainVerifier, Verdict
+from edge.wire.envelope import Envelope
+from edge.wire.schema import TelemetryLimits
 
 __all__ = ["QUARANTINE_PAYLOAD_BYTES", "SqlStore"]
 
-V = VerdictKind
-
-QUARANTINE_PAYLOAD_BYTES: Final = 64 * 1024
-_MAX_TOPIC_CHARS: Final = 1024
-_MAX_REASON_CHARS: Final = 1024
 _IN_CHUNK: Final = 10000  # ids per IN list: far below SQLite's 32766 bound parameters
 _PRUNE_EVERY_S: Final = 600.0  # claim log rows beyond the ledger's window are deleted this often
 _PAGE_ROWS: Final = 64  # envelopes per page when streaming: ~1 MB at 14 KB each, bounded by 64 x the size limit
@@ -340,50 +341,45 @@ class SqlStore(abc.ABC):
         tally = LedgerTally()
         state = BatchState(self, devices, chains, tally)
         verifier = ChainVerifier(state, state, self._limits)
+        planner = IngestPlanner(state, self._limits)
         credits = BatchCredits(self._rules)
         days = _DayCache()
         accepted: list[tuple[Envelope, float, str, bytes]] = []
-        event_rows: list[tuple[object, ...]] = []
-        quarantine_rows: list[tuple[object, ...]] = []
-        statuses: dict[str, tuple[int, StatusRow]] = {}
+        events: list[tuple[object, ...]] = []
+        quarantined: list[tuple[object, ...]] = []
         results: list[IngestResult] = []
-        for msg, (kind, dev) in zip(batch, routes, strict=True):
+        for position, (msg, (kind, dev)) in enumerate(zip(batch, routes, strict=True)):
             t = float(msg.received_at)
             day = days(t)
-            if kind == STATUS and dev is not None:
-                results.append(self._status(msg, dev, t, day, statuses, results, quarantine_rows, state, tally))
-                continue
-            if kind != TELEMETRY or dev is None:
-                v = self._bad_topic(msg)
-            else:
+            v: Verdict | None = None
+            if kind == TELEMETRY and dev is not None:
                 state.at(t, day)
                 v = verifier.verify(msg.payload, topic_device=dev)
-            if v.accepted:
-                env = v.envelope
-                assert env is not None and dev is not None  # accepted verdicts carry the envelope; dev is its kid
+                plan = planner.telemetry(v, dev, t)
+            elif kind == STATUS and dev is not None:
+                plan = planner.status(position, dev, msg.payload, t)
+            else:
+                plan = planner.other(msg.topic, msg.payload, dev)
+            if plan.accept:
+                env = v.envelope if v is not None else None
+                assert env is not None and dev is not None  # only accepted verdicts are accepted; dev is their kid
                 chain = chains[dev]
                 accepted.append((env, t, day, msg.payload))
-                tally.accepted(dev, day, env.records, late=v.kind is V.LATE, chain=chain)
+                tally.accepted(dev, day, env.records, late=plan.late, chain=chain)
                 device_key = devices[dev]
                 assert device_key is not None  # its key verified the envelope
                 credits.add(dev, env.counter, day, t, device_key.enrolled_at, env.records)
-                event_rows.extend(_event_rows(dev, env.counter, t, env.records))
+                events.extend(event_rows(dev, env.counter, t, env.records))
                 if chain.last_accepted is None or t > chain.last_accepted:
                     chain.last_accepted = t
-                results.append(IngestResult(v, True, v.kind.value, dev))
-            elif v.kind is V.DUPLICATE:
-                assert dev is not None  # the topic check passed: the kid is the topic's device
-                tally.add(dev, day, "duplicates")
-                results.append(IngestResult(v, True, v.kind.value, dev))
-            else:
-                # Attributed to the topic's device (the identity the broker authenticated), never to the kid: a box
-                # cannot get its forgeries counted against another box.
-                who = dev if kind == TELEMETRY else topic_device_any(msg.topic)
-                if v.kind is V.UNKNOWN_DEVICE:
-                    v = _explain_revoked(v, state, t)
-                self._reject(who, day, state, tally)
-                quarantine_rows.append(_quarantine_row(msg, who, str(v.kind), _reason(v, who), v.envelope_hash))
-                results.append(IngestResult(v, False, v.kind.value, who))
+            if plan.count is not None:
+                assert dev is not None  # the planner counts only against the device of the topic
+                tally.add(dev, day, plan.count)
+            if plan.quarantine is not None:
+                quarantined.append(quarantine_row(msg, dev, plan))
+            if plan.supersedes is not None:
+                results[plan.supersedes] = IngestResult(None, SUPERSEDED.stored, SUPERSEDED.outcome, dev)
+            results.append(IngestResult(v if plan.verdict is None else plan.verdict, plan.stored, plan.outcome, dev))
         # The credit first: the claims lock covers the decision and its few rows, never the bulk of the batch (on
         # PostgreSQL it is a transaction of its own; on SQLite this transaction holds the write lock throughout).
         resolution = self._credit(credits, max(float(m.received_at) for m in batch)) if accepted else None
@@ -394,53 +390,13 @@ class SqlStore(abc.ABC):
             for env, t, day, data in accepted
         ]  # fmt: skip
         with self._pipeline():  # PostgreSQL: every bulk write of the batch in one round trip
-            self._write_batch(envelope_rows, chains, quarantine_rows, tally)
-            if event_rows:
-                self._executemany(self._sql(q.INSERT_EVENT), event_rows)
+            self._write_batch(envelope_rows, chains, quarantined, tally)
+            if events:
+                self._executemany(self._sql(q.INSERT_EVENT), events)
             self._write_credits(tally, resolution)
-        for dev in sorted(statuses):  # sorted: concurrent batches take status row locks in one order
-            self._upsert_status(dev, statuses[dev][1])
+        for dev, row in planner.statuses():
+            self._upsert_status(dev, row)
         return results
-
-    def _reject(self, who: str | None, day: str, state: BatchState, tally: LedgerTally) -> None:
-        if who is not None and state.device(who) is not None:
-            tally.add(who, day, "rejects")
-
-    def _status(  # noqa: PLR0917 -- the batch's running state, passed down once
-        self,
-        msg: Inbound,
-        dev: str,
-        t: float,
-        day: str,
-        statuses: dict[str, tuple[int, StatusRow]],
-        results: list[IngestResult],
-        quarantine_rows: list[tuple[object, ...]],
-        state: BatchState,
-        tally: LedgerTally,
-    ) -> IngestResult:
-        """One status message: parsed under bounds, coalesced per device (the last one of the batch is stored)."""
-        try:
-            body = decode_status(dev, msg.payload)
-            if body is None:
-                # An empty retained message clears the topic: nothing to record.
-                return IngestResult(None, True, "cleared", dev)
-            row = parse_status(dev, body, t)
-        except GatewayInputError as e:
-            self._reject(dev, day, state, tally)
-            quarantine_rows.append(_quarantine_row(msg, dev, "malformed", f"status: {e}", None))
-            return IngestResult(None, False, "malformed", dev)
-        previous = statuses.get(dev)
-        if previous is not None:
-            results[previous[0]] = IngestResult(None, True, "superseded", dev)
-        statuses[dev] = (len(results), row)
-        return IngestResult(None, True, "recorded", dev)
-
-    def _bad_topic(self, msg: Inbound) -> Verdict:
-        """The verdict for a message on a topic that is not ``devices/<id>/telemetry``; nothing is verified."""
-        data = msg.payload
-        h = envelope_hash(data) if isinstance(data, bytes) and len(data) <= self._limits.max_envelope_bytes else None
-        reason = f"topic {str(msg.topic)!r:.120} is not devices/<device id>/telemetry or /status"
-        return Verdict(V.WRONG_TOPIC, reason, None, envelope_hash=h)
 
     def quarantine(self, batch: Sequence[Inbound], kind: str, reason: str) -> None:
         """Quarantine messages unverified, complete (see ``Store.quarantine``)."""
@@ -449,13 +405,14 @@ class SqlStore(abc.ABC):
         days = _DayCache()
         rows, tally = [], LedgerTally()
         with self._guard("quarantine"), self._transaction():
+            planner = IngestPlanner(BatchState(self, {}, {}, tally), self._limits)
             for msg in batch:
-                who = topic_device_any(msg.topic)
-                data = msg.payload if isinstance(msg.payload, bytes) else b""
-                h = envelope_hash(data) if len(data) <= self._limits.max_envelope_bytes else None
-                rows.append(_quarantine_row(msg, who, kind, reason, h, keep=self._limits.max_envelope_bytes))
-                if who is not None and self.load_device_key(who) is not None:
-                    tally.add(who, days(float(msg.received_at)), "rejects")
+                who = topic_route(msg.topic)[1]
+                plan = planner.held(who, msg.payload, kind, reason)
+                rows.append(quarantine_row(msg, who, plan))
+                if plan.count is not None:
+                    assert who is not None  # the planner counts only against the device of the topic
+                    tally.add(who, days(float(msg.received_at)), plan.count)
             self._write_batch([], {}, rows, tally)
 
     def _load_device_keys(self, ids: list[str]) -> dict[str, DeviceKey | None]:
@@ -958,62 +915,3 @@ class SqlStore(abc.ABC):
 def _device_record(row: tuple[Any, ...]) -> DeviceRecord:
     device_id, did, public_key, cert_pem, enrolled_at, revoked_at = row
     return DeviceRecord(device_id, did, bytes(public_key), cert_pem, enrolled_at, revoked_at)
-
-
-def _event_rows(
-    device_id: str, counter: int, received_at: float, records: Sequence[object]
-) -> list[tuple[object, ...]]:
-    """The ``events`` rows of an accepted envelope's event records; ``idx`` is the record's index in the envelope."""
-    return [
-        (
-            device_id,
-            counter,
-            i,
-            r.timestamp,
-            received_at,
-            r.kind,
-            json.dumps({k: v.hex() if isinstance(v, bytes) else v for k, v in r.data.items()}, sort_keys=True),
-        )
-        for i, r in enumerate(records)
-        if type(r) is EventRecord
-    ]
-
-
-def _explain_revoked(v: Verdict, state: BatchState, t: float) -> Verdict:
-    """Say "revoked" in the reason when the unknown device is a registered, revoked one."""
-    dev = state.device(v.device_id) if v.device_id is not None else None
-    if dev is None or dev.revoked_at is None:
-        return v
-    reason = f"device {v.device_id!r} was revoked at {iso(dev.revoked_at)}; envelope received at {iso(t)}"
-    return dataclasses.replace(v, reason=reason)
-
-
-def _reason(v: Verdict, who: str | None) -> str:
-    """The verdict's reason, saying which device the content claims when that is not the topic's device."""
-    if v.device_id is not None and v.device_id != who:
-        return f"{v.reason} (the envelope names {v.device_id!r})"
-    return v.reason
-
-
-def _quarantine_row(
-    msg: Inbound,
-    device_id: str | None,
-    kind: str,
-    reason: str,
-    h: bytes | None,
-    *,
-    keep: int = QUARANTINE_PAYLOAD_BYTES,
-) -> tuple[object, ...]:
-    data = msg.payload if isinstance(msg.payload, bytes) else b""
-    topic = msg.topic if isinstance(msg.topic, str) else repr(msg.topic)
-    # Text columns never get a NUL (PostgreSQL refuses it, and the whole batch with it).
-    return (
-        float(msg.received_at),
-        topic[:_MAX_TOPIC_CHARS].replace("\x00", "\\x00"),
-        device_id,
-        kind,
-        reason[:_MAX_REASON_CHARS].replace("\x00", "\\x00"),
-        len(data),
-        h,
-        data[:keep],
-    )
