@@ -46,6 +46,8 @@ EDGE_PTEST_FILES = "\
 
 inherit python_setuptools_build_meta systemd useradd ptest
 
+# The wheel this builds is the distribution n3-edge (PyPI's "edge" is an unrelated project); the import package,
+# the command, the unit and this recipe keep the name edge.
 # vendor:product, so that CVE checks do not match other products called edge (a web browser among them).
 CVE_PRODUCT = "n3:edge"
 
