@@ -264,3 +264,15 @@ def test_help_loads_neither_numpy_nor_onnxruntime(tmp_path) -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_the_records_module_loads_no_crypto() -> None:
+    # Every box imports edge.wire.records on its hot path; a box writing JSON lines must not pay for COSE and
+    # cryptography (16 MB of RSS when the package's __init__ imported its modules eagerly).
+    code = (
+        "import sys, edge.wire.records, edge.sinks\n"
+        "heavy = ('cryptography', 'cbor2', 'edge.wire.envelope', 'edge.wire.chain')\n"
+        "print(sorted(m for m in heavy if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]"

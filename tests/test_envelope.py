@@ -13,25 +13,19 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edge.wire import (
-    GENESIS_PREV,
-    Batcher,
+from edge.wire.cose import sig_structure
+from edge.wire.envelope import GENESIS_PREV, Batcher, envelope_hash, open_envelope, seal_envelope
+from edge.wire.errors import BadSignatureError, MalformedEnvelopeError, MalformedRecordError
+from edge.wire.records import InferenceRecord, ReadingRecord
+from edge.wire.schema import (
     EventRecord,
     LossNotice,
-    MalformedEnvelopeError,
-    MalformedRecordError,
     TelemetryLimits,
     decode_record,
     decode_records,
     encode_record,
     encode_records,
-    envelope_hash,
-    open_envelope,
-    seal_envelope,
 )
-from edge.wire.cose import sig_structure
-from edge.wire.errors import BadSignatureError
-from edge.wire.records import InferenceRecord, ReadingRecord
 
 KEY = Ed25519PrivateKey.generate()
 PUB = KEY.public_key()

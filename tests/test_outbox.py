@@ -30,17 +30,10 @@ from edge.telemetry.outbox import (
     OutboxFullError,
     Sealed,
 )
-from edge.wire import (
-    GENESIS_PREV,
-    Envelope,
-    LossNotice,
-    MalformedRecordError,
-    TelemetryLimits,
-    envelope_hash,
-    open_envelope,
-)
-from edge.wire.envelope import seal_envelope
+from edge.wire.envelope import GENESIS_PREV, Envelope, envelope_hash, open_envelope, seal_envelope
+from edge.wire.errors import MalformedRecordError
 from edge.wire.records import InferenceRecord, ReadingRecord
+from edge.wire.schema import LossNotice, TelemetryLimits
 
 KEY = Ed25519PrivateKey.generate()
 PUB = KEY.public_key()

@@ -20,7 +20,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
 from edge.telemetry.outbox import Outbox
-from edge.wire import GENESIS_PREV, LossNotice, TelemetryLimits, envelope_hash, open_envelope
+from edge.wire.envelope import GENESIS_PREV, envelope_hash, open_envelope
+from edge.wire.schema import LossNotice, TelemetryLimits
 
 ROOT = Path(__file__).resolve().parent.parent
 WRITER = Path(__file__).resolve().parent / "outbox_writer.py"

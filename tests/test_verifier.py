@@ -10,17 +10,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge.wire import (
-    GENESIS_PREV,
-    ChainVerifier,
-    MemoryChainState,
-    TelemetryLimits,
-    VerdictKind,
-    envelope_hash,
-    seal_envelope,
-)
+from edge.wire.chain import ChainVerifier, MemoryChainState, VerdictKind
 from edge.wire.cose import sig_structure
+from edge.wire.envelope import GENESIS_PREV, envelope_hash, seal_envelope
 from edge.wire.records import ReadingRecord
+from edge.wire.schema import TelemetryLimits
 
 V = VerdictKind
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from edge.wire import GENESIS_PREV, envelope_hash, seal_envelope
+from edge.wire.envelope import GENESIS_PREV, envelope_hash, seal_envelope
 from edge.wire.records import InferenceRecord, ReadingRecord
 
 # RFC 8032 section 7.1 TEST 1 secret key: public, never a device key.

@@ -11,63 +11,7 @@ box (``edge.telemetry``, ``edge.ota``, ...) nor the fleet (``edge.fleet``): test
 - ``_bounds``: limits shared by all of them; ``errors``: the malformed-input errors.
 
 The formats are specified in docs/telemetry.md, docs/commands.md and docs/ota.md.
+
+The package itself imports nothing: ``edge.wire.records`` is on every box's hot path, and importing it must not load
+the COSE, chain and cryptography modules a box that writes JSON lines never uses. Import from the modules.
 """
-
-from __future__ import annotations
-
-from edge.wire.chain import (
-    ChainLink,
-    ChainStateStore,
-    ChainVerifier,
-    KeyLookup,
-    MemoryChainState,
-    Verdict,
-    VerdictKind,
-)
-from edge.wire.envelope import GENESIS_PREV, Batcher, Envelope, envelope_hash, open_envelope, seal_envelope
-from edge.wire.errors import (
-    BadSignatureError,
-    MalformedEnvelopeError,
-    MalformedRecordError,
-    UnsupportedAlgorithmError,
-)
-from edge.wire.schema import (
-    DEFAULT_LIMITS,
-    EventRecord,
-    LossNotice,
-    TelemetryLimits,
-    TelemetryRecord,
-    decode_record,
-    decode_records,
-    encode_record,
-    encode_records,
-)
-
-__all__ = [
-    "DEFAULT_LIMITS",
-    "GENESIS_PREV",
-    "BadSignatureError",
-    "Batcher",
-    "ChainLink",
-    "ChainStateStore",
-    "ChainVerifier",
-    "Envelope",
-    "EventRecord",
-    "KeyLookup",
-    "LossNotice",
-    "MalformedEnvelopeError",
-    "MalformedRecordError",
-    "MemoryChainState",
-    "TelemetryLimits",
-    "TelemetryRecord",
-    "UnsupportedAlgorithmError",
-    "Verdict",
-    "VerdictKind",
-    "decode_record",
-    "decode_records",
-    "encode_record",
-    "encode_records",
-    "envelope_hash",
-    "open_envelope",
-    "seal_envelope",
-]

@@ -21,8 +21,9 @@ from pg import PrivateServer, fresh_database, running_server_url
 
 from edge.fleet.store import DeviceRecord, Inbound, Store, open_store
 from edge.identity.did import did_key_from_public
-from edge.wire import GENESIS_PREV, EventRecord, LossNotice, TelemetryRecord, envelope_hash, seal_envelope
+from edge.wire.envelope import GENESIS_PREV, envelope_hash, seal_envelope
 from edge.wire.records import InferenceRecord, ReadingRecord
+from edge.wire.schema import EventRecord, LossNotice, TelemetryRecord
 
 # 2023-11-14 22:13:20 UTC; the next UTC day starts at MIDNIGHT.
 T0 = 1_700_000_000.0

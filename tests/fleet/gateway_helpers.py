@@ -15,7 +15,7 @@ from mqtt_broker import GATEWAY_ID, Broker, TestPKI
 from edge.fleet.config import BrokerConfig, GatewayConfig, IngestConfig, MetricsConfig
 from edge.fleet.store import DeviceRecord
 from edge.identity.did import did_key_from_public
-from edge.wire import GENESIS_PREV, envelope_hash, seal_envelope
+from edge.wire.envelope import GENESIS_PREV, envelope_hash, seal_envelope
 from edge.wire.records import InferenceRecord
 
 

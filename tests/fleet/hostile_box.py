@@ -21,9 +21,18 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from gateway_helpers import SimDevice, inference_records
 
 from edge.fleet.pki.registry import MAX_PACKET_BYTES
-from edge.wire import GENESIS_PREV, envelope_hash
 from edge.wire.cose import ALG_EDDSA, HEADER_ALG, HEADER_KID, sign1
-from edge.wire.envelope import P_COUNTER, P_CREATED, P_DEVICE, P_PREV, P_RECORDS, P_VERSION, SCHEMA_VERSION
+from edge.wire.envelope import (
+    GENESIS_PREV,
+    P_COUNTER,
+    P_CREATED,
+    P_DEVICE,
+    P_PREV,
+    P_RECORDS,
+    P_VERSION,
+    SCHEMA_VERSION,
+    envelope_hash,
+)
 from edge.wire.schema import K_TYPE, TYPE_LOSS, record_to_item
 
 __all__ = ["Attack", "HostileBox", "sim_device"]

@@ -201,7 +201,8 @@ def test_concurrent_gateways_credit_each_input_once(store, store_url, fleet, bac
 
 def test_ledger_sums_exact_and_bounded_whatever_loss_notices_claim(store, fleet, raw):
     """Loss notices at the contract's bounds, repeated: the sums stay exact integers, equal on both backends."""
-    from edge.wire import LossNotice, envelope_hash, seal_envelope  # noqa: PLC0415
+    from edge.wire.envelope import envelope_hash, seal_envelope  # noqa: PLC0415
+    from edge.wire.schema import LossNotice  # noqa: PLC0415
 
     a = fleet.device("cam-a")
     top = 2**53 - 100

@@ -37,7 +37,7 @@ from mqtt_broker import free_port
 from edge.fleet.config import MetricsConfig
 from edge.fleet.store import Store, open_store
 from edge.identity.keys import load_private_key
-from edge.wire import envelope_hash
+from edge.wire.envelope import envelope_hash
 
 HONEST = ("cam-a", "cam-b")
 MALLORY = "mallory"

@@ -24,10 +24,9 @@ from edge.fleet.store._plan import (
     event_rows,
     quarantine_row,
 )
-from edge.wire import EventRecord
 from edge.wire.chain import Verdict, VerdictKind
 from edge.wire.records import ReadingRecord
-from edge.wire.schema import DEFAULT_LIMITS, TelemetryLimits
+from edge.wire.schema import DEFAULT_LIMITS, EventRecord, TelemetryLimits
 
 V = VerdictKind
 T0 = 1_700_000_000.0

@@ -11,8 +11,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from edge.fleet.store import Inbound, open_store
-from edge.wire import GENESIS_PREV, TelemetryLimits, VerdictKind, envelope_hash, seal_envelope
+from edge.wire.chain import VerdictKind
 from edge.wire.cose import sig_structure
+from edge.wire.envelope import GENESIS_PREV, envelope_hash, seal_envelope
+from edge.wire.schema import TelemetryLimits
 
 V = VerdictKind
 T0 = 1_700_000_000.0

@@ -23,9 +23,10 @@ from edge.fleet.pki.ca import FleetCA
 from edge.fleet.rollout.driver import RolloutDriver, RolloutFiles, abort_rollout, start_rollout
 from edge.fleet.rollout.planner import Rollout, RolloutConflictError, order_devices
 from edge.fleet.store import open_store
-from edge.wire import EventRecord, envelope_hash, seal_envelope
 from edge.wire.commands import Command as SignedCommand
 from edge.wire.commands import CommandVerifier, NonceSet
+from edge.wire.envelope import envelope_hash, seal_envelope
+from edge.wire.schema import EventRecord
 
 RID = "5eed0001"
 # name, version -> what a box's updater concludes after the trial

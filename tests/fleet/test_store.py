@@ -14,7 +14,7 @@ from edge.fleet.errors import DeviceExistsError, GatewayInputError, StoreError, 
 from edge.fleet.store import Inbound, open_store
 from edge.fleet.store._checks import redact
 from edge.fleet.store._sql import SCHEMA_VERSION
-from edge.wire import VerdictKind
+from edge.wire.chain import VerdictKind
 
 V = VerdictKind
 T0 = 1_700_000_000.0  # 2023-11-14 22:13:20 UTC

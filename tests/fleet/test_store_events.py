@@ -8,8 +8,8 @@ import pytest
 
 from edge.fleet.errors import GatewayInputError, StoreError
 from edge.fleet.store import open_store
-from edge.wire import EventRecord
 from edge.wire.chain import VerdictKind as V
+from edge.wire.schema import EventRecord
 
 T0 = 1_700_000_000.0  # the enrollment clock of the simulated devices (conftest)
 
