@@ -28,22 +28,25 @@ def fleet_installed() -> bool:
     return importlib.util.find_spec("edge.fleet") is not None
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Build the parser with every subcommand registered: the box's, and the fleet's where it is installed."""
+def build_parser(*, fleet: bool = True) -> argparse.ArgumentParser:
+    """Build the parser with the box's subcommands and, where it is installed and ``fleet`` is true, the fleet's."""
     parser = argparse.ArgumentParser(prog="edge", description="N3 Edge box firmware service.")
     parser.add_argument("--version", action="version", version=f"edge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in _COMMANDS:
         module = importlib.import_module(f"edge.commands.{name}")
         module.register(sub)
-    if fleet_installed():
+    if fleet and fleet_installed():
         importlib.import_module(_FLEET_CLI).register(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the process exit status."""
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # A box verb (edge run, above all: every start of the service) does not pay for the fleet's parsers; anything
+    # else (help, a fleet verb, a typo) gets the whole parser, so help and errors list every verb.
+    parser = build_parser(fleet=not argv or argv[0] not in _COMMANDS)
     args = parser.parse_args(argv)
     try:
         status: int = args.func(args)

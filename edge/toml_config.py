@@ -21,7 +21,6 @@ Invariants:
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import re
 import tomllib
@@ -130,8 +129,13 @@ def _table(name: str, table: object) -> Mapping[str, Any]:
 
 def _unknown(name: str, table: Mapping[str, Any], known: list[str]) -> list[tuple[str, Any, str]]:
     """The keys of ``table`` not in ``known``: (dotted key, value, what to say about it), sorted."""
+    unknown = sorted(set(table) - set(known))
+    if not unknown:
+        return []
+    import difflib  # noqa: PLC0415 -- only for a file with a mistake, never on a start that succeeds
+
     out = []
-    for key in sorted(set(table) - set(known)):
+    for key in unknown:
         close = difflib.get_close_matches(key, known, n=1)
         hint = f"did you mean {_dotted(name, close[0])!r}?" if close else "check the spelling"
         out.append((_dotted(name, key), table[key], hint))

@@ -276,3 +276,15 @@ def test_the_records_module_loads_no_crypto() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_box_verb_does_not_load_the_fleet_cli() -> None:
+    # `edge run` starts the service on every boot: the fleet's parsers are not its business, even where installed.
+    code = (
+        "import sys, contextlib, io, edge.cli\n"
+        "with contextlib.suppress(SystemExit), contextlib.redirect_stderr(io.StringIO()):\n"
+        "    edge.cli.main(['run', '--frames', '-1'])\n"
+        "print('edge.fleet.cli' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "False"
