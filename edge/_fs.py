@@ -13,6 +13,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from edge.errors import InputError
+
 __all__ = ["atomic_write", "fsync_dir"]
 
 
@@ -60,3 +62,26 @@ def atomic_write(
             os.unlink(tmp)
         raise
     fsync_dir(target.parent)
+
+
+class TooLargeError(InputError):
+    """A file is over the bound its reader set, or grew past it while it was read (input from outside)."""
+
+
+def read_bounded(path: Path, limit: int) -> bytes:
+    """The bytes of ``path``, refusing a file over ``limit`` bytes before reading it.
+
+    Raises:
+        TooLargeError: the file is over ``limit``, or grew while it was read (the message names it and its size).
+        OSError: it cannot be read (callers say whose fault that is).
+    """
+    with path.open("rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > limit:
+            raise TooLargeError(f"{path} is {size} bytes, more than {limit}")
+        # One byte past the size from the stat (read() allocates what it is asked for): a file that grows meanwhile
+        # is refused, not read on without bound.
+        data = f.read(size + 1)
+    if len(data) > size:
+        raise TooLargeError(f"{path} grew while it was read (it was {size} bytes)")
+    return data

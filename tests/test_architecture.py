@@ -28,6 +28,27 @@ ROOT = Path(__file__).resolve().parent.parent / "edge"
 # What the contract may build on: the base modules every side shares.
 WIRE_MAY_IMPORT = ("edge.wire", "edge.errors", "edge.identity", "edge.arrays")
 WIRE_THIRD_PARTY = {"cbor2", "cryptography", "numpy"}
+# Sans-IO: the contract takes bytes and a time and returns values; files, sockets, processes, threads and clocks
+# belong to the sides that use it.
+WIRE_NO_IO = {
+    "os",
+    "pathlib",
+    "shutil",
+    "tempfile",
+    "socket",
+    "ssl",
+    "select",
+    "selectors",
+    "subprocess",
+    "sqlite3",
+    "threading",
+    "asyncio",
+    "urllib",
+    "http",
+    "time",
+    "signal",
+    "mmap",
+}
 # What the fleet may not touch: the box's own rooms.
 FLEET_MAY_NOT_IMPORT = ("edge.telemetry", "edge.ota", "edge.service", "edge.pipeline", "edge.commands", "edge.sinks")
 PAHO_MODULE = "edge.mqtt"
@@ -84,6 +105,8 @@ def violations(graph: Mapping[str, set[str]]) -> list[str]:
                     found.append(f"{mod} -> {dep}: the contract imports neither side")
                 elif top != "edge" and top not in stdlib and top not in WIRE_THIRD_PARTY:
                     found.append(f"{mod} -> {dep}: the contract is sans-IO ({top} is not allowed)")
+                elif top in WIRE_NO_IO:
+                    found.append(f"{mod} -> {dep}: the contract is sans-IO ({top} does I/O)")
             if within(dep, ["edge.fleet"]) and not within(mod, ["edge.fleet"]):
                 found.append(f"{mod} -> {dep}: the box never imports the fleet")
             if within(mod, ["edge.fleet"]) and within(dep, FLEET_MAY_NOT_IMPORT):
@@ -177,6 +200,7 @@ def write_tree(tmp_path: Path, files: Mapping[str, str]) -> Path:
         ({"telemetry/x.py": "from edge.fleet.store import open_store\n", "fleet/store.py": ""}, "never imports"),
         ({"wire/x.py": "import edge.telemetry.outbox\n", "telemetry/outbox.py": ""}, "imports neither side"),
         ({"wire/x.py": "def f():\n    import sqlite3, requests\n"}, "requests is not allowed"),
+        ({"wire/x.py": "from pathlib import Path\n"}, "pathlib does I/O"),
         ({"fleet/x.py": "from edge.ota.clock import base_time\n"}, "not the box's modules"),
         ({"telemetry/x.py": "import paho.mqtt.client as mqtt\n"}, "only edge.mqtt imports paho"),
         ({"fleet/cli/x.py": "from ...telemetry import outbox\n", "telemetry/outbox.py": ""}, "not the box's modules"),

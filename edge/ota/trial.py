@@ -38,13 +38,22 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
+from edge._fs import TooLargeError, read_bounded
 from edge.errors import InputError, ModelError
 from edge.inference.model import InputSpec, Model
 from edge.ota.errors import TrialFailed
 from edge.wire.errors import ManifestError
-from edge.wire.manifest import GoldenSamples, InputInfo, ModelManifest, version_key
+from edge.wire.manifest import MAX_GOLDEN_BYTES, GoldenSamples, InputInfo, ModelManifest, parse_golden, version_key
 
-__all__ = ["TrialResult", "adapt_inputs", "check_requires", "compare_outputs", "installed_versions", "run_trial"]
+__all__ = [
+    "TrialResult",
+    "adapt_inputs",
+    "check_requires",
+    "compare_outputs",
+    "installed_versions",
+    "load_golden",
+    "run_trial",
+]
 
 Variant = Literal["int8", "float"]
 _MIN_TIMED_RUNS = 5
@@ -382,3 +391,19 @@ def _choose(cands: list[_Candidate]) -> _Candidate:
         if c is not chosen:
             c.model = None  # drop the rejected session now, not when the result is garbage-collected
     return chosen
+
+
+def load_golden(path: str | Path, *, input_info: InputInfo | None = None) -> GoldenSamples:
+    """Read a golden ``.npz`` file under ``MAX_GOLDEN_BYTES`` and parse it (``edge.wire.manifest.parse_golden``).
+
+    Raises:
+        ManifestError: the file cannot be read, is too large, or is not golden samples of ``input_info``.
+    """
+    p = Path(path)
+    try:
+        data = read_bounded(p, MAX_GOLDEN_BYTES)
+    except TooLargeError as e:
+        raise ManifestError(f"golden file {e}") from e
+    except OSError as e:
+        raise ManifestError(f"cannot read golden file {p}: {e}") from e
+    return parse_golden(data, input_info=input_info, label=f"golden file {p}")

@@ -49,7 +49,6 @@ from edge.wire.manifest import (
     GOLDEN_FILE,
     MODEL_FILE,
     ModelManifest,
-    load_golden,
     validate_name,
     version_key,
 )
@@ -525,6 +524,8 @@ class Updater:
             files["float"] = slot_dir / FLOAT_FILE
         golden = None
         if manifest.golden is not None:
+            from edge.ota.trial import load_golden  # noqa: PLC0415 -- the trial's module loads the model runtime
+
             golden = load_golden(slot_dir / GOLDEN_FILE, input_info=manifest.input)
         return self.trial(manifest, files, golden, threads=self.threads)
 

@@ -27,11 +27,9 @@ at least ``min_agreement``.
 from __future__ import annotations
 
 import math
-import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Final, Literal
 
 import numpy as np
@@ -52,9 +50,7 @@ __all__ = [
     "GoldenSpec",
     "InputInfo",
     "ModelManifest",
-    "load_golden",
     "parse_golden",
-    "read_golden_bytes",
     "release_dir",
     "target_path",
     "validate_name",
@@ -331,35 +327,6 @@ def parse_golden(data: bytes, *, input_info: InputInfo | None = None, label: str
                 f"the model takes {input_info.dtype}{list(want)}"
             )
     return GoldenSamples(inputs=inputs, outputs=outputs)
-
-
-def read_golden_bytes(path: Path) -> bytes:
-    """The bytes of a golden file, refusing one over ``MAX_GOLDEN_BYTES`` before reading it.
-
-    Raises:
-        ManifestError: the file is too large.
-        OSError: it cannot be read (callers say whose fault that is).
-    """
-    with path.open("rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size > MAX_GOLDEN_BYTES:
-            raise ManifestError(f"golden file {path} is {size} bytes, more than {MAX_GOLDEN_BYTES}")
-        # One byte past the size from the stat (read() allocates what it is asked for): a file that grows meanwhile
-        # is refused, not read on without bound.
-        data = f.read(size + 1)
-    if len(data) > size:
-        raise ManifestError(f"golden file {path} grew while it was read (it was {size} bytes)")
-    return data
-
-
-def load_golden(path: str | Path, *, input_info: InputInfo | None = None) -> GoldenSamples:
-    """Read and parse a golden ``.npz`` file (see :func:`parse_golden`)."""
-    p = Path(path)
-    try:
-        data = read_golden_bytes(p)
-    except OSError as e:
-        raise ManifestError(f"cannot read golden file {p}: {e}") from e
-    return parse_golden(data, input_info=input_info, label=f"golden file {p}")
 
 
 # -- canonical JSON: no floats ---------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from hostile_files import MAX_PEAK, TiB, bomb, npy_header, sparse_file, traced_p
 from securesystemslib.formats import encode_canonical
 
 from edge.errors import InputError
+from edge.ota.trial import load_golden
 from edge.wire.errors import ManifestError
 from edge.wire.manifest import (
     FLOAT_FILE,
@@ -22,7 +23,6 @@ from edge.wire.manifest import (
     GoldenSpec,
     InputInfo,
     ModelManifest,
-    load_golden,
     parse_golden,
     target_path,
     validate_name,

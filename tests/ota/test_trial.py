@@ -19,7 +19,7 @@ from onnx import helper, numpy_helper
 from edge.errors import InputError
 from edge.inference.model import MAX_MODEL_BYTES, Model
 from edge.ota.errors import TrialFailed
-from edge.ota.trial import check_requires, run_trial
+from edge.ota.trial import check_requires, load_golden, run_trial
 from edge.wire.manifest import (
     FLOAT_FILE,
     GOLDEN_FILE,
@@ -28,7 +28,6 @@ from edge.wire.manifest import (
     GoldenSpec,
     InputInfo,
     ModelManifest,
-    load_golden,
     target_path,
 )
 

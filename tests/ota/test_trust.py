@@ -24,8 +24,9 @@ from tuf.ngclient.config import EnvelopeType
 
 from edge.ota.clock import TimeFloor
 from edge.ota.errors import UpdateRejected
+from edge.ota.trial import load_golden
 from edge.ota.trust import rejection
-from edge.wire.manifest import GOLDEN_FILE, load_golden
+from edge.wire.manifest import GOLDEN_FILE
 
 
 def test_refresh_release_fetch(ota_env: OtaEnv) -> None:

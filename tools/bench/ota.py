@@ -57,10 +57,10 @@ from static_server import StaticServer  # noqa: E402
 from edge.fleet.models.repository import FleetRepository  # noqa: E402
 from edge.inference.model import Model  # noqa: E402
 from edge.ota.slots import file_sha256  # noqa: E402
-from edge.ota.trial import run_trial  # noqa: E402
+from edge.ota.trial import load_golden, run_trial  # noqa: E402
 from edge.ota.trust import TrustClient  # noqa: E402
 from edge.ota.updater import Outcome, Updater  # noqa: E402
-from edge.wire.manifest import GoldenSamples, ModelManifest, load_golden  # noqa: E402
+from edge.wire.manifest import GoldenSamples, ModelManifest  # noqa: E402
 
 CACHE = ROOT / ".cache" / "bench-models"
 NAME = "mobilenetv2-bench"  # the edge.name written by tools/models/make_mobilenetv2.py

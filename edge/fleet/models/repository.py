@@ -62,7 +62,7 @@ from tuf.api.metadata import (  # type: ignore[attr-defined] # the public path; 
 )
 
 import edge
-from edge._fs import atomic_write, fsync_dir
+from edge._fs import TooLargeError, atomic_write, fsync_dir, read_bounded
 from edge.arrays import NpzArchive
 from edge.errors import InputError
 from edge.fleet.errors import GatewayError
@@ -72,13 +72,13 @@ from edge.wire.manifest import (
     FLOAT_FILE,
     GOLDEN_FILE,
     GOLDEN_LIMITS,
+    MAX_GOLDEN_BYTES,
     MODEL_FILE,
     Companion,
     GoldenSpec,
     InputInfo,
     ModelManifest,
     parse_golden,
-    read_golden_bytes,
     target_path,
     validate_name,
     version_key,
@@ -822,7 +822,9 @@ def _check_identity(metadata: Mapping[str, str], path: Path, name: str, version:
 def _golden_bytes(path: Path, model: Any, info: InputInfo) -> tuple[bytes, int]:
     """The golden file to publish: as given, or with ``outputs`` computed by ``model`` when it has only inputs."""
     try:
-        data = read_golden_bytes(path)
+        data = read_bounded(path, MAX_GOLDEN_BYTES)
+    except TooLargeError as e:
+        raise ManifestError(f"golden file {e}") from e
     except OSError as e:
         raise RepositoryError(f"cannot read golden file {path}: {e.strerror or e}") from e
     try:
