@@ -279,36 +279,30 @@ def test_box_runs_without_the_fleet(tmp_path) -> None:
     assert len((tmp_path / "records.jsonl").read_text().splitlines()) == 3
 
 
-def test_help_loads_neither_numpy_nor_onnxruntime(tmp_path) -> None:
+def loaded_after(statements: str, modules: tuple[str, ...]) -> list[str]:
+    """Which of ``modules`` a fresh interpreter holds after running ``statements`` (output and exit swallowed)."""
     code = (
-        "import sys, contextlib, io, edge.cli\n"
-        "with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
-        "    edge.cli.main(['--help'])\n"
-        "print(sorted(m for m in ('numpy', 'onnxruntime') if m in sys.modules))\n"
+        "import contextlib, io, sys\n"
+        "with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()), "
+        "contextlib.redirect_stderr(io.StringIO()):\n"
+        f"    exec({statements!r})\n"
+        f"print(','.join(m for m in {modules!r} if m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
-    assert out.stdout.strip() == "[]"
+    return [m for m in out.stdout.strip().split(",") if m]
+
+
+def test_help_loads_neither_numpy_nor_onnxruntime() -> None:
+    assert loaded_after("import edge.cli; edge.cli.main(['--help'])", ("numpy", "onnxruntime")) == []
 
 
 def test_the_records_module_loads_no_crypto() -> None:
     # Every box imports edge.wire.records on its hot path; a box writing JSON lines must not pay for COSE and
     # cryptography (16 MB of RSS when the package's __init__ imported its modules eagerly).
-    code = (
-        "import sys, edge.wire.records, edge.sinks\n"
-        "heavy = ('cryptography', 'cbor2', 'edge.wire.envelope', 'edge.wire.chain')\n"
-        "print(sorted(m for m in heavy if m in sys.modules))\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
-    assert out.stdout.strip() == "[]"
+    heavy = ("cryptography", "cbor2", "edge.wire.envelope", "edge.wire.chain")
+    assert loaded_after("import edge.wire.records, edge.sinks", heavy) == []
 
 
 def test_a_box_verb_does_not_load_the_fleet_cli() -> None:
     # `edge run` starts the service on every boot: the fleet's parsers are not its business, even where installed.
-    code = (
-        "import sys, contextlib, io, edge.cli\n"
-        "with contextlib.suppress(SystemExit), contextlib.redirect_stderr(io.StringIO()):\n"
-        "    edge.cli.main(['run', '--frames', '-1'])\n"
-        "print('edge.fleet.cli' in sys.modules)\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
-    assert out.stdout.strip() == "False"
+    assert loaded_after("import edge.cli; edge.cli.main(['run', '--frames', '-1'])", ("edge.fleet.cli",)) == []

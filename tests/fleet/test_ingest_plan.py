@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edge.fleet.store import Inbound
 from edge.fleet.store._batch import DeviceKey
-from edge.fleet.store._checks import iso, topic_route
+from edge.fleet.store._checks import iso
 from edge.fleet.store._plan import (
     CLEARED,
     QUARANTINE_PAYLOAD_BYTES,
@@ -27,6 +27,7 @@ from edge.fleet.store._plan import (
 from edge.wire.chain import Verdict, VerdictKind
 from edge.wire.records import ReadingRecord
 from edge.wire.schema import DEFAULT_LIMITS, EventRecord, TelemetryLimits
+from edge.wire.topics import topic_route
 
 V = VerdictKind
 T0 = 1_700_000_000.0

@@ -49,16 +49,7 @@ from edge.fleet.errors import (
     UnknownDeviceError,
 )
 from edge.fleet.store._batch import BatchState, ChainRow, DeviceKey, Hole, LedgerTally
-from edge.fleet.store._checks import (
-    STATUS,
-    TELEMETRY,
-    check_day,
-    check_device,
-    check_time,
-    redact,
-    topic_route,
-    utc_day,
-)
+from edge.fleet.store._checks import check_day, check_device, check_time, redact, utc_day
 from edge.fleet.store._plan import (
     QUARANTINE_PAYLOAD_BYTES,
     SUPERSEDED,
@@ -82,6 +73,7 @@ from edge.wire._bounds import MAX_COUNTER
 from edge.wire.chain import ChainLink, ChainVerifier, Verdict
 from edge.wire.envelope import Envelope
 from edge.wire.schema import TelemetryLimits
+from edge.wire.topics import STATUS, TELEMETRY, topic_route
 
 __all__ = ["QUARANTINE_PAYLOAD_BYTES", "SqlStore"]
 

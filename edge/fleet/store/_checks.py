@@ -1,8 +1,8 @@
-"""Checks and derivations on what callers hand the store: topics, times, days, device records. Pure functions.
+"""Checks and derivations on what callers hand the store: times, days, device records. Pure functions (topics are
+parsed by ``edge.wire.topics``).
 
-Invariants: a topic names a device only as ``devices/<valid id>/telemetry``; times are finite epoch seconds in
-[0, 1e11] (the range the telemetry schema allows); days are ``YYYY-MM-DD`` UTC days; a device record's did:key
-names exactly its public key.
+Invariants: times are finite epoch seconds in [0, 1e11] (the range the telemetry schema allows); days are
+``YYYY-MM-DD`` UTC days; a device record's did:key names exactly its public key.
 """
 
 from __future__ import annotations
@@ -22,20 +22,14 @@ from edge.identity.errors import InvalidDeviceIdError
 from edge.identity.keys import validate_device_id
 from edge.log import redact  # the one redactor of URLs and secrets: store URLs go through it too
 from edge.wire._bounds import MAX_EPOCH
-from edge.wire.topics import STATUS, TELEMETRY, topic_device, topic_device_any, topic_route
 
 __all__ = [
-    "STATUS",
-    "TELEMETRY",
     "check_day",
     "check_device",
     "check_device_id",
     "check_time",
     "iso",
     "redact",
-    "topic_device",
-    "topic_device_any",
-    "topic_route",
     "utc_day",
 ]
 
