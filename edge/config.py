@@ -103,6 +103,8 @@ RANGES: Mapping[str, tuple[float, float]] = {
     "telemetry.keepalive_s": (5, MQTT_MAX_U16),
     "telemetry.session_expiry_s": (0, MQTT_MAX_U32),
     "telemetry.drain_timeout_s": (0.0, 600.0),
+    "telemetry.receipt_timeout_s": (0.1, 86400.0),  # resends double the wait, up to 10 minutes or this
+    "telemetry.max_unreceipted": (1, 10_000_000),  # at most outbox_max_envelopes matter
     "ota.check_interval_s": (1.0, 30 * 86400.0),  # up to 30 days
     "ota.max_model_mb": (0.01, float(MAX_MODEL_MB)),
     "ota.trial_runs": (1, 1000),
@@ -266,6 +268,11 @@ class TelemetryConfig:
     drain_timeout_s: Annotated[float, _ranged_float] = 5.0
     # None: commands disabled (every one rejected)
     fleet_key: Annotated[Path | None, path_or_disabled] = Path("keys/fleet-commands.pub")
+    # The fleet receipt key: an envelope leaves the outbox only when a receipt signed with it covers it.
+    # None: deleted on the broker's PUBACK (a broker or gateway failure can then lose envelopes).
+    receipt_key: Annotated[Path | None, path_or_disabled] = Path("keys/fleet-receipts.pub")
+    receipt_timeout_s: Annotated[float, _ranged_float] = 30.0  # no receipt within this: published again
+    max_unreceipted: Annotated[int, _ranged_int] = 10_000  # envelopes published and not receipted at once
 
 
 @dataclass(frozen=True, slots=True)

@@ -66,6 +66,7 @@ class FakeTransport:
 
     def __init__(self, receive_maximum: int = 65535) -> None:
         self.connected = True
+        self.connects = 1
         self.receive_maximum = receive_maximum
         self.sent: list[tuple[bytes, Delivery]] = []
         self.lock = threading.Lock()
@@ -359,6 +360,10 @@ class AckClock:
     @property
     def receive_maximum(self) -> int:
         return self.inner.receive_maximum
+
+    @property
+    def connects(self) -> int:
+        return self.inner.connects
 
     def publish(self, topic: str, payload: bytes, qos: int = 1) -> Delivery:
         counter = open_envelope(payload, self.public).counter

@@ -1,14 +1,18 @@
-"""Print the worked example of docs/telemetry.md: a deterministic envelope (Ed25519 signatures are deterministic).
+"""Print the worked examples of docs/telemetry.md: a deterministic envelope and a receipt (Ed25519 signatures are
+deterministic).
 
-Run from the repository root: ``PYTHONPATH=. python tools/telemetry_example.py``.
-tests/test_envelope.py checks that the document shows this output.
+Run from the repository root: ``PYTHONPATH=. python tools/telemetry_example.py [--receipt]``.
+tests/test_envelope.py and tests/test_receipts.py check that the document shows this output.
 """
 
 from __future__ import annotations
 
+import sys
+
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edge.wire.envelope import GENESIS_PREV, envelope_hash, seal_envelope
+from edge.wire.receipts import Receipt, sign_receipt
 from edge.wire.records import InferenceRecord, ReadingRecord
 
 # RFC 8032 section 7.1 TEST 1 secret key: public, never a device key.
@@ -39,8 +43,31 @@ def example_envelope() -> bytes:
     return seal_envelope("box-1", 1, GENESIS_PREV, records, 1700000002.0, key)
 
 
+def example_receipt() -> bytes:
+    """The example receipt for ``box-1``, signed with the same public test key standing in for the fleet's: every
+    envelope up to 41 stored, the highest stored is 45, 43 is missing (a hole)."""
+    key = Ed25519PrivateKey.from_private_bytes(EXAMPLE_SEED)
+    receipt = Receipt(
+        device_id="box-1",
+        stored=41,
+        stored_hash=bytes([0x41]) * 32,
+        head=45,
+        head_hash=bytes([0x45]) * 32,
+        start=41,
+        holes=((43, 43),),
+        issued=1700000100.0,
+        gateway="gateway-1",
+    )
+    return sign_receipt(receipt, key)
+
+
 def main() -> None:
-    """Print the envelope hex (64 digits a line) and its hash."""
+    """Print the envelope (or, with ``--receipt``, the receipt) as hex, 64 digits a line, and the envelope's hash."""
+    if "--receipt" in sys.argv[1:]:
+        h = example_receipt().hex()
+        for i in range(0, len(h), 64):
+            print(h[i : i + 64])
+        return
     data = example_envelope()
     h = data.hex()
     for i in range(0, len(h), 64):

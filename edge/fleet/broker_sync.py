@@ -10,8 +10,8 @@ an enroll or a revoke takes effect within seconds, without a broker restart.
 The rights (the box's topics are those of ``edge.telemetry.device``; every other topic is denied)::
 
     identity       publish                                      subscribe and receive
-    device <id>    devices/<id>/telemetry, status, replies     devices/<id>/commands
-    gateway        devices/+/commands,                          $share/+/devices/+/telemetry, devices/+/status,
+    device <id>    devices/<id>/telemetry, status, replies     devices/<id>/commands, devices/<id>/receipts
+    gateway        devices/+/commands, devices/+/receipts,      $share/+/devices/+/telemetry, devices/+/status,
                    $CONTROL/dynamic-security/v1                 $CONTROL/dynamic-security/v1/response
     operator       devices/+/commands                           devices/+/replies
 
@@ -226,6 +226,7 @@ def fleet_state(
                 (SUBSCRIBE_LITERAL, "devices/+/status"),
                 (PUBLISH_RECEIVE, "devices/+/status"),
                 (PUBLISH_SEND, "devices/+/commands"),
+                (PUBLISH_SEND, "devices/+/receipts"),
                 (PUBLISH_SEND, CONTROL_TOPIC),
                 (SUBSCRIBE_LITERAL, RESPONSE_TOPIC),
                 (PUBLISH_RECEIVE, RESPONSE_TOPIC),
@@ -253,6 +254,8 @@ def fleet_state(
                 (PUBLISH_SEND, f"{base}/replies"),
                 (SUBSCRIBE_LITERAL, f"{base}/commands"),
                 (PUBLISH_RECEIVE, f"{base}/commands"),
+                (SUBSCRIBE_LITERAL, f"{base}/receipts"),
+                (PUBLISH_RECEIVE, f"{base}/receipts"),
             ],
         )
         if d not in off:

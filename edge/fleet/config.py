@@ -96,6 +96,8 @@ class IngestConfig:
             needs ``broker.dynamic_security``); 0: never suspend.
         reject_per_s: how fast a box's reject budget refills (rejects per second).
         suspend_s: the first suspension's length; each repeat within a day doubles it, at most 64 times.
+        receipt_interval_s: the least time between two signed receipts to one box (``edge.fleet.receipts``); a
+            box's outbox holds its stored envelopes about this much longer, and the gateway signs fewer receipts.
     """
 
     id: Annotated[str, string] = ""
@@ -109,6 +111,7 @@ class IngestConfig:
     reject_burst: Annotated[int, int_between(0, 1_000_000)] = 100
     reject_per_s: Annotated[float, float_between(0.001, 1_000_000.0)] = 1.0
     suspend_s: Annotated[float, float_between(1.0, 86_400.0)] = 60.0
+    receipt_interval_s: Annotated[float, float_between(0.0, 3600.0)] = 0.5
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,8 +4,9 @@ It connects to the broker as the gateway identity with a persistent MQTT 5 sessi
 telemetry through a shared subscription (``$share/<group>/devices/+/telemetry``: processes in one group split the
 load, each envelope goes to one of them) and to their status (``devices/+/status``, not shared: retained messages
 are never delivered on shared subscriptions, and every process may record the same status), stores through the
-ingest loop, serves Prometheus metrics, and (``[rollout] enabled``) drives the fleet's current model rollout,
-publishing its signed commands on the same connection (``edge.fleet.rollout.driver``), and applies the fleet
+ingest loop, sends each box a signed receipt for what is stored (``edge.fleet.receipts``, retained on
+``devices/<id>/receipts``), serves Prometheus metrics, and (``[rollout] enabled``) drives the fleet's current model
+rollout, publishing its signed commands on the same connection (``edge.fleet.rollout.driver``), and applies the fleet
 registry to the broker's access rules on that connection too (``edge.fleet.broker_sync``). SIGTERM or SIGINT stops
 it: what was received is stored and acknowledged, then it disconnects cleanly. Under systemd (``Type=notify``) it
 reports READY once connected.
@@ -26,7 +27,9 @@ from edge.fleet.config import GatewayConfig
 from edge.fleet.errors import IngestFailedError
 from edge.fleet.ingest import IngestLoop, IngestStats
 from edge.fleet.metrics import GatewayMetrics
+from edge.fleet.pki.receipt_key import ensure_receipt_key
 from edge.fleet.pki.registry import broker_sync_for_fleet
+from edge.fleet.receipts import ReceiptIssuer
 from edge.fleet.rollout.driver import RolloutDriver
 from edge.fleet.store import Store, open_store
 from edge.fleet.suspend import RejectBudget
@@ -104,6 +107,14 @@ class Gateway:
         )
         if self.broker_sync is not None:
             self.broker_sync.attach(self.transport)
+        transport = self.transport
+        self.ingest.receipts = ReceiptIssuer(
+            ensure_receipt_key(g.fleet_dir),
+            g.id,
+            lambda topic, payload: transport.publish(topic, payload, qos=1, retain=True),
+            interval_s=g.receipt_interval_s,
+            metrics=self.metrics,
+        )
         self.rollouts: RolloutDriver | None = None
         if cfg.rollout.enabled:
             fleet_dir = cfg.gateway.fleet_dir

@@ -23,6 +23,11 @@ Invariants:
 - Memory is bounded: the gateway's Receive Maximum caps the QoS 1 messages in flight to it, and ``qos0_queue_max``
   the QoS 0 messages per device.
 - ``received_at`` never goes backwards within one loop (a wall clock stepped back by NTP is held at its last value).
+- Receipts (``receipts``, an ``edge.fleet.receipts.ReceiptIssuer``): after a batch committed, every box with an
+  envelope in it that is now stored (accepted or a duplicate) is owed a receipt, and a box whose status arrived
+  (its birth after a (re)connect) asks for one; they are issued on the worker's next turns, from committed state.
+- Every gap in a box's chain is logged at warning level with the box and the missing counters (throttled per box,
+  with the count of suppressed lines) and counted.
 
 One ``IngestLoop`` owns one worker thread and one ``Store`` opened on that thread (stores are per-thread).
 """
@@ -39,11 +44,13 @@ from typing import Final, TypeVar
 
 from edge.fleet.errors import IngestFailedError, StoreUnavailableError
 from edge.fleet.metrics import GatewayMetrics
+from edge.fleet.receipts import ReceiptIssuer
 from edge.fleet.store import Inbound, IngestResult, Store
 from edge.fleet.suspend import RejectBudget, Suspension
 from edge.log import Throttle, event
 from edge.mqtt import Incoming
-from edge.wire.topics import topic_device_any
+from edge.wire.chain import VerdictKind
+from edge.wire.topics import TELEMETRY, topic_device_any, topic_route
 
 __all__ = ["IngestLoop", "IngestStats"]
 
@@ -72,6 +79,7 @@ class IngestStats:
     internal: int = 0
     shed: int = 0
     suspensions: int = 0
+    gaps: int = 0
 
 
 class FairQueue:
@@ -214,6 +222,7 @@ class IngestLoop:
         self._overdrawn: dict[str, str] = {}  # device -> the last reject's kind, until its suspension is recorded
         self._budget_swept = time.monotonic()
         self.on_suspended: Callable[[Suspension], None] | None = None  # called on the worker thread
+        self.receipts: ReceiptIssuer | None = None  # set before start(); used on the worker thread only
 
     @property
     def alive(self) -> bool:
@@ -267,11 +276,16 @@ class IngestLoop:
         try:
             while True:
                 self.heartbeat = time.monotonic()
-                batch, last = self._queue.take(self._batch_max, self._batch_wait)
+                receipts = self.receipts
+                due = receipts.due_in() if receipts is not None else None
+                idle = 1.0 if due is None else min(1.0, due)
+                batch, last = self._queue.take(self._batch_max, self._batch_wait, idle)
                 if batch:
                     self._handle(store, batch)
                 self._quarantine_shed(store)
                 self._suspend(store)
+                if receipts is not None:
+                    receipts.issue(store)
                 if last and not len(self._queue):
                     return
         except BaseException as e:  # a bug or a store gone for good: say so and stop; the process exits non-zero
@@ -371,10 +385,21 @@ class IngestLoop:
         """Count, log and acknowledge a committed batch."""
         stored_at = self._clock()
         self.stats.batches += 1
+        stored: list[str] = []
+        asked: list[str] = []
         for (m, _t), res in zip(batch, results, strict=True):
             self._count(m, res)
             if not m.ack():
                 self.metrics.ack_lost.inc()
+            if res.device_id is None or not res.stored:
+                continue
+            if res.outcome in ("recorded", "superseded"):
+                asked.append(res.device_id)
+            elif topic_route(m.topic)[0] == TELEMETRY:
+                stored.append(res.device_id)
+        if self.receipts is not None:
+            self.receipts.note(stored)
+            self.receipts.note(asked, force=True)
         self.metrics.observe(results, stored_at=stored_at, received_at=[t for _m, t in batch])
 
     def _count(self, m: Incoming, res: IngestResult) -> None:
@@ -382,6 +407,8 @@ class IngestLoop:
         if v is not None and v.accepted:
             self.stats.accepted += 1
             self.stats.records += len(v.records)
+            if v.missing and v.kind in (VerdictKind.GAP, VerdictKind.FIRST) and v.counter is not None:
+                self._gap(v.device_id or "", v.counter, v.missing)
             return
         if res.outcome in ("recorded", "superseded", "cleared"):
             self.stats.statuses += 1
@@ -405,6 +432,24 @@ class IngestLoop:
                 verdict=res.outcome,
                 reason=(v.reason if v is not None else "")[:300],
                 device=res.device_id,
+                suppressed=suppressed,
+            )
+
+    def _gap(self, device: str, counter: int, missing: int) -> None:
+        """A gap: counters ``counter - missing .. counter - 1`` have not arrived (yet). Logged, counted."""
+        self.stats.gaps += 1
+        self.metrics.gaps.inc()
+        suppressed = self._throttle.allow(device, "gap")
+        if suppressed is not None:
+            event(
+                log,
+                logging.WARNING,
+                "gap in a box's chain: envelopes missing",
+                device=device,
+                first_missing=counter - missing,
+                last_missing=counter - 1,
+                missing=missing,
+                received=counter,
                 suppressed=suppressed,
             )
 

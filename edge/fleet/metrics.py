@@ -40,6 +40,8 @@ class GatewayMetrics:
         self.suspensions = Counter(
             "edge_gateway_suspensions", "Boxes suspended for overdrawing their reject budget", registry=r
         )
+        self.receipts = Counter("edge_gateway_receipts", "Signed receipts published to boxes", registry=r)
+        self.gaps = Counter("edge_gateway_gaps", "Gaps seen in the boxes' chains (each logged)", registry=r)
         self.store_errors = Counter("edge_gateway_store_errors", "Failed store transactions (retried)", registry=r)
         self.ack_lost = Counter(
             "edge_gateway_acks_lost", "Messages stored whose connection ended before the ack (redelivered)", registry=r

@@ -1,11 +1,12 @@
 """The outbox's SQLite schema: creating it, checking an existing file against it, migrating schema 1.
 
 Invariants:
-- A file is an outbox of ours when ``application_id`` is "edob", ``user_version`` is ``SCHEMA_VERSION`` (or 1,
-  migrated here), both tables have exactly the expected columns, and its head row names our device id and key. The
+- A file is an outbox of ours when ``application_id`` is "edob", ``user_version`` is ``SCHEMA_VERSION`` (or 1 or 2,
+  migrated here), its tables have exactly the expected columns, and its head row names our device id and key. The
   owner is checked before any migration: another key would see every row as corrupt and delete it.
 - Everything here runs inside the caller's opening transaction (``BEGIN IMMEDIATE``): all or nothing.
-- The head row is the only state besides the envelopes; ``Head`` is how one transaction sees and changes it.
+- The head row and the delivery row (the latest receipt and what receipts and PUBACKs deleted) are the only state
+  besides the envelopes; ``Head`` is how one transaction sees and changes the head.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from edge.wire.envelope import GENESIS_PREV, envelope_hash
 
 __all__ = [
     "INSERT_ENVELOPE",
+    "READ_DELIVERY",
     "SCHEMA_VERSION",
     "ForeignOwnerError",
     "Head",
@@ -35,7 +37,8 @@ __all__ = [
 
 log = logging.getLogger("edge.telemetry.outbox")
 
-SCHEMA_VERSION: Final = 2  # PRAGMA user_version of an outbox of this schema (1: no row digests, migrated)
+# PRAGMA user_version of an outbox of this schema (1: no row digests; 2: no delivery row; both migrated)
+SCHEMA_VERSION: Final = 3
 _APPLICATION_ID: Final = 0x65646F62  # "edob": marks the file as an edge outbox (PRAGMA application_id)
 _MIGRATE_CHUNK: Final = 64  # rows read per step while migrating
 
@@ -49,8 +52,35 @@ _ENVELOPES_TABLE: Final = """CREATE TABLE {name} (
         hash BLOB NOT NULL,
         data BLOB NOT NULL
     )"""
+# One row (id 0): the latest receipt that covered anything, as received (the box's proof of delivered work), and
+# how many envelopes receipts (receipted_*) and, without a receipt key, the broker's PUBACKs (acked_*) deleted.
+_DELIVERY_TABLE: Final = """CREATE TABLE delivery (
+        id INTEGER PRIMARY KEY CHECK (id = 0),
+        receipt BLOB,
+        stored INTEGER NOT NULL,
+        head INTEGER NOT NULL,
+        issued REAL NOT NULL,
+        receipted_envelopes INTEGER NOT NULL,
+        receipted_records INTEGER NOT NULL,
+        acked_envelopes INTEGER NOT NULL,
+        acked_records INTEGER NOT NULL
+    )"""
+_NEW_DELIVERY: Final = "INSERT INTO delivery VALUES (0, NULL, 0, 0, 0.0, 0, 0, 0, 0)"
+_DELIVERY_COLUMNS: Final = (
+    "id",
+    "receipt",
+    "stored",
+    "head",
+    "issued",
+    "receipted_envelopes",
+    "receipted_records",
+    "acked_envelopes",
+    "acked_records",
+)
+READ_DELIVERY: Final = f"SELECT {', '.join(_DELIVERY_COLUMNS[1:])} FROM delivery WHERE id = 0"  # noqa: S608
 _SCHEMA: Final = (
     _ENVELOPES_TABLE.format(name="envelopes"),
+    _DELIVERY_TABLE,
     # One row (id 0). backlog_* mirror the envelopes table so bounds are checked without scanning it (an aggregate
     # would read every row). unannounced_* is loss (corrupt rows) that the next sealed envelope must report.
     """CREATE TABLE head (
@@ -226,6 +256,10 @@ def open_schema(
             _check(conn, path, version, tables, device_id, public_raw)
             if version == 1:
                 removed = _migrate_v1(conn, path, signature_fault)
+            if version in {1, 2}:
+                conn.execute(_DELIVERY_TABLE)
+                conn.execute(_NEW_DELIVERY)
+                conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             _repair_totals(conn, path)
         conn.execute("COMMIT")
     except BaseException:
@@ -243,6 +277,7 @@ def _create(conn: sqlite3.Connection, device_id: str, public_raw: bytes) -> None
         f"INSERT INTO head ({', '.join(_HEAD_COLUMNS)}) VALUES ({placeholders})",  # noqa: S608 -- constants
         (0, device_id, public_raw, 1, GENESIS_PREV, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0),
     )
+    conn.execute(_NEW_DELIVERY)
     conn.execute(f"PRAGMA application_id={_APPLICATION_ID}")
     conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
@@ -251,13 +286,17 @@ def _check(  # noqa: PLR0917 -- all of it is what the file is checked against
     conn: sqlite3.Connection, path: str, version: int, tables: set[str], device_id: str, public_raw: bytes
 ) -> None:
     app = conn.execute("PRAGMA application_id").fetchone()[0]
-    if app != _APPLICATION_ID or version not in {1, SCHEMA_VERSION} or not {"envelopes", "head"} <= tables:
+    wanted = {"envelopes", "head"} | ({"delivery"} if version == SCHEMA_VERSION else set())
+    if app != _APPLICATION_ID or version not in {1, 2, SCHEMA_VERSION} or not wanted <= tables:
         raise SchemaError(
-            f"{path} is not an outbox of schema {SCHEMA_VERSION} (or 1, migrated)"
+            f"{path} is not an outbox of schema {SCHEMA_VERSION} (or 1 or 2, migrated)"
             f" (application_id {app:#x}, user_version {version}, tables {sorted(tables)})"
         )
     envelope_columns = _V1_ENVELOPE_COLUMNS if version == 1 else _ENVELOPE_COLUMNS
-    for table, expected in (("envelopes", envelope_columns), ("head", _HEAD_COLUMNS)):
+    expected_tables: list[tuple[str, tuple[str, ...]]] = [("envelopes", envelope_columns), ("head", _HEAD_COLUMNS)]
+    if version == SCHEMA_VERSION:
+        expected_tables.append(("delivery", _DELIVERY_COLUMNS))
+    for table, expected in expected_tables:
         columns = tuple(r[1] for r in conn.execute(f"PRAGMA table_info({table})"))
         if columns != expected:
             raise SchemaError(f"{path}: table {table} has columns {columns}, expected {expected}")
@@ -318,5 +357,4 @@ def _migrate_v1(
     conn.execute("DROP TABLE envelopes")
     conn.execute("ALTER TABLE envelopes_v2 RENAME TO envelopes")
     write_head(conn, head)
-    conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
     return removed

@@ -15,6 +15,11 @@ Topics (``<id>`` is the device id, also the CN of its certificate, so the broker
   the OTA time floor (``edge.ota.clock``), and ``time/reset`` lowers both floors.
 - ``devices/<id>/replies``: one JSON reply per command message, QoS 1, not retained (``edge.telemetry.control``).
   Every rejection is also counted by reason (``commands_rejected``) and logged.
+- ``devices/<id>/receipts``: subscribed at QoS 1; the fleet's signed receipts (``edge.wire.receipts``), verified with
+  the fleet receipt key (``telemetry.receipt_key``). An envelope leaves the outbox only when a receipt covers it; the
+  birth status on every (re)connect asks the gateway for a fresh one. Without the key (an empty
+  ``telemetry.receipt_key``, or a missing file, which is logged as an error) the outbox deletes on the broker's
+  PUBACK, and the status says ``"delivery": "puback"``. A receipt that does not verify is counted and logged.
 """
 
 from __future__ import annotations
@@ -30,18 +35,20 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
 from edge import __version__
 from edge.config import Config, data_path
 from edge.errors import ConfigError, TransportError
 from edge.identity.did import did_key_from_public
 from edge.identity.keys import load_private_key, load_public_key
-from edge.log import event
+from edge.log import Throttle, event
 from edge.mqtt import MqttSettings, MqttTransport
 from edge.ota.clock import BUILD_TIME, TimeFloor, horizon
 from edge.telemetry.control import COMMAND_NAMES, TIME_RESET, CommandExecutor, DeviceControls, reply_for
 from edge.telemetry.nonces import FileNonceStore
 from edge.telemetry.outbox import Outbox
-from edge.telemetry.publisher import Publisher
+from edge.telemetry.publisher import Publisher, ReceiptPolicy
 from edge.telemetry.sink import TelemetrySink
 from edge.wire.commands import (
     Command,
@@ -50,6 +57,7 @@ from edge.wire.commands import (
     CommandUnsigned,
     CommandVerifier,
 )
+from edge.wire.receipts import ReceiptError, verify_receipt
 from edge.wire.schema import DEFAULT_LIMITS
 from edge.wire.topics import device_topics
 
@@ -103,6 +111,9 @@ class DeviceTelemetry:
         self.commands_rejected: Counter[str] = Counter()
         self.commands_executed: Counter[str] = Counter()
         self._verifier, self._no_commands = _open_command_verifier(cfg, self.device_id)
+        self._receipt_key = _open_receipt_key(cfg)
+        self.receipts_rejected = 0
+        self._receipt_log = Throttle(60.0)
         self._facts = {"model": model_id, "model_sha256": model_sha256, "backend": backend, "versions": _versions()}
         settings = MqttSettings(
             host=tc.host,
@@ -119,11 +130,21 @@ class DeviceTelemetry:
             settings,
             will=will,
             birth=lambda: (self.topics["status"], self._status("online")),
-            on_message=self._on_command,
-            subscriptions=[self.topics["commands"]],
+            on_message=self._on_message,
+            subscriptions=[self.topics["commands"], self.topics["receipts"]],
         )
-        window = {"window": tc.window} if tc.window else {}
-        self.publisher = Publisher(self.outbox, self.transport, self.topics["telemetry"], **window)
+        policy = (
+            None
+            if self._receipt_key is None
+            else ReceiptPolicy(
+                timeout_s=tc.receipt_timeout_s,
+                backoff_max_s=max(600.0, tc.receipt_timeout_s),
+                max_unreceipted=tc.max_unreceipted,
+            )
+        )
+        self.publisher = Publisher(
+            self.outbox, self.transport, self.topics["telemetry"], receipts=policy, **_window(tc.window)
+        )
         self.sink = TelemetrySink(
             self.outbox, wake=self.publisher.wake, batch_records=tc.batch_records, batch_age_s=tc.batch_age_s
         )
@@ -172,6 +193,10 @@ class DeviceTelemetry:
             body.update(self._facts)
             body["outbox_backlog"] = self.outbox.stats().backlog_envelopes
             body["time"] = self._times()
+            body["delivery"] = "receipts" if self._receipt_key is not None else "puback"
+            last = self.publisher.last_receipt
+            if last is not None:
+                body["receipt"] = last.summary()
         body.update(extra)
         return json.dumps(body, separators=(",", ":")).encode()
 
@@ -214,6 +239,26 @@ class DeviceTelemetry:
         self.transport.publish(self.topics["status"], body, retain=True)  # TransportError: the reply says so
         result: dict[str, Any] = json.loads(body)
         return result
+
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        if topic == self.topics["receipts"]:
+            self._on_receipt(payload)
+        else:
+            self._on_command(topic, payload)
+
+    def _on_receipt(self, payload: bytes) -> None:
+        # Network thread: verify here (one Ed25519 check), apply on the publisher thread (outbox I/O).
+        if self._receipt_key is None:
+            return
+        try:
+            receipt = verify_receipt(payload, self._receipt_key, self.device_id)
+        except ReceiptError as e:
+            self.receipts_rejected += 1
+            suppressed = self._receipt_log.allow("receipt")
+            if suppressed is not None:
+                event(log, logging.WARNING, "receipt rejected", error=str(e), bytes=len(payload), suppressed=suppressed)
+            return
+        self.publisher.on_receipt(receipt, payload)
 
     def _on_command(self, topic: str, payload: bytes) -> None:
         # Runs on the MQTT network thread: nothing here may wait for a PUBACK (that thread delivers it).
@@ -273,11 +318,46 @@ class DeviceTelemetry:
             "records_rejected": self.sink.stats.rejected_records,
             "published": p.published,
             "acked": p.acked,
+            "receipted": p.receipted,
+            "unreceipted": p.unreceipted,
+            "resent": p.resent,
+            "receipts_rejected": self.receipts_rejected + p.receipt_failures,
             "outbox_backlog": stats.backlog_envelopes,
             "outbox_dropped": stats.dropped_envelopes,
             "commands_executed": dict(self.commands_executed),
             "commands_rejected": dict(self.commands_rejected),
         }
+
+
+def _window(window: int) -> dict[str, int]:
+    return {"window": window} if window else {}
+
+
+def _open_receipt_key(cfg: Config) -> Ed25519PublicKey | None:
+    """The fleet receipt key, or None: the outbox then deletes on the broker's PUBACK (said loudly at start)."""
+    tc = cfg.telemetry
+    if tc.receipt_key is None:
+        event(
+            log,
+            logging.WARNING,
+            "receipts disabled (telemetry.receipt_key is empty): envelopes leave the outbox on the broker's PUBACK, "
+            "so a broker or gateway failure can lose them",
+        )
+        return None
+    path = data_path(cfg, tc.receipt_key)
+    try:
+        return load_public_key(path)
+    except (ConfigError, OSError) as e:
+        event(
+            log,
+            logging.ERROR,
+            "no fleet receipt key: envelopes leave the outbox on the broker's PUBACK, so a broker or gateway failure "
+            "can lose them. Fix: copy fleet-receipts.pub from the box's bundle (edge fleet enroll) to this path",
+            key="telemetry.receipt_key",
+            path=str(path),
+            error=str(e),
+        )
+        return None
 
 
 def _open_command_verifier(cfg: Config, device_id: str) -> tuple[CommandVerifier | None, Callable[[], CommandRejected]]:

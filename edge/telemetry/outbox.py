@@ -1,4 +1,7 @@
-"""The durable outbox: every signed envelope from the moment it is sealed until the broker acknowledged it.
+"""The durable outbox: every signed envelope from the moment it is sealed until the fleet said it is stored.
+
+An envelope leaves the outbox when a signed receipt of the fleet covers it (``apply_receipt``,
+``edge.wire.receipts``), or, on a box without the fleet receipt key, when the broker acknowledged it (``ack``).
 
 One SQLite database (stdlib ``sqlite3``) on the data partition. It also owns the device's chain head (the next
 counter and the hash of the last envelope), so sealing an envelope and advancing the head are one transaction.
@@ -28,7 +31,9 @@ Invariants:
   outbox's own loss; the arithmetic of both is ``edge.telemetry.loss``.
 - Nothing is half-written: every failure rolls its transaction back; a full disk that dropping cannot fix raises
   ``OutboxFullError`` with the outbox unchanged, and the caller keeps its records.
-- State lives only in this database, changed only by transactions (no side files).
+- State lives only in this database, changed only by transactions (no side files). Besides the envelopes and the
+  head, the delivery row keeps the latest receipt applied and what receipts and PUBACKs deleted
+  (``edge.telemetry._delivery``).
 """
 
 from __future__ import annotations
@@ -49,6 +54,14 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from edge.errors import EdgeError, InputError, ResourceError, TransportError
 from edge.identity.keys import validate_device_id
 from edge.log import event
+from edge.telemetry._delivery import (
+    Applied,
+    DeliveryStats,
+    ReceiptMismatchError,
+    apply_receipt,
+    count_acked,
+    read_delivery,
+)
 from edge.telemetry._outbox_schema import (
     INSERT_ENVELOPE,
     SCHEMA_VERSION,
@@ -62,10 +75,13 @@ from edge.telemetry._outbox_schema import (
 from edge.telemetry.loss import Loss, merge
 from edge.wire._cbor import DECODE_ERRORS
 from edge.wire.envelope import EnvelopeLayout, envelope_hash, first_record, parse_envelope, seal_envelope
+from edge.wire.receipts import Receipt
 from edge.wire.schema import TYPE_LOSS, LossNotice, TelemetryLimits, TelemetryRecord, encode_record, record_from_item
 
 __all__ = [
     "SCHEMA_VERSION",
+    "Applied",
+    "DeliveryStats",
     "EnvelopeTooLargeError",
     "ForeignOutboxError",
     "Outbox",
@@ -75,6 +91,7 @@ __all__ = [
     "OutboxFullError",
     "OutboxUnavailableError",
     "OutboxStats",
+    "ReceiptMismatchError",
     "Sealed",
 ]
 
@@ -687,7 +704,7 @@ class Outbox:
             try:
                 conn.execute("BEGIN IMMEDIATE")
                 head = self._read_head()
-                deleted = 0
+                deleted = records = 0
                 for i in range(0, len(wanted), _ACK_CHUNK):
                     chunk = wanted[i : i + _ACK_CHUNK]
                     # RETURNING reports exactly the rows deleted: unknown or already deleted counters add nothing.
@@ -697,11 +714,13 @@ class Outbox:
                         chunk,
                     ).fetchall()
                     deleted += len(rows)
+                    records += sum(r for r, _ in rows)
                     head.backlog_envelopes -= len(rows)
                     head.backlog_records -= sum(r for r, _ in rows)
                     head.backlog_bytes -= sum(b for _, b in rows)
                 if deleted:
                     self._write_head(head)
+                    count_acked(conn, deleted, records)
                 conn.execute("COMMIT")
             except sqlite3.Error as e:
                 self._rollback()
@@ -710,6 +729,80 @@ class Outbox:
                 self._rollback()
                 raise
         return deleted
+
+    def apply_receipt(self, receipt: Receipt, data: bytes) -> Applied:
+        """Delete every envelope a verified receipt covers, in one transaction, and keep it if it is the newest.
+
+        Args:
+            receipt: a receipt verified for this device (``edge.wire.receipts.verify_receipt``).
+            data: its bytes as received.
+
+        Returns:
+            How many envelopes (and records) it deleted, and whether it is now the latest receipt kept.
+
+        Raises:
+            ReceiptMismatchError: it names a counter this box never sealed or another envelope's hash; nothing
+                changed.
+            OutboxError: the outbox is closed or SQLite failed (``OutboxFullError``: retry later); nothing changed.
+        """
+        if receipt.device_id != self.device_id:
+            raise ReceiptMismatchError(f"receipt for device {receipt.device_id!r}, not {self.device_id!r}")
+        with self._lock:
+            conn = self._db()
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                head = self._read_head()
+                applied = apply_receipt(conn, head, receipt, data)
+                if applied.deleted:
+                    self._write_head(head)
+                conn.execute("COMMIT")
+            except sqlite3.Error as e:
+                self._rollback()
+                raise self._sqlite_error("apply receipt", e) from e
+            except BaseException:
+                self._rollback()
+                raise
+        return applied
+
+    def rows(self, counters: Iterable[int]) -> list[tuple[int, bytes]]:
+        """The envelopes still held among ``counters``, in counter order, checked like ``pending``'s (to resend).
+
+        Args:
+            counters: counters to read (at most a few thousand at once); unknown or deleted ones are left out.
+
+        Raises:
+            OutboxError: the outbox is closed or SQLite failed.
+        """
+        wanted = sorted(set(counters))
+        found: list[tuple[int, bytes, bytes]] = []
+        with self._lock:
+            try:
+                for i in range(0, len(wanted), _ACK_CHUNK):
+                    chunk = wanted[i : i + _ACK_CHUNK]
+                    marks = ", ".join("?" * len(chunk))
+                    query = f"SELECT counter, data, hash FROM envelopes WHERE counter IN ({marks}) ORDER BY counter"  # noqa: S608
+                    found.extend(self._db().execute(query, chunk).fetchall())
+            except sqlite3.Error as e:
+                raise self._sqlite_error("read rows", e) from e
+        if not self.verify_rows:
+            return [(c, d) for c, d, _ in found]
+        bad = [(c, d, why) for c, d, h in found if (why := self._row_fault(c, d, h)) is not None]
+        if bad:
+            self._remove_corrupt(bad)
+        bad_counters = {c for c, _, _ in bad}
+        return [(c, d) for c, d, _ in found if c not in bad_counters]
+
+    def delivery(self) -> DeliveryStats:
+        """The latest receipt applied and what receipts and PUBACKs deleted.
+
+        Raises:
+            OutboxError: the outbox is closed or SQLite failed.
+        """
+        with self._lock:
+            try:
+                return read_delivery(self._db())
+            except sqlite3.Error as e:
+                raise self._sqlite_error("delivery", e) from e
 
     # ------------------------------------------------------------------------------------------------ the rest
 

@@ -1,9 +1,16 @@
 """The publisher: drains the durable outbox to the broker in counter order, at most ``window`` envelopes in flight.
 
+Two ways to delete, chosen when it is created:
+- With receipts (``receipts=ReceiptPolicy(...)``, the box has the fleet receipt key): an envelope leaves the outbox
+  only when a verified receipt of the fleet covers it (``on_receipt`` -> ``Outbox.apply_receipt``); a PUBACK only
+  frees its slot in the window. What no receipt covers in time is published again (``edge.telemetry.window``).
+- Without: an envelope leaves the outbox once the broker acknowledged it with a success reason code (below).
+
 Invariants:
-- An envelope leaves the outbox only after the broker acknowledged it with a success reason code: ``ack`` is called
-  only with counters whose ``Delivery`` is ``ok``. Nothing else deletes, so a crash, a disconnect, a refusal or a
-  failed ``ack`` can cause a republication but never a loss (the gateway deduplicates by counter and hash).
+- PUBACK mode: an envelope leaves the outbox only after the broker acknowledged it with a success reason code:
+  ``ack`` is called only with counters whose ``Delivery`` is ``ok``. Nothing else deletes, so a crash, a disconnect,
+  a refusal or a failed ``ack`` can cause a republication but never a loss (the gateway deduplicates by counter and
+  hash). Receipt mode: only ``apply_receipt`` deletes, and only what a receipt signed by the fleet covers.
 - Envelopes are published in counter order from the oldest unacknowledged one; after a disconnect (a delivery failed
   with ``TransportError`` or the transport reports itself disconnected) everything that was in flight is forgotten
   and publishing restarts from the oldest unacknowledged envelope once the transport is connected again.
@@ -37,14 +44,15 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import partial
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
-from edge.errors import TransportError
+from edge.errors import EdgeError, InputError, TransportError
 from edge.log import event
 from edge.mqtt import Delivery
-from edge.telemetry.window import Action, Outcome, PublishWindow
+from edge.telemetry.window import Action, Outcome, PublishWindow, ReceiptPolicy
+from edge.wire.receipts import Receipt
 
-__all__ = ["DEFAULT_WINDOW", "OutboxReader", "Publisher", "PublisherStats", "Transport"]
+__all__ = ["DEFAULT_WINDOW", "OutboxReader", "Publisher", "PublisherStats", "ReceiptPolicy", "Transport"]
 
 log = logging.getLogger("edge.telemetry.publisher")
 
@@ -67,6 +75,14 @@ class OutboxReader(Protocol):
         """Delete the acknowledged envelopes in one transaction; unknown counters are no-ops."""
         ...
 
+    def rows(self, counters: Iterable[int]) -> list[tuple[int, bytes]]:
+        """The envelopes still held among ``counters`` (receipt mode: to publish again)."""
+        ...
+
+    def apply_receipt(self, receipt: Receipt, data: bytes) -> Any:
+        """Delete what a verified receipt covers (receipt mode); returns what it did (``.deleted``)."""
+        ...
+
 
 class Transport(Protocol):
     """What the publisher needs of the transport (``MqttTransport`` implements it)."""
@@ -79,6 +95,11 @@ class Transport(Protocol):
     @property
     def receive_maximum(self) -> int:
         """The broker's limit on messages in flight."""
+        ...
+
+    @property
+    def connects(self) -> int:
+        """Successful connections so far: a change means a new session."""
         ...
 
     def publish(self, topic: str, payload: bytes, qos: int = 1) -> Delivery:
@@ -100,6 +121,11 @@ class PublisherStats:
         in_flight: envelopes published and not yet resolved.
         backlog: envelopes read from the outbox and not yet acknowledged (in flight or about to be published): a
             lower bound of the outbox's backlog, exact right after the outbox was read to its end.
+        receipts: receipts applied (receipt mode).
+        receipted: envelopes receipts deleted from the outbox.
+        unreceipted: envelopes the broker acknowledged that no receipt covered yet.
+        resent: envelopes published again because no receipt covered them in time (or a receipt named a hole).
+        receipt_failures: receipts that contradicted the outbox or could not be applied (logged).
     """
 
     published: int
@@ -110,6 +136,11 @@ class PublisherStats:
     resets: int
     in_flight: int
     backlog: int
+    receipts: int = 0
+    receipted: int = 0
+    unreceipted: int = 0
+    resent: int = 0
+    receipt_failures: int = 0
 
 
 class Publisher:
@@ -125,6 +156,7 @@ class Publisher:
         ack_batch: int = 64,
         ack_interval: float = 0.005,
         refusal_pause: float = 1.0,
+        receipts: ReceiptPolicy | None = None,
     ) -> None:
         """Create a publisher (``start`` starts its thread).
 
@@ -136,6 +168,7 @@ class Publisher:
             ack_batch: commit as soon as this many acknowledgements wait.
             ack_interval: the longest an acknowledgement waits for its group, in seconds.
             refusal_pause: seconds before republishing after the broker refused an envelope.
+            receipts: delete on the fleet's receipts with this policy (``on_receipt``); None: on the PUBACK.
 
         Raises:
             ValueError: ``window`` or ``ack_batch`` < 1, or a negative interval.
@@ -153,7 +186,14 @@ class Publisher:
         self.ack_interval = ack_interval
         self.refusal_pause = refusal_pause
         # The window's bookkeeping; it belongs to the publisher thread (other threads only read its counters).
-        self._core = PublishWindow(window, refusal_pause)
+        self._core = PublishWindow(window, refusal_pause, receipts)
+        self.receipt_mode = receipts is not None
+        # Verified receipts, appended by the transport's network thread, applied by the publisher thread.
+        self._receipts_in: deque[tuple[Receipt, bytes]] = deque()
+        self._receipts = 0
+        self._receipted = 0
+        self._receipt_failures = 0
+        self.last_receipt: Receipt | None = None
         self._wake = threading.Event()
         self._more = True  # the outbox may hold envelopes we have not read: set by wake() and by the idle poll
         self._stop_at: float | None = None  # monotonic drain deadline once stop() was called
@@ -188,6 +228,18 @@ class Publisher:
         self._thread = threading.Thread(target=self._run, name="publisher", daemon=True)
         self._thread.start()
 
+    def on_receipt(self, receipt: Receipt, data: bytes) -> None:
+        """A receipt verified for this device arrived (any thread): the publisher thread applies it.
+
+        Args:
+            receipt: the verified receipt.
+            data: its bytes as received (the outbox keeps the newest as proof of delivery).
+        """
+        if not self.receipt_mode:
+            return  # PUBACK mode: deletion follows the broker; a receipt changes nothing
+        self._receipts_in.append((receipt, data))
+        self._wake.set()
+
     def wake(self) -> None:
         """Tell the publisher that the outbox has new envelopes (the sealer calls it after each seal)."""
         self._more = True
@@ -196,7 +248,8 @@ class Publisher:
     def stop(self, drain_timeout: float = 5.0) -> None:
         """Publish what is pending for up to ``drain_timeout`` seconds, commit the acknowledgements, stop.
 
-        What is not acknowledged by then stays in the outbox for the next start.
+        In receipt mode, draining also waits for the receipts of what was published. What is not acknowledged (or
+        receipted) by then stays in the outbox for the next start.
 
         Args:
             drain_timeout: seconds to keep draining (0: stop after committing what is acknowledged).
@@ -228,6 +281,11 @@ class Publisher:
             resets=core.resets,
             in_flight=in_flight,
             backlog=core.queued + in_flight + len(self._ack_q),
+            receipts=self._receipts,
+            receipted=self._receipted,
+            unreceipted=core.unreceipted,
+            resent=core.resent,
+            receipt_failures=self._receipt_failures,
         )
 
     # -- the thread ---------------------------------------------------------------------------------------------
@@ -259,13 +317,14 @@ class Publisher:
         self._wake.clear()
         self._collect()
         connected = self._transport.connected
-        action = self._core.decide(connected=connected, now=time.monotonic())
+        action = self._core.decide(connected=connected, now=time.monotonic(), session=self._transport.connects)
         if action is Action.RESTART:
             self._reset()
         elif action is Action.PUBLISH:
             self._fill()
         if self._stop_at is not None:
-            drained = self._core.idle and not self._more
+            # Receipt mode: drained once what was published is receipted too (the outbox keeps the rest anyway).
+            drained = self._core.idle and not self._more and not self._core.unreceipted
             if drained or self._stopping_expired():
                 return True
         self._wait(connected)
@@ -277,6 +336,8 @@ class Publisher:
         committed = self._committed
         while committed:
             core.committed(committed.popleft())
+        while self._receipts_in:
+            self._apply(*self._receipts_in.popleft())
         done = self._done
         if not done:
             return
@@ -292,6 +353,26 @@ class Publisher:
                     event(log, logging.WARNING, "no gateway subscribed; envelopes kept", counter=counter)
                 else:
                     event(log, logging.WARNING, "envelope refused by the broker", counter=counter, reason=d.reason)
+
+    def _apply(self, receipt: Receipt, data: bytes) -> None:
+        """Delete what a receipt covers from the outbox, then tell the window (publisher thread)."""
+        try:
+            applied = self._outbox.apply_receipt(receipt, data)
+        except EdgeError as e:
+            # A contradiction (another history at the fleet) or a failing outbox: nothing was deleted. Loud, counted;
+            # a later receipt is applied on its own merits.
+            self._receipt_failures += 1
+            level = logging.ERROR if isinstance(e, InputError) else logging.WARNING
+            event(log, level, "receipt not applied", error=str(e), stored=receipt.stored, head=receipt.head)
+            return
+        self._receipts += 1
+        self._receipted += applied.deleted
+        if self.last_receipt is None or (receipt.head, receipt.stored) >= (
+            self.last_receipt.head,
+            self.last_receipt.stored,
+        ):
+            self.last_receipt = receipt
+        self._core.receipt_applied(receipt)
 
     def _ack_later(self, counter: int) -> None:
         with self._ack_cv:
@@ -358,6 +439,11 @@ class Publisher:
     def _fill(self) -> None:
         core = self._core
         core.limit(self._transport.receive_maximum)
+        now = time.monotonic()
+        if self.receipt_mode:
+            due = core.due(now)
+            if due:
+                core.offer_resend(due, self._outbox.rows(due))
         while True:
             nxt = core.next()
             if nxt is None:
@@ -377,7 +463,7 @@ class Publisher:
             except TransportError:
                 self._reset()  # lost the connection between the check and the publish
                 return
-            epoch = core.published(counter)
+            epoch = core.published(counter, now)
             d.add_done_callback(partial(self._resolved, epoch, counter))
 
     def _resolved(self, epoch: int, counter: int, d: Delivery) -> None:

@@ -25,19 +25,36 @@ Invariants:
   ``WAIT`` until ``now`` reaches its end, and ``Resolution.pause`` is true once per pause (one log line, not one per
   envelope of a window refused at once).
 - A lost connection (``decide`` with ``connected=False``) restarts the window if it holds anything.
+
+With receipts (``ReceiptPolicy``; the box has the fleet receipt key), deletion follows the fleet, not the broker:
+- ``ACKED`` deletes nothing: the counter waits for a receipt (``unreceipted``) until a deadline, ``timeout_s`` after
+  its publication, doubling with every resend of it up to ``backoff_max_s``. ``due`` hands out the counters whose
+  deadline passed, to be read again and published before anything new (``offer_resend``).
+- ``receipt`` forgets every counter the receipt covers (the driver deleted them from the outbox first); a counter it
+  lists as a hole is due ``hole_grace_s`` after it was last published (with several gateways on a shared
+  subscription a later envelope is often stored first, so a hole is normal for a moment, not a loss).
+- At most ``max_unreceipted`` envelopes are in flight or waiting for a receipt: new envelopes wait, so a fleet that
+  stores nothing cannot make a box fill the broker's queue.
+- After every new session (``decide(session=...)`` changes) nothing is published until a receipt arrives or
+  ``sync_wait_s`` passed: the gateway answers the box's birth with a receipt, so a box that reconnects resends only
+  what the fleet lacks. Counters waiting for a receipt keep their deadlines across sessions (the broker holds them
+  for the gateways' persistent sessions; if it lost them, they are resent when their deadline passes).
+- Reading the outbox again (after a restart) skips counters that wait for a receipt.
 """
 
 from __future__ import annotations
 
 import enum
+import heapq
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
 from edge.mqtt import NO_MATCHING_SUBSCRIBERS
+from edge.wire.receipts import Receipt
 
-__all__ = ["READ_MIN", "Action", "Outcome", "PublishWindow", "Resolution"]
+__all__ = ["READ_MIN", "Action", "Outcome", "PublishWindow", "ReceiptPolicy", "Resolution"]
 
 # The least the driver reads from the outbox at once, even for a small window: one query per few envelopes would
 # cost more than the envelopes it reads.
@@ -92,6 +109,31 @@ class Resolution:
     pause: bool
 
 
+@dataclass(frozen=True, slots=True)
+class ReceiptPolicy:
+    """How a box that deletes on receipts publishes (see the module docstring).
+
+    Attributes:
+        timeout_s: an envelope the broker acknowledged and no receipt covered within this time is published again.
+        backoff_max_s: the longest wait for a receipt after repeated resends of one envelope.
+        hole_grace_s: a counter a receipt names as a hole is published again once its last publication is this old.
+        sync_wait_s: after a new session, how long to wait for the fleet's receipt before publishing anyway.
+        max_unreceipted: the most envelopes in flight or waiting for a receipt at once.
+    """
+
+    timeout_s: float = 30.0
+    backoff_max_s: float = 600.0
+    hole_grace_s: float = 2.0
+    sync_wait_s: float = 3.0
+    max_unreceipted: int = 10_000
+
+    def __post_init__(self) -> None:
+        if min(self.timeout_s, self.hole_grace_s, self.sync_wait_s) < 0 or self.backoff_max_s < self.timeout_s:
+            raise ValueError(f"invalid receipt policy {self!r}: times >= 0, backoff_max_s >= timeout_s")
+        if self.max_unreceipted < 1:
+            raise ValueError(f"max_unreceipted must be >= 1, got {self.max_unreceipted}")
+
+
 _ACK: Final = Resolution(delete=True, restart=False, pause=False)
 _NOTHING: Final = Resolution(delete=False, restart=False, pause=False)
 
@@ -99,12 +141,13 @@ _NOTHING: Final = Resolution(delete=False, restart=False, pause=False)
 class PublishWindow:
     """The bookkeeping of the publications in flight, driven by events."""
 
-    def __init__(self, window: int, refusal_pause: float) -> None:
+    def __init__(self, window: int, refusal_pause: float, receipts: ReceiptPolicy | None = None) -> None:
         """Create an empty window (epoch 0, cursor 0).
 
         Args:
             window: the most envelopes in flight (further capped by the broker's Receive Maximum, see ``limit``).
             refusal_pause: seconds without publishing after a refusal.
+            receipts: delete on receipts with this policy; None: delete on the broker's PUBACK.
 
         Raises:
             ValueError: ``window`` < 1 or a negative ``refusal_pause``.
@@ -132,6 +175,17 @@ class PublishWindow:
         self.refused = 0
         self.failures = 0
         self.resets = 0
+        # Receipts (None: PUBACK deletion).
+        self.policy = receipts
+        self._awaiting: dict[int, tuple[float, float, int]] = {}  # counter -> (deadline, last published, resends)
+        self._expiry: list[tuple[float, int]] = []  # heap of (deadline, counter); stale entries skipped when popped
+        self._resending: dict[int, int] = {}  # counter -> resends so far, from ``due`` until acknowledged again
+        self._published_at: dict[int, float] = {}  # in flight: when it was published (carried into _awaiting)
+        self.receipt: Receipt | None = None  # the newest receipt seen
+        self._session: object = None
+        self._sync_until = 0.0
+        self.synced = True
+        self.resent = 0
 
     # -- state ----------------------------------------------------------------------------------------------------
 
@@ -139,6 +193,11 @@ class PublishWindow:
     def in_flight(self) -> int:
         """Envelopes published in this epoch and not resolved."""
         return len(self._inflight)
+
+    @property
+    def unreceipted(self) -> int:
+        """Envelopes the broker acknowledged that no receipt covered yet (receipt mode)."""
+        return len(self._awaiting)
 
     @property
     def queued(self) -> int:
@@ -157,29 +216,50 @@ class PublishWindow:
 
     # -- decisions ------------------------------------------------------------------------------------------------
 
-    def decide(self, *, connected: bool, now: float) -> Action:
+    def decide(self, *, connected: bool, now: float, session: object = None) -> Action:
         """What to do after the resolutions collected so far.
 
         Args:
             connected: whether the transport has a session now.
             now: the current monotonic time.
+            session: identifies the transport's current session (its connect count); a change starts a wait for
+                the fleet's receipt in receipt mode.
 
         Returns:
             ``RESTART`` when the connection is lost or an outcome made the window stale and it holds anything;
-            ``PUBLISH`` when connected and no refusal pause runs; ``WAIT`` otherwise.
+            ``PUBLISH`` when connected, no refusal pause runs and (receipt mode) the session is synced; ``WAIT``
+            otherwise.
         """
         if self._stale or not connected:
             self._stale = False
             return Action.RESTART if self.holding else Action.WAIT
+        if self.policy is not None and session != self._session:
+            self._session = session
+            self.synced = False
+            self._sync_until = now + self.policy.sync_wait_s
+        if not self.synced:
+            if now < self._sync_until:
+                return Action.WAIT
+            self.synced = True  # no receipt came: publish; the fleet deduplicates what it already has
         return Action.PUBLISH if now >= self.resume_at else Action.WAIT
 
     def retry_in(self, now: float) -> float | None:
-        """Seconds until a refusal pause ends, None when none runs.
+        """Seconds until something is due: a refusal pause or a wait for a receipt ends, or a deadline passes.
 
         Args:
             now: the current monotonic time.
+
+        Returns:
+            The seconds, None when nothing is scheduled.
         """
-        return self.resume_at - now if self.resume_at > now else None
+        # While a pause or the wait for a receipt blocks publishing, a passed deadline cannot be acted on: waking for
+        # it would spin.
+        blocked = max(self.resume_at, 0.0 if self.synced else self._sync_until)
+        if blocked > now:
+            return blocked - now
+        if self._expiry:
+            return max(0.0, self._expiry[0][0] - now)
+        return None
 
     def limit(self, receive_maximum: int) -> int:
         """Set the capacity for this round of publishing from the broker's Receive Maximum.
@@ -200,9 +280,14 @@ class PublishWindow:
         Returns:
             0 unless the queue is empty and the window has room; then ``max(capacity, READ_MIN)``.
         """
-        if self._queue or len(self._inflight) >= self.capacity:
+        if self._queue or not self._room():
             return 0
         return max(self.capacity, READ_MIN)
+
+    def _room(self) -> bool:
+        if len(self._inflight) >= self.capacity:
+            return False
+        return self.policy is None or len(self._awaiting) + len(self._inflight) < self.policy.max_unreceipted
 
     def next(self) -> tuple[int, bytes] | None:
         """The envelope to publish now: the oldest read and not yet published.
@@ -210,7 +295,7 @@ class PublishWindow:
         Returns:
             ``(counter, envelope)``, or None when the window is full or nothing is queued (then see ``wants``).
         """
-        if not self._queue or len(self._inflight) >= self.capacity:
+        if not self._queue or not self._room():
             return None
         return self._queue[0]
 
@@ -230,14 +315,56 @@ class PublishWindow:
             if counter <= last:
                 raise RuntimeError(f"outbox rows out of counter order: {counter} after {last}")
             last = counter
-        self._queue.extend(rows)
+        if self._awaiting:
+            # Published and acknowledged, waiting for a receipt: not again until its deadline (``due``).
+            waiting = self._awaiting
+            self._queue.extend(r for r in rows if r[0] not in waiting)
+        else:
+            self._queue.extend(rows)
         self.cursor = last
 
-    def published(self, counter: int) -> int:
+    def due(self, now: float) -> list[int]:
+        """Counters whose wait for a receipt is over (receipt mode): read them and ``offer_resend`` them.
+
+        Args:
+            now: the current monotonic time.
+
+        Returns:
+            The counters, ascending; they no longer wait (an acknowledgement of their resend starts a new wait).
+        """
+        out: list[int] = []
+        heap, waiting = self._expiry, self._awaiting
+        while heap and heap[0][0] <= now:
+            deadline, counter = heapq.heappop(heap)
+            entry = waiting.get(counter)
+            if entry is None or entry[0] != deadline:
+                continue  # covered by a receipt since, or rescheduled: a stale heap entry
+            del waiting[counter]
+            self._resending[counter] = entry[2] + 1
+            out.append(counter)
+        out.sort()
+        return out
+
+    def offer_resend(self, counters: Sequence[int], rows: Sequence[tuple[int, bytes]]) -> None:
+        """Envelopes ``due`` handed out, read again: published next, before anything new, in counter order.
+
+        Args:
+            counters: what ``due`` returned.
+            rows: ``(counter, envelope)`` of those the outbox still holds (a receipt may have deleted the others).
+        """
+        held = {c for c, _ in rows}
+        for counter in counters:
+            if counter not in held:
+                self._resending.pop(counter, None)
+        self.resent += len(rows)
+        self._queue.extendleft(reversed(sorted(rows)))
+
+    def published(self, counter: int, now: float = 0.0) -> int:
         """The envelope ``next`` returned was handed to the transport.
 
         Args:
             counter: its counter.
+            now: the current monotonic time (receipt mode: its wait for a receipt is counted from it).
 
         Returns:
             The epoch to pass back to ``resolved`` with its outcome.
@@ -249,6 +376,8 @@ class PublishWindow:
             raise RuntimeError(f"published {counter}, not the next envelope of the window")
         self._queue.popleft()
         self._inflight.add(counter)
+        if self.policy is not None:
+            self._published_at[counter] = now
         self._unresolved[counter] = self._unresolved.get(counter, 0) + 1
         self.published_total += 1
         if counter <= self._high:
@@ -272,6 +401,8 @@ class PublishWindow:
         current = epoch == self.epoch
         if current:
             self._inflight.discard(counter)
+        if self.policy is not None:
+            return self._resolved_receipt_mode(counter, outcome, now, current)
         left = self._unresolved.get(counter, 0) - 1
         first = counter not in self._deleting and counter not in self._deleted
         if left > 0:
@@ -293,6 +424,60 @@ class PublishWindow:
         if current:
             self._stale = True
         return Resolution(delete=False, restart=current, pause=pause)
+
+    def _resolved_receipt_mode(self, counter: int, outcome: Outcome, now: float, current: bool) -> Resolution:
+        policy = self.policy
+        assert policy is not None
+        published = self._published_at.pop(counter, now)
+        resends = self._resending.pop(counter, 0)
+        if outcome is Outcome.ACKED:
+            if (self.receipt is None or not self.receipt.covers(counter)) and counter not in self._awaiting:
+                wait = min(policy.timeout_s * 2 ** min(resends, 30), policy.backoff_max_s)
+                self._wait_for_receipt(counter, published + wait, published, resends)
+            return _NOTHING
+        if resends:
+            self._resending[counter] = resends  # republished after the restart: the count carries on
+        self.failures += 1
+        pause = False
+        if outcome is not Outcome.LOST:
+            self.refused += 1
+            if current and now >= self.resume_at:
+                self.resume_at = now + self.refusal_pause
+                pause = True
+        if current:
+            self._stale = True
+        return Resolution(delete=False, restart=current, pause=pause)
+
+    def _wait_for_receipt(self, counter: int, deadline: float, published: float, resends: int) -> None:
+        self._awaiting[counter] = (deadline, published, resends)
+        heapq.heappush(self._expiry, (deadline, counter))
+
+    def receipt_applied(self, receipt: Receipt) -> None:
+        """A verified receipt was applied to the outbox (what it covers is deleted there): forget what it covers,
+        schedule the holes it names, and end the wait for the session's first receipt.
+
+        Args:
+            receipt: the receipt.
+        """
+        policy = self.policy
+        if policy is None:
+            return
+        if self.receipt is None or (receipt.head, receipt.stored) >= (self.receipt.head, self.receipt.stored):
+            self.receipt = receipt
+        self.synced = True
+        for counter in [c for c in self._awaiting if receipt.covers(c)]:
+            del self._awaiting[counter]
+        for counter in [c for c in self._resending if receipt.covers(c)]:
+            del self._resending[counter]
+        if self._queue and any(receipt.covers(c) for c, _ in self._queue):
+            self._queue = deque(r for r in self._queue if not receipt.covers(r[0]))
+        for counter, (deadline, published, resends) in list(self._awaiting.items()) if receipt.holes else ():
+            if receipt.in_holes(counter) and published + policy.hole_grace_s < deadline:
+                self._wait_for_receipt(counter, published + policy.hole_grace_s, published, resends)
+        if len(self._expiry) > 4 * len(self._awaiting) + 1024:
+            # Entries of covered counters are skipped lazily; rebuild once most of the heap is such entries.
+            self._expiry = [(d, c) for c, (d, _p, _r) in self._awaiting.items()]
+            heapq.heapify(self._expiry)
 
     def committed(self, counters: Sequence[int]) -> None:
         """Deletions handed out by ``resolved`` are committed to the outbox: it will not offer them again.
@@ -318,4 +503,5 @@ class PublishWindow:
         self.cursor = 0
         self._stale = False
         self.resets += 1
+        self._published_at.clear()
         return forgotten

@@ -1,9 +1,10 @@
 """Every MQTT topic of the fleet, built and parsed in one place (sans-IO).
 
 A device owns the namespace ``devices/<id>/``: the broker lets only that device publish its ``telemetry``, ``status``
-and ``replies`` there, and only the fleet publish its ``commands``. So the topic a message arrived on says who sent
-it, whatever the message claims; the parsers below return a device id only when it is a valid one
-(``edge.identity.keys.validate_device_id``), never a string the fleet would then use as a key.
+and ``replies`` there, and only the fleet publish its ``commands`` and ``receipts`` (``edge.wire.receipts``,
+retained). So the topic a message arrived on says who sent it, whatever the message claims; the parsers below return
+a device id only when it is a valid one (``edge.identity.keys.validate_device_id``), never a string the fleet would
+then use as a key.
 
 The gateway reads telemetry through a shared subscription (``$share/<group>/devices/+/telemetry``: the processes of
 one group split the load) and status directly (``devices/+/status``: retained messages are not shared).
@@ -18,6 +19,7 @@ from edge.identity.keys import validate_device_id
 
 __all__ = [
     "COMMANDS",
+    "RECEIPTS",
     "REPLIES",
     "STATUS",
     "TELEMETRY",
@@ -33,16 +35,17 @@ TELEMETRY: Final = "telemetry"
 STATUS: Final = "status"
 COMMANDS: Final = "commands"
 REPLIES: Final = "replies"
+RECEIPTS: Final = "receipts"
 
 
 def device_topics(device_id: str) -> dict[str, str]:
-    """The device's topics by role: ``telemetry``, ``status``, ``commands``, ``replies``.
+    """The device's topics by role: ``telemetry``, ``status``, ``commands``, ``replies``, ``receipts``.
 
     Args:
         device_id: a device id (not checked here: the caller holds a validated one).
     """
     base = f"{PREFIX}/{device_id}"
-    return {role: f"{base}/{role}" for role in (TELEMETRY, STATUS, COMMANDS, REPLIES)}
+    return {role: f"{base}/{role}" for role in (TELEMETRY, STATUS, COMMANDS, REPLIES, RECEIPTS)}
 
 
 def gateway_subscriptions(share_group: str) -> list[str]:

@@ -51,7 +51,11 @@ def test_a_device_gets_exactly_its_own_topics() -> None:
         ("publishClientSend", "devices/cam-1/replies"),
         ("subscribeLiteral", "devices/cam-1/commands"),
         ("publishClientReceive", "devices/cam-1/commands"),
+        ("subscribeLiteral", "devices/cam-1/receipts"),
+        ("publishClientReceive", "devices/cam-1/receipts"),
     }
+    # A box receives its receipts but cannot write one: not even a retained fake on its own topic.
+    assert ("publishClientSend", "devices/cam-1/receipts") not in grants(state, "cam-1")
     # No wildcard anywhere in a device's rights, and nothing of another device.
     assert not any("+" in t or "#" in t or "cam-2" in t for _, t in grants(state, "cam-1"))
     assert state.default_acl == DEFAULT_ACL_ACCESS
@@ -63,6 +67,7 @@ def test_gateway_and_operator_rights() -> None:
     gw = grants(state, "gateway-1")
     assert ("subscribePattern", "$share/+/devices/+/telemetry") in gw
     assert ("publishClientSend", CONTROL_TOPIC) in gw and ("publishClientSend", "devices/+/commands") in gw
+    assert ("publishClientSend", "devices/+/receipts") in gw
     assert not any(t.startswith("devices/+/telemetry") for a, t in gw if a.startswith("subscribe"))  # shared only
     assert grants(state, "gateway-2") == gw and state.clients["gateway-2"].roles == {GATEWAY_ROLE}
     assert grants(state, "operator") == {

@@ -52,6 +52,8 @@ DEVICE_RIGHTS = {
     ("publishClientSend", "devices/cam-1/replies"),
     ("subscribeLiteral", "devices/cam-1/commands"),
     ("publishClientReceive", "devices/cam-1/commands"),
+    ("subscribeLiteral", "devices/cam-1/receipts"),
+    ("publishClientReceive", "devices/cam-1/receipts"),
 }
 
 
@@ -59,7 +61,12 @@ def test_enroll_registers_the_device_and_writes_its_bundle(fleet) -> None:
     record, creds = fleet.enroll("cam-1")
     assert fleet.store.device("cam-1") == record
     bundle = fleet.registry.bundle_dir("cam-1")
-    assert sorted(p.name for p in bundle.iterdir()) == ["device.pem", "fleet-ca.pem", "fleet-commands.pub"]
+    assert sorted(p.name for p in bundle.iterdir()) == [
+        "device.pem",
+        "fleet-ca.pem",
+        "fleet-commands.pub",
+        "fleet-receipts.pub",
+    ]
     assert (bundle / "device.pem").read_text() == record.cert_pem
     assert (bundle / "fleet-ca.pem").read_bytes() == fleet.ca.cert_pem
     assert (bundle / "fleet-commands.pub").read_bytes() == fleet.ca.commands_public_pem

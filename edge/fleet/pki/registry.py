@@ -17,7 +17,9 @@ The fleet directory (``edge fleet --dir DIR``; default ``$EDGE_FLEET_DIR`` or ``
                                           ``edge fleet ca issue-client NAME --operator`` adds to it)
       broker/server.pem  server.key       the broker's certificate (``edge fleet ca issue-server``' default)
       gateway/<name>.pem .key             gateway client certificates; operator/<name>.pem .key: operators'
-      devices/<id>/device.pem fleet-ca.pem fleet-commands.pub [tuf-root.json]   the bundle to copy into the box's
+      receipts.key (0600)  receipts.pub   the fleet receipt key (Ed25519): signs delivery receipts (pki.receipt_key)
+      devices/<id>/device.pem fleet-ca.pem fleet-commands.pub fleet-receipts.pub [tuf-root.json]
+                                          the bundle to copy into the box's
                                           keys directory (tuf-root.json once the model repository exists)
       tuf/  repository/                   the TUF model repository: role keys and the served files (docs/ota.md)
 
@@ -106,6 +108,7 @@ from edge._fs import atomic_write
 from edge.errors import ConfigError, EdgeError
 from edge.fleet.broker_sync import BrokerState, BrokerSync, config_json, fleet_state
 from edge.fleet.pki.ca import CA_CERT_FILE, EnrollmentError, FleetCA
+from edge.fleet.pki.receipt_key import receipt_public_pem
 from edge.fleet.store import DeviceRecord, Store
 from edge.identity.keys import validate_device_id
 from edge.wire.schema import DEFAULT_LIMITS
@@ -162,6 +165,7 @@ MAX_QUEUED_MESSAGES: Final = 1_000_000
 BUNDLE_CERT_FILE: Final = "device.pem"
 BUNDLE_CA_FILE: Final = "fleet-ca.pem"
 BUNDLE_COMMANDS_FILE: Final = "fleet-commands.pub"
+BUNDLE_RECEIPTS_FILE: Final = "fleet-receipts.pub"  # telemetry.receipt_key's default
 BUNDLE_TUF_ROOT_FILE: Final = "tuf-root.json"  # ota.root's default
 # The newest root of the model repository (edge.fleet.models.repository keeps it there): the box's first trusted root.
 TUF_ROOT_SOURCE: Final = Path("repository") / "metadata" / "root.json"
@@ -472,8 +476,8 @@ class Registry:
         return record
 
     def write_bundle(self, record: DeviceRecord, *, ca: FleetCA) -> Path:
-        """Write (or rewrite) a device's bundle: its certificate, the fleet CA, the fleet command key and, once the
-        model repository exists, its newest root (the box's first trusted TUF root).
+        """Write (or rewrite) a device's bundle: its certificate, the fleet CA, the fleet command and receipt keys
+        and, once the model repository exists, its newest root (the box's first trusted TUF root).
 
         Args:
             record: the device.
@@ -487,6 +491,7 @@ class Registry:
         atomic_write(directory / BUNDLE_CERT_FILE, record.cert_pem.encode("ascii"))
         atomic_write(directory / BUNDLE_CA_FILE, ca.cert_pem)
         atomic_write(directory / BUNDLE_COMMANDS_FILE, ca.commands_public_pem)
+        atomic_write(directory / BUNDLE_RECEIPTS_FILE, receipt_public_pem(self.fleet_dir))
         root = self.fleet_dir / TUF_ROOT_SOURCE
         if root.is_file():
             atomic_write(directory / BUNDLE_TUF_ROOT_FILE, root.read_bytes())

@@ -13,6 +13,7 @@ from __future__ import annotations
 from edge.errors import ConfigError
 from edge.fleet.credit import CreditRules
 from edge.fleet.store.types import (
+    DeliveryState,
     DeviceEvent,
     DeviceRecord,
     DeviceStatus,
@@ -25,6 +26,7 @@ from edge.fleet.store.types import (
 from edge.wire.schema import DEFAULT_LIMITS, TelemetryLimits
 
 __all__ = [
+    "DeliveryState",
     "DeviceEvent",
     "DeviceRecord",
     "DeviceStatus",

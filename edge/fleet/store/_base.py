@@ -60,6 +60,7 @@ from edge.fleet.store._plan import (
 from edge.fleet.store._sql import Dialect
 from edge.fleet.store._status import StatusRow, merge_status, parse_status
 from edge.fleet.store.types import (
+    DeliveryState,
     DeviceEvent,
     DeviceRecord,
     DeviceStatus,
@@ -71,7 +72,8 @@ from edge.fleet.store.types import (
 from edge.fleet.suspend import STRIKE_MEMORY_S, Suspension, suspension_length
 from edge.wire._bounds import MAX_COUNTER
 from edge.wire.chain import ChainLink, ChainVerifier, Verdict
-from edge.wire.envelope import Envelope
+from edge.wire.envelope import GENESIS_PREV, Envelope
+from edge.wire.receipts import MAX_HOLES
 from edge.wire.schema import TelemetryLimits
 from edge.wire.topics import STATUS, TELEMETRY, topic_route
 
@@ -616,6 +618,53 @@ class SqlStore(abc.ABC):
                 self._sql("INSERT INTO holes (device_id, lo, hi, day) VALUES (?, ?, ?, ?)"),
                 [(device_id, h.lo, h.hi, h.day) for h in new],
             )
+
+    # ------------------------------------------------------------------------------------------------ receipts
+
+    def delivery_states(self, device_ids: Sequence[str]) -> dict[str, DeliveryState]:
+        """What is stored of each device's chain (see ``Store.delivery_states``): a few indexed reads per device."""
+        ids = sorted(set(device_ids))
+        out: dict[str, DeliveryState] = {}
+        if not ids:
+            return out
+        # No transaction: the head is read first and only holes below it are read after, so a batch committed
+        # in between (PostgreSQL reads at READ COMMITTED) can only have filled holes (stored) or opened new ones
+        # above that head (left out): the state read never says stored of a counter that is not.
+        with self._guard("delivery states"):
+            cond, params = self.dialect.in_list("d.device_id", ids)
+            heads = self._query(
+                "SELECT d.device_id, c.head_counter, c.head_hash, c.gaps FROM devices d"  # noqa: S608 -- constants
+                f" LEFT JOIN chains c ON c.device_id = d.device_id WHERE {cond}",
+                params,
+            )
+            for dev, head, head_hash, gaps in heads:
+                if head is None:
+                    out[dev] = DeliveryState(0, GENESIS_PREV, 0, GENESIS_PREV, ())
+                elif not gaps:  # the usual case: no hole, so one read per batch for every device in it
+                    out[dev] = DeliveryState(int(head), bytes(head_hash), int(head), bytes(head_hash), ())
+                else:
+                    out[dev] = self._delivery_with_holes(dev, int(head), bytes(head_hash))
+        return out
+
+    def _delivery_with_holes(self, dev: str, head: int, head_hash: bytes) -> DeliveryState:
+        # The highest holes only: a box that skipped counters on purpose cannot make this read unbounded.
+        rows = self._query(
+            self._sql("SELECT lo, hi FROM holes WHERE device_id = ? AND lo < ? ORDER BY lo DESC LIMIT ?"),
+            (dev, head, MAX_HOLES + 1),
+        )
+        missing = tuple((int(lo), int(hi)) for lo, hi in reversed(rows))
+        lowest = self._query(self._sql("SELECT MIN(lo) FROM holes WHERE device_id = ? AND lo < ?"), (dev, head))[0][0]
+        stored = head if lowest is None else int(lowest) - 1
+        if stored == head:
+            stored_hash = head_hash
+        elif stored == 0:
+            stored_hash = GENESIS_PREV
+        else:
+            link = self.stored_link(dev, stored)
+            if link is None:  # the envelope right below the lowest hole is stored by construction
+                raise StoreError(f"internal error: {dev!r} has no stored envelope {stored} below its holes")
+            stored_hash = link.hash
+        return DeliveryState(stored, stored_hash, head, head_hash, tuple(m for m in missing if m[0] > stored))
 
     # ------------------------------------------------------------------------------------------------- status
 

@@ -36,6 +36,7 @@ __all__ = [
     "DeviceEvent",
     "DeviceRecord",
     "DeviceStatus",
+    "DeliveryState",
     "Inbound",
     "IngestResult",
     "LedgerRow",
@@ -211,6 +212,25 @@ class StoredEnvelope:
 
 
 @dataclass(frozen=True, slots=True)
+class DeliveryState:
+    """What the store holds of one device's chain, as a receipt states it (``edge.wire.receipts``).
+
+    Attributes:
+        stored: every counter ``1 .. stored`` is stored.
+        stored_hash: the hash of envelope ``stored`` (32 zero bytes for 0).
+        head: the highest counter stored (0: none).
+        head_hash: its hash.
+        missing: the open missing ranges above ``stored``, ascending: at most ``MAX_HOLES + 1``, the highest ones.
+    """
+
+    stored: int
+    stored_hash: bytes
+    head: int
+    head_hash: bytes
+    missing: tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True, slots=True)
 class DeviceEvent:
     """An event record of an accepted envelope, as stored.
 
@@ -309,6 +329,13 @@ class Store(Protocol):
         Raises:
             GatewayInputError: invalid device id, or a status that is not a JSON object of bounded size.
             StoreError: the database failed.
+        """
+
+    def delivery_states(self, device_ids: Sequence[str]) -> dict[str, DeliveryState]:
+        """What is stored of each registered device's chain, for its receipt; unregistered ids are left out.
+
+        Raises:
+            StoreError: the database failed (``StoreUnavailableError``: it may succeed later).
         """
 
     def statuses(self) -> list[DeviceStatus]:
