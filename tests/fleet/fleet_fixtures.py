@@ -115,7 +115,8 @@ class FleetBroker:
         self.conf = self.dir / "mosquitto.conf"
         run_as = "user root\n" if os.geteuid() == 0 else ""  # as root it would switch to a user that cannot read tmp
         self.conf.write_text(
-            f"{run_as}per_listener_settings false\npersistence false\nlog_dest file {self.log}\n"
+            # The fragment turns persistence on and leaves its directory to mosquitto.conf, as Debian's sets it.
+            f"{run_as}per_listener_settings false\npersistence_location {self.dir}/\nlog_dest file {self.log}\n"
             f"log_type error\nlog_type warning\nlog_type notice\ninclude_dir {fleet.registry.broker_dir}\n"
         )
         self.proc: subprocess.Popen[bytes] | None = None

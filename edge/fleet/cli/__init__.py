@@ -2,8 +2,8 @@
 
 ``edge.cli`` calls ``register`` only when this package is installed (a box image leaves it out). Each module holds
 one group of verbs in its ``SUBCOMMANDS``: ``devices`` (CA, enrollment, revocation, broker configuration), ``data``
-(status, ledger, commands), ``models`` (the TUF repository) and ``rollout``; ``gateway`` runs the gateway. The global
-options live in ``_common``.
+(status, ledger, commands), ``models`` (the TUF repository), ``rollout`` and ``doctor`` (checks); ``gateway`` runs
+the gateway. The global options live in ``_common``.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from edge.fleet.cli import data, devices, gateway, models, rollout
+from edge.fleet.cli import data, devices, doctor, gateway, models, rollout
 
 __all__ = ["register"]
 
@@ -35,6 +35,12 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument("--store", metavar="URL", help="the store (default: sqlite:///<fleet dir>/fleet.db)")
     sub = parser.add_subparsers(dest="fleet_command", required=True, metavar="ACTION")
-    for add in [*devices.SUBCOMMANDS, *data.SUBCOMMANDS, *models.SUBCOMMANDS, *rollout.SUBCOMMANDS]:
+    for add in [
+        *devices.SUBCOMMANDS,
+        *data.SUBCOMMANDS,
+        *models.SUBCOMMANDS,
+        *rollout.SUBCOMMANDS,
+        *doctor.SUBCOMMANDS,
+    ]:
         add(sub)
     gateway.register(subparsers)

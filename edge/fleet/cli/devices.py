@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -73,12 +74,20 @@ def _register_ca(sub: Any) -> None:
     server = actions.add_parser(
         "issue-server",
         help="issue the broker's TLS server certificate",
-        description="Write server.pem and server.key (0600) into DIR (default: <fleet dir>/broker, where the "
-        "generated listener looks for them).",
+        description="Write server.pem and server.key into DIR (default: <fleet dir>/broker, where the generated "
+        "listener looks for them). The broker reads its key after dropping root for its own user, so the key is made "
+        "readable by the broker's group (--broker-group, default mosquitto: mode 0640) when that group exists; "
+        "otherwise it stays 0600 and the command says what to do.",
     )
     server.add_argument("--host", action="append", required=True, metavar="H", help="host name or IP (repeatable)")
     server.add_argument("--out-dir", metavar="DIR", help="where to write (default: <fleet dir>/broker)")
     server.add_argument("--days", type=_positive_int, default=825, help="validity in days (default: %(default)s)")
+    server.add_argument(
+        "--broker-group",
+        default="mosquitto",
+        metavar="GROUP",
+        help="the group the broker runs as, given read access to the key (default: %(default)s, as on Debian)",
+    )
     server.set_defaults(func=_ca_issue_server)
 
     client = actions.add_parser(
@@ -124,7 +133,39 @@ def _ca_issue_server(args: argparse.Namespace) -> int:
         raise ConfigError("--host", args.host, str(e)) from e
     cert, key = _write_pair(out, "server", cert_pem, key_pem)
     print(f"server certificate: {cert}\nserver key: {key}")
+    shared, note = _share_with_group(key, args.broker_group)
+    print(note, file=sys.stdout if shared else sys.stderr)
     return 0
+
+
+def _share_with_group(path: Path, group: str) -> tuple[bool, str]:
+    """Make ``path`` readable by ``group`` (chgrp, then 0640; never readable by anyone else on the way).
+
+    mosquitto, started as root, drops to its own user before it loads certificates (measured with 2.0.11: a 0600
+    root key fails with "Permission denied"), so the key must be the broker group's to read.
+
+    Returns:
+        (whether it was done, a one-line message saying what was done or what the operator must do).
+    """
+    import grp  # noqa: PLC0415 -- POSIX only, like the broker
+
+    by_hand = f"sudo chgrp {group} {path} && sudo chmod 0640 {path}"
+    try:
+        gid = grp.getgrnam(group).gr_gid
+    except KeyError:
+        return False, (
+            f"warning: no group {group!r} on this host, so {path} stays 0600 (readable by its owner only); make it "
+            f"readable by the broker's user (`--broker-group GROUP`, or e.g. `{by_hand}` on the broker's host)"
+        )
+    try:
+        os.chown(path, -1, gid)
+        os.chmod(path, 0o640)
+    except OSError as e:
+        return False, (
+            f"warning: cannot give group {group!r} read access to {path} ({e.strerror}); it stays 0600 and the broker "
+            f"cannot read it: run `{by_hand}`"
+        )
+    return True, f"server key: group {group!r}, mode 0640 (the broker reads it as its own user)"
 
 
 def _ca_issue_client(args: argparse.Namespace) -> int:
@@ -277,8 +318,10 @@ def _register_broker_config(sub: Any) -> None:
     p = sub.add_parser(
         "broker-config",
         help="rewrite the mosquitto fragment (listener, access rules, CRL) from the registry",
-        description="Rewrite broker/edge-fleet.conf, broker/dynsec.json (the dynamic-security plugin's state) and "
-        "broker/crl.pem. Listener options given here are kept (broker/listener.json) for every later rewrite. "
+        description="Rewrite broker/edge-fleet.conf (the broker settings the delivery guarantees need: persistence, "
+        "queue and packet limits, session expiry, retained messages; then the listener), broker/dynsec.json (the "
+        "dynamic-security plugin's state) and broker/crl.pem. Options given here are kept (broker/listener.json) for "
+        "every later rewrite. "
         "Include the fragment from mosquitto.conf with `include_dir <fleet dir>/broker`; restart the broker after a "
         "listener change.",
     )
@@ -291,6 +334,13 @@ def _register_broker_config(sub: Any) -> None:
         metavar="PATH",
         help="mosquitto's mosquitto_dynamic_security.so (default: found in /usr/lib/<multiarch>/ and the like)",
     )
+    p.add_argument(
+        "--persistence-location",
+        metavar="DIR",
+        help="write `persistence_location DIR` into the fragment, for a mosquitto.conf that sets none (Debian's sets "
+        "/var/lib/mosquitto/, and mosquitto refuses a second one); DIR must be writable by the broker's user; "
+        "'' removes it again (default: as recorded, initially none)",
+    )
     p.set_defaults(func=_broker_config)
 
 
@@ -299,20 +349,30 @@ def _broker_config(args: argparse.Namespace) -> int:
 
     ca = load_ca(args)
     with open_registry(args) as registry:
-        if any(v is not None for v in (args.port, args.bind, args.certfile, args.keyfile, args.dynsec_plugin)):
+        given = (args.port, args.bind, args.certfile, args.keyfile, args.dynsec_plugin, args.persistence_location)
+        if any(v is not None for v in given):
             old = registry.listener()
+            if args.persistence_location is None:
+                location = old.persistence_location
+            else:
+                location = Path(args.persistence_location).absolute() if args.persistence_location else None
             new = BrokerListener(
                 port=args.port if args.port is not None else old.port,
                 bind=args.bind if args.bind is not None else old.bind,
                 certfile=Path(args.certfile).absolute() if args.certfile else old.certfile,
                 keyfile=Path(args.keyfile).absolute() if args.keyfile else old.keyfile,
                 dynsec_plugin=Path(args.dynsec_plugin).absolute() if args.dynsec_plugin else old.dynsec_plugin,
+                persistence_location=location,
             )
             registry.dynsec_plugin(new)  # a missing plugin is refused before it is recorded
             registry.set_listener(new)
         fragment = registry.write_broker_fragment(ca, now=_now())
     print(fragment)
-    print(f"access rules: {_APPLY_HINT}; a listener change needs a broker restart", file=sys.stderr)
+    print(
+        f"access rules: {_APPLY_HINT}; a change of the listener or the broker settings needs a broker restart; "
+        "check the result with `edge fleet doctor`",
+        file=sys.stderr,
+    )
     return 0
 
 

@@ -6,7 +6,7 @@ The fleet directory (``edge fleet --dir DIR``; default ``$EDGE_FLEET_DIR`` or ``
       ca.key (0600)  ca.pem               the fleet CA (Ed25519, self-signed, BasicConstraints CA, path_length 0)
       commands.key (0600)  commands.pub   the fleet command key (Ed25519): signs commands; separate from the CA key
       fleet.db                            the default store (sqlite:///<dir>/fleet.db); ``--store URL`` overrides
-      broker/edge-fleet.conf              the mosquitto fragment: the fleet's mutual-TLS listener (generated)
+      broker/edge-fleet.conf              the mosquitto fragment: delivery settings and the mutual-TLS listener
       broker/dynsec.json  broker/crl.pem  the dynamic-security plugin's state and the CRL (generated on every enroll,
                                           revoke, issue-client and broker-config)
       broker/listener.json                the listener's port, bind address, server certificate and key, and the
@@ -39,7 +39,11 @@ broker therefore binds identity itself, from the generated files alone:
   instead of dropping it: with mosquitto's default (1000) the broker drops telemetry it has already acknowledged to
   the boxes as soon as the gateways fall 1000 messages behind, which one box flooding its own topic achieves in a
   fraction of a second (measured: ``tools/bench/hostile.py`` lost honest envelopes with the default). Not 0
-  ("unlimited"): mosquitto 2.0.21 reads 0 as a quota of nothing.
+  ("unlimited" in 2.0.11, measured): some 2.0.x versions read 0 as a quota of nothing.
+- The delivery settings (``render_fragment``): persistence, autosave, byte and message queue limits, in-flight
+  limit, session expiration, retained messages; each with its reason in the fragment. ``persistence_location`` only
+  when ``broker-config --persistence-location`` recorded one: Debian's mosquitto.conf sets it, and mosquitto refuses
+  a second one at start. ``edge.fleet.doctor`` checks them as mosquitto applies them.
 
 Invariants:
 - A device is in the plugin's state iff it is enrolled and not revoked. A certificate that is revoked, or that this
@@ -66,9 +70,9 @@ that it cannot save, which is expected.
 Why the fragment carries its own ``listener``: mosquitto applies listener options (``cafile``,
 ``require_certificate``, ``use_identity_as_username``, ``use_username_as_clientid``, ``crlfile``) to the last
 ``listener`` *of the same file*; in a file read through ``include_dir`` they would configure the default listener
-instead (measured with 2.0.11: it opened port 1883). The operator's ``mosquitto.conf`` therefore only needs::
+instead (measured with 2.0.11: it opened port 1883). The operator's ``mosquitto.conf`` therefore only needs
+(after Debian's own ``include_dir /etc/mosquitto/conf.d``, which may stay)::
 
-    per_listener_settings false
     include_dir /path/to/fleet/broker
 
 EMQX equivalent (a clustered broker for large fleets): an SSL listener with ``verify = verify_peer`` and
@@ -129,7 +133,11 @@ __all__ = [
     "GATEWAY_DIR",
     "LISTENER_FILE",
     "MAX_PACKET_BYTES",
+    "AUTOSAVE_INTERVAL_S",
+    "MAX_INFLIGHT_MESSAGES",
+    "MAX_QUEUED_BYTES",
     "MAX_QUEUED_MESSAGES",
+    "PERSISTENT_CLIENT_EXPIRATION",
     "OPERATORS_FILE",
     "OPERATOR_DIR",
     "BrokerListener",
@@ -137,6 +145,8 @@ __all__ = [
     "RegistrySource",
     "broker_sync_for_fleet",
     "dynsec_plugin_candidates",
+    "load_listener",
+    "render_fragment",
 ]
 
 BROKER_DIR: Final = "broker"
@@ -160,6 +170,19 @@ MAX_PACKET_BYTES: Final = DEFAULT_LIMITS.max_envelope_bytes + 64 * 1024
 # Messages a gateway session may have waiting at the broker: at 200 envelopes/s (1,000 boxes) over an hour of gateway
 # outage; broker memory is the bound (docs/gateway.md, "Sizing the broker").
 MAX_QUEUED_MESSAGES: Final = 1_000_000
+# The same queue in bytes: 4 GiB holds the hour above at 2 KiB envelopes twice over, while a box flooding its topic
+# with maximal envelopes makes the broker drop (a resend for the boxes: receipts) instead of exhausting its memory.
+MAX_QUEUED_BYTES: Final = 4 << 30
+# A client's unacknowledged QoS 1 publishes toward the broker (the broker's Receive Maximum): at least a box's publish
+# window (500, telemetry's measured plateau), so no box is throttled; mosquitto's default, 20, throttles them.
+MAX_INFLIGHT_MESSAGES: Final = 1000
+# Seconds between the broker's saves of its database: what a SIGKILL or power loss can cost (the boxes resend it).
+# Not 1: every save rewrites the whole database, gigabytes while a gateway outage fills the queues.
+AUTOSAVE_INTERVAL_S: Final = 10
+# How long the broker keeps the session of a client that asked to be kept forever (MQTT 3 clean_session=0, or MQTT 5
+# expiry 0xFFFFFFFF) once it is offline; MQTT 5 clients with their own expiry (gateway 1 day, box 1 hour by default)
+# keep theirs. Long enough for any outage, bounded so an abandoned identity does not keep a queue for ever.
+PERSISTENT_CLIENT_EXPIRATION: Final = "30d"
 # The bundle's names are the box's configuration defaults (telemetry.cert, telemetry.ca, telemetry.fleet_key), so
 # copying the directory's files into <data_dir>/keys/ is the whole installation.
 BUNDLE_CERT_FILE: Final = "device.pem"
@@ -171,7 +194,7 @@ BUNDLE_TUF_ROOT_FILE: Final = "tuf-root.json"  # ota.root's default
 TUF_ROOT_SOURCE: Final = Path("repository") / "metadata" / "root.json"
 DEFAULT_GATEWAY_IDS: Final = ("gateway",)
 _MAX_STATE_FILE_BYTES: Final = 1 << 20
-_LISTENER_KEYS: Final = frozenset({"port", "bind", "certfile", "keyfile", "dynsec_plugin"})
+_LISTENER_KEYS: Final = frozenset({"port", "bind", "certfile", "keyfile", "dynsec_plugin", "persistence_location"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,6 +208,8 @@ class BrokerListener:
         keyfile: its private key (PEM); None: ``<fleet dir>/broker/server.key``.
         dynsec_plugin: mosquitto's dynamic-security plugin; None: found in the usual places
             (``dynsec_plugin_candidates``).
+        persistence_location: the broker's database directory, written into the fragment; None: mosquitto.conf sets
+            it (Debian's default does: ``/var/lib/mosquitto/``), and mosquitto refuses a second one at start.
     """
 
     port: int = 8883
@@ -192,6 +217,7 @@ class BrokerListener:
     certfile: Path | None = None
     keyfile: Path | None = None
     dynsec_plugin: Path | None = None
+    persistence_location: Path | None = None
 
     def __post_init__(self) -> None:
         """Check the values.
@@ -207,6 +233,7 @@ class BrokerListener:
             ("broker.certfile", self.certfile),
             ("broker.keyfile", self.keyfile),
             ("broker.dynsec_plugin", self.dynsec_plugin),
+            ("broker.persistence_location", self.persistence_location),
         ):
             if value is not None and (not str(value) or any(c.isspace() for c in str(value))):
                 raise ConfigError(key, str(value), "a non-empty value without whitespace")
@@ -241,6 +268,116 @@ def _read_small(path: Path) -> bytes:
     if len(data) > _MAX_STATE_FILE_BYTES:
         raise ConfigError(path.name, str(path), f"a file of at most {_MAX_STATE_FILE_BYTES} bytes")
     return data
+
+
+def load_listener(broker_dir: Path) -> BrokerListener:
+    """The broker settings ``edge fleet broker-config`` recorded (``<broker dir>/listener.json``; defaults if absent).
+
+    Args:
+        broker_dir: ``<fleet dir>/broker``.
+
+    Returns:
+        The listener settings.
+
+    Raises:
+        ConfigError: the file is unreadable or holds invalid settings.
+    """
+    path = broker_dir / LISTENER_FILE
+    try:
+        data: Any = json.loads(_read_small(path))
+    except FileNotFoundError:
+        return BrokerListener()
+    except (OSError, ValueError) as e:
+        raise ConfigError("broker listener", str(path), f"a readable JSON file ({e})") from e
+    if not isinstance(data, dict) or not set(data) <= _LISTENER_KEYS:
+        raise ConfigError("broker listener", str(path), f"an object with keys among {sorted(_LISTENER_KEYS)}")
+    paths = {
+        k: Path(v) if isinstance(v, str) else v
+        for k, v in data.items()
+        if k in ("certfile", "keyfile", "dynsec_plugin", "persistence_location")
+    }
+    for k, v in paths.items():
+        if v is not None and not isinstance(v, Path):
+            raise ConfigError(f"broker.{k}", v, "a path string or null")
+    bind = data.get("bind")
+    if bind is not None and not isinstance(bind, str):
+        raise ConfigError("broker.bind", bind, "an address string or null")
+    return BrokerListener(port=data.get("port", 8883), bind=bind, **paths)
+
+
+def render_fragment(fleet_dir: Path, listener: BrokerListener, plugin: Path, *, now: datetime.datetime) -> str:
+    """The text of ``broker/edge-fleet.conf``: every broker setting the delivery guarantees depend on, then the
+    fleet's mutual-TLS listener (``edge fleet doctor`` compares the file with this, comments aside).
+
+    Args:
+        fleet_dir: the fleet directory (absolute).
+        listener: the listener settings.
+        plugin: the dynamic-security plugin.
+        now: the generation time written into the header (timezone-aware).
+
+    Returns:
+        The fragment.
+    """
+    stamp = now.astimezone(datetime.UTC).isoformat(timespec="seconds")
+    broker = fleet_dir / BROKER_DIR
+    certfile = listener.certfile or broker / "server.pem"
+    keyfile = listener.keyfile or broker / "server.key"
+    bind = f" {listener.bind}" if listener.bind else ""
+    if listener.persistence_location is None:
+        location = (
+            "# persistence_location is mosquitto.conf's (Debian's default: /var/lib/mosquitto/): mosquitto refuses a\n"
+            "# second one. Without one it saves into its working directory (under systemd: /, which it cannot write);\n"
+            "# `edge fleet broker-config --persistence-location DIR` writes it here instead."
+        )
+    else:
+        location = (
+            "# Where the database is saved: a directory the broker's user can write (and mosquitto.conf sets none).\n"
+            f"persistence_location {str(listener.persistence_location).rstrip('/')}/"
+        )
+    return f"""# The edge fleet's broker settings and mutual-TLS listener, by `edge fleet` at {stamp}; do not edit.
+# mosquitto.conf includes it with: include_dir {broker}    Check it with `edge fleet doctor`.
+# A box deletes an envelope only once the gateway's signed receipt for it arrives: whatever the broker loses costs a
+# resend after telemetry.receipt_timeout_s, never data. The settings below make that rare (docs/gateway.md).
+#
+# The listener. Listener options apply only to a listener of the same file, so this fragment defines its own.
+listener {listener.port}{bind}
+certfile {certfile}
+keyfile {keyfile}
+cafile {fleet_dir / CA_CERT_FILE}
+require_certificate true
+# The certificate's CN is the username, and the username is the client id: no one takes over another's session.
+use_identity_as_username true
+use_username_as_clientid true
+crlfile {broker / CRL_FILE}
+allow_anonymous false
+# Access rules: the dynamic-security plugin checks every publish, subscription and delivery. It loads
+# {DYNSEC_FILE} at start; a running `edge gateway run` applies every registry change live ($CONTROL).
+plugin {plugin}
+plugin_opt_config_file {broker / DYNSEC_FILE}
+#
+# Delivery. Global options (per_listener_settings does not change them); a later file could override them.
+# Sessions, their queued messages and retained receipts survive a restart (a SIGTERM saves everything first).
+persistence true
+{location}
+# Saved every {AUTOSAVE_INTERVAL_S} s: a SIGKILL or power loss loses at most that (resent); each save is a full copy.
+autosave_interval {AUTOSAVE_INTERVAL_S}
+# By time, not per N changes: a count would rewrite the database most often exactly when the queues are longest.
+autosave_on_changes false
+# What the gateways have not taken yet waits for them (a gateway restart or outage, one box flooding its topic):
+# mosquitto's default (1000) drops it within seconds at fleet rates. Explicit, not 0: some 2.0.x read 0 as nothing.
+max_queued_messages {MAX_QUEUED_MESSAGES}
+# The same queue in bytes: broker memory bounds it, so a flood of maximal envelopes is dropped (resent), not fatal.
+max_queued_bytes {MAX_QUEUED_BYTES}
+# Unacknowledged publishes a client may have in flight: at least a box's window (500); the default, 20, throttles.
+max_inflight_messages {MAX_INFLIGHT_MESSAGES}
+# The largest envelope plus headroom: a larger publish disconnects its sender. (Not message_size_limit, which would
+# answer an envelope with an error the box retries for ever; mosquitto 2 recommends max_packet_size.)
+max_packet_size {MAX_PACKET_BYTES}
+# A session asking to be kept for ever is kept this long offline: longer than any outage, not for ever.
+persistent_client_expiration {PERSISTENT_CLIENT_EXPIRATION}
+# Receipts are retained (devices/<id>/receipts): a box that was offline gets the latest when it subscribes.
+retain_available true
+"""
 
 
 class Registry:
@@ -367,27 +504,7 @@ class Registry:
         Raises:
             ConfigError: the file is unreadable or holds invalid settings.
         """
-        path = self.broker_dir / LISTENER_FILE
-        try:
-            data: Any = json.loads(_read_small(path))
-        except FileNotFoundError:
-            return BrokerListener()
-        except (OSError, ValueError) as e:
-            raise ConfigError("broker listener", str(path), f"a readable JSON file ({e})") from e
-        if not isinstance(data, dict) or not set(data) <= _LISTENER_KEYS:
-            raise ConfigError("broker listener", str(path), f"an object with keys among {sorted(_LISTENER_KEYS)}")
-        paths = {
-            k: Path(v) if isinstance(v, str) else v
-            for k, v in data.items()
-            if k in ("certfile", "keyfile", "dynsec_plugin")
-        }
-        for k, v in paths.items():
-            if v is not None and not isinstance(v, Path):
-                raise ConfigError(f"broker.{k}", v, "a path string or null")
-        bind = data.get("bind")
-        if bind is not None and not isinstance(bind, str):
-            raise ConfigError("broker.bind", bind, "an address string or null")
-        return BrokerListener(port=data.get("port", 8883), bind=bind, **paths)
+        return load_listener(self.broker_dir)
 
     def set_listener(self, listener: BrokerListener) -> None:
         """Persist the listener settings used by every later fragment.
@@ -402,6 +519,9 @@ class Registry:
             "certfile": None if listener.certfile is None else str(listener.certfile),
             "keyfile": None if listener.keyfile is None else str(listener.keyfile),
             "dynsec_plugin": None if listener.dynsec_plugin is None else str(listener.dynsec_plugin),
+            "persistence_location": None
+            if listener.persistence_location is None
+            else str(listener.persistence_location),
         }
         atomic_write(self.broker_dir / LISTENER_FILE, (json.dumps(body, indent=2) + "\n").encode())
 
@@ -603,35 +723,9 @@ class Registry:
         revoked = [(_serial(d), d.revoked_at) for d in devices if d.revoked_at is not None]
         listener = self.listener()
         plugin = self.dynsec_plugin(listener)
-        stamp = now.astimezone(datetime.UTC).isoformat(timespec="seconds")
         broker = self.broker_dir
         broker.mkdir(mode=0o755, parents=True, exist_ok=True)
-        certfile = listener.certfile or broker / "server.pem"
-        keyfile = listener.keyfile or broker / "server.key"
-        bind = f" {listener.bind}" if listener.bind else ""
-        conf = f"""# The edge fleet's mutual-TLS listener, generated by `edge fleet` at {stamp}; do not edit.
-# mosquitto.conf includes it with: include_dir {broker}
-# Listener options apply only to a listener of the same file, so this fragment defines its own.
-listener {listener.port}{bind}
-certfile {certfile}
-keyfile {keyfile}
-cafile {self.fleet_dir / CA_CERT_FILE}
-require_certificate true
-# The certificate's CN is the username, and the username is the client id: no one takes over another's session.
-use_identity_as_username true
-use_username_as_clientid true
-crlfile {broker / CRL_FILE}
-allow_anonymous false
-# The largest envelope plus headroom: a larger publish disconnects its sender.
-max_packet_size {MAX_PACKET_BYTES}
-# What the gateways have not taken yet waits for them; mosquitto's default (1000) drops telemetry the boxes were told
-# was received as soon as the gateways fall that far behind (a restart, one box flooding its own topic).
-max_queued_messages {MAX_QUEUED_MESSAGES}
-# Access rules: the dynamic-security plugin checks every publish, subscription and delivery. It loads
-# {DYNSEC_FILE} at start; a running `edge gateway run` applies every registry change live ($CONTROL).
-plugin {plugin}
-plugin_opt_config_file {broker / DYNSEC_FILE}
-"""
+        conf = render_fragment(self.fleet_dir, listener, plugin, now=now)
         # The CRL first: a broker starting between two writes never lets a revoked device in under the old rules.
         atomic_write(broker / CRL_FILE, ca.crl([(s, at) for s, at in revoked if at is not None], now=now))
         atomic_write(broker / DYNSEC_FILE, config_json(state))
