@@ -14,8 +14,6 @@ __all__ = ["SUBCOMMANDS"]
 
 
 def _register_doctor(sub: Any) -> None:
-    from edge.fleet.doctor import DEFAULT_SESSION_EXPIRY_S  # noqa: PLC0415
-
     p = sub.add_parser(
         "doctor",
         help="check the broker's settings, certificates, CRL, the gateway's session and the TUF timestamp",
@@ -43,16 +41,18 @@ def _register_doctor(sub: Any) -> None:
     p.add_argument(
         "--session-expiry",
         type=int,
-        default=DEFAULT_SESSION_EXPIRY_S,
+        default=None,
         metavar="S",
-        help="the Session Expiry Interval --connect asks for: the gateway's session_expiry_s (default: %(default)s)",
+        # Resolved when the command runs: the doctor's module loads the store (numpy), which `edge --help` must not.
+        help="the Session Expiry Interval --connect asks for: the gateway's session_expiry_s (default: its default, "
+        "86400)",
     )
     p.add_argument("--json", action="store_true", help="print the findings as a JSON array")
     p.set_defaults(func=_doctor)
 
 
 def _doctor(args: argparse.Namespace) -> int:
-    from edge.fleet.doctor import diagnose, exit_code, render  # noqa: PLC0415
+    from edge.fleet.doctor import DEFAULT_SESSION_EXPIRY_S, diagnose, exit_code, render  # noqa: PLC0415
 
     findings = diagnose(
         fleet_dir(args),
@@ -61,7 +61,7 @@ def _doctor(args: argparse.Namespace) -> int:
         connect=args.connect,
         gateway=args.gateway,
         host=args.host,
-        session_expiry=args.session_expiry,
+        session_expiry=DEFAULT_SESSION_EXPIRY_S if args.session_expiry is None else args.session_expiry,
     )
     print(render(findings, as_json=args.json))
     return exit_code(findings)
