@@ -57,7 +57,7 @@ from edge.wire.commands import (
     CommandUnsigned,
     CommandVerifier,
 )
-from edge.wire.receipts import ReceiptError, verify_receipt
+from edge.wire.receipts import Receipt, ReceiptError, verify_receipt
 from edge.wire.schema import DEFAULT_LIMITS
 from edge.wire.topics import device_topics
 
@@ -145,6 +145,7 @@ class DeviceTelemetry:
         self.publisher = Publisher(
             self.outbox, self.transport, self.topics["telemetry"], receipts=policy, **_window(tc.window)
         )
+        self.publisher.last_receipt = self._kept_receipt()
         self.sink = TelemetrySink(
             self.outbox, wake=self.publisher.wake, batch_records=tc.batch_records, batch_age_s=tc.batch_age_s
         )
@@ -240,6 +241,16 @@ class DeviceTelemetry:
         result: dict[str, Any] = json.loads(body)
         return result
 
+    def _kept_receipt(self) -> Receipt | None:
+        """The latest receipt the outbox kept, checked again: the status reports it from the start."""
+        data = self.outbox.delivery().receipt
+        if data is None or self._receipt_key is None:
+            return None
+        try:
+            return verify_receipt(data, self._receipt_key, self.device_id)
+        except ReceiptError:
+            return None  # kept under another key: the next receipt replaces it
+
     def _on_message(self, topic: str, payload: bytes) -> None:
         if topic == self.topics["receipts"]:
             self._on_receipt(payload)
@@ -256,7 +267,19 @@ class DeviceTelemetry:
             self.receipts_rejected += 1
             suppressed = self._receipt_log.allow("receipt")
             if suppressed is not None:
-                event(log, logging.WARNING, "receipt rejected", error=str(e), bytes=len(payload), suppressed=suppressed)
+                # Every receipt failing means nothing leaves the outbox: the likely cause is a key that is not the
+                # fleet's (a fleet that made a new receipts.key), so the message names the file and the fix.
+                event(
+                    log,
+                    logging.ERROR,
+                    "receipt rejected: envelopes stay in the outbox until a valid receipt covers them",
+                    error=str(e),
+                    key="telemetry.receipt_key",
+                    fix="if every receipt fails, copy fleet-receipts.pub from this box's bundle (edge fleet enroll) "
+                    "again",
+                    bytes=len(payload),
+                    suppressed=suppressed,
+                )
             return
         self.publisher.on_receipt(receipt, payload)
 

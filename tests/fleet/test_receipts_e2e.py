@@ -176,6 +176,14 @@ def test_restarted_box_resends_only_what_the_fleet_lacks(rig) -> None:
         # The birth asks, the gateway answers: the 5 are receipted without being published again.
         assert wait_until(lambda: again.outbox.stats().backlog_envelopes == 0, 30)
         assert again.publisher.stats().published == 0
+
+        # Its birth status, as the fleet stored it, reports how it delivers and the receipt it kept from before.
+        def info() -> dict:
+            with open_store(fleet.store_url) as store:
+                return next(s.info for s in store.statuses() if s.device_id == DEVICE)
+
+        assert wait_until(lambda: info().get("state") == "online", 20), info()
+        assert info()["delivery"] == "receipts" and info()["receipt"]["stored"] >= 10
     finally:
         again.close()
 
