@@ -111,7 +111,7 @@ def test_full_disk_drops_oldest_by_policy_and_announces_it(tmp_path, key) -> Non
 
 def test_full_disk_where_nothing_fits_holds_counts_and_later_announces(tmp_path, key) -> None:
     path = tmp_path / "o.sqlite"
-    outbox = open_outbox(path, key, max_pages=3)
+    outbox = open_outbox(path, key, max_pages=4)  # the empty schema: master, envelopes, head, delivery
     sink = TelemetrySink(outbox, batch_records=400, batch_age_s=60, max_held_batches=2)
     for start in range(0, 2000, 400):
         sink.write([inference(i) for i in range(start, start + 400)])  # never raises into the pipeline
@@ -132,7 +132,7 @@ def test_full_disk_where_nothing_fits_holds_counts_and_later_announces(tmp_path,
 def test_records_the_sink_drops_reach_the_fleet_ledger(tmp_path, key) -> None:
     """Sink drops and outbox drops, in one loss format, counted by the fleet's own ingest into its ledger."""
     path = tmp_path / "o.sqlite"
-    outbox = open_outbox(path, key, max_pages=3)
+    outbox = open_outbox(path, key, max_pages=4)  # the empty schema: master, envelopes, head, delivery
     sink = TelemetrySink(outbox, batch_records=400, batch_age_s=60, max_held_batches=1)
     for start in range(0, 1200, 400):
         sink.write([inference(i) for i in range(start, start + 400)])
