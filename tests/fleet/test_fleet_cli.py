@@ -52,7 +52,13 @@ def test_operator_flow_init_enroll_list_revoke(edge_cli, tmp_path) -> None:
     assert out["device_id"] == "cam-7"
     assert out["did"] == (tmp_path / "box" / "device.did").read_text().strip()
     assert out["bundle"] == str(fd / "devices" / "cam-7")
-    assert [p.rsplit("/", 1)[1] for p in out["files"]] == ["device.pem", "fleet-ca.pem", "fleet-commands.pub"]
+    assert [p.rsplit("/", 1)[1] for p in out["files"]] == [
+        "device.pem",
+        "fleet-ca.pem",
+        "fleet-commands.pub",
+        "fleet-receipts.pub",
+    ]
+    assert all(Path(p).is_file() for p in out["files"])
     cert = x509.load_pem_x509_certificate((fd / "devices" / "cam-7" / "device.pem").read_bytes())
     cert.verify_directly_issued_by(ca)
     assert broker_clients(fd)["cam-7"] == ["edge-device:cam-7"]

@@ -194,9 +194,9 @@ def _register_enroll(sub: Any) -> None:
         help="certify a device from its CSR, register it and write its bundle",
         description="Check the CSR (proof of possession, Ed25519, CN = a valid device id, SAN = its did:key), "
         "issue the device certificate, register the device, write devices/<id>/ (device.pem, fleet-ca.pem, "
-        "fleet-commands.pub: copy them into the box's keys directory) and rewrite the broker files. Prints the "
-        "bundle's path. A running `edge gateway run` gives the box its broker rights within seconds; without one, "
-        "restart the broker.",
+        "fleet-commands.pub, fleet-receipts.pub: copy them into the box's keys directory) and rewrite the broker "
+        "files. Prints the bundle's path. A running `edge gateway run` gives the box its broker rights within "
+        "seconds; without one, restart the broker.",
     )
     p.add_argument("csr", metavar="CSR", help="the device's CSR (device.csr from `edge keys generate`)")
     p.add_argument("--days", type=_positive_int, default=825, help="certificate validity (default: %(default)s)")
@@ -205,7 +205,12 @@ def _register_enroll(sub: Any) -> None:
 
 
 def _enroll(args: argparse.Namespace) -> int:
-    from edge.fleet.pki.registry import BUNDLE_CA_FILE, BUNDLE_CERT_FILE, BUNDLE_COMMANDS_FILE  # noqa: PLC0415
+    from edge.fleet.pki.registry import (  # noqa: PLC0415
+        BUNDLE_CA_FILE,
+        BUNDLE_CERT_FILE,
+        BUNDLE_COMMANDS_FILE,
+        BUNDLE_RECEIPTS_FILE,
+    )
 
     try:
         with open(args.csr, "rb") as f:
@@ -222,7 +227,9 @@ def _enroll(args: argparse.Namespace) -> int:
             "did": record.did,
             "enrolled_at": iso_utc(record.enrolled_at),
             "bundle": str(bundle),
-            "files": [str(bundle / n) for n in (BUNDLE_CERT_FILE, BUNDLE_CA_FILE, BUNDLE_COMMANDS_FILE)],
+            "files": [
+                str(bundle / n) for n in (BUNDLE_CERT_FILE, BUNDLE_CA_FILE, BUNDLE_COMMANDS_FILE, BUNDLE_RECEIPTS_FILE)
+            ],
         }
         print(json.dumps(body, indent=2))
     else:
