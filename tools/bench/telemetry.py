@@ -134,12 +134,16 @@ class MemoryOutbox:
 
     def __init__(self, rows: list[tuple[int, bytes]]) -> None:
         self.rows = dict(rows)
+        # The publisher reads on its thread while its acker deletes on another, as with the real outbox's lock.
+        self.lock = threading.Lock()
 
     def pending(self, after: int = 0, limit: int = 1000) -> list[tuple[int, bytes]]:
-        return [(c, d) for c, d in self.rows.items() if c > after][:limit]
+        with self.lock:
+            return [(c, d) for c, d in self.rows.items() if c > after][:limit]
 
     def ack(self, counters) -> int:
-        return sum(self.rows.pop(c, None) is not None for c in counters)
+        with self.lock:
+            return sum(self.rows.pop(c, None) is not None for c in counters)
 
     def stats(self):
         return type("S", (), {"backlog_envelopes": len(self.rows)})()
