@@ -121,3 +121,26 @@ def test_a_broker_that_is_down_keeps_the_box_pending(fleet, store) -> None:
     assert issuer.issue(store) == 0  # backing off
     clock.t += 1.0
     assert issuer.issue(store) == 1 and published(sent, "box-1")[0].head == 1
+
+
+class _StatesOnly:
+    """The one call of the store interface the issuer makes, answering fixed states."""
+
+    def __init__(self, states: dict) -> None:
+        self.states = states
+
+    def delivery_states(self, device_ids):
+        return {d: self.states[d] for d in device_ids if d in self.states}
+
+
+def test_a_state_that_cannot_be_signed_holds_up_no_other_box() -> None:
+    from edge.fleet.store import DeliveryState  # noqa: PLC0415
+
+    h = b"\x01" * 32
+    states = {"box-a": DeliveryState(5, h, 3, h, ()), "box-b": DeliveryState(2, h, 2, h, ())}  # a: stored > head
+    sent: list[tuple[str, bytes]] = []
+    issuer = ReceiptIssuer(KEY, "gw", lambda t, p: sent.append((t, p)), interval_s=0.0)
+    issuer.note(["box-a", "box-b"])
+    assert issuer.issue(_StatesOnly(states)) == 1
+    assert published(sent, "box-b")[0].stored == 2 and not published(sent, "box-a")
+    assert issuer.failures == 1 and issuer.due_in() is None
