@@ -7,17 +7,33 @@ the raw TOML after ``load_config`` returns.
 The keys are declared in the section dataclasses below (``edge.toml_config``: each field's default and converter).
 The default path is ``/etc/edge/edge.toml`` (read-only rootfs friendly); ``edge run --config FILE`` overrides it.
 See docs/configuration.md for every key.
+
+Two files make one configuration. The main file is the same on every box built from one image (a read-only root);
+what differs per box (the broker it was enrolled with, its update repository) lives in the optional drop-in
+``<device.data_dir>/edge.toml`` on the data partition (``DROPIN_NAME``, ``dropin_path``, ``write_dropin``).
+Invariants of the merge:
+- The drop-in overrides key by key: a section in it replaces only the keys it names.
+- The drop-in is found through ``device.data_dir``, so it may not set that key.
+- Each file is validated on its own first: an error in the drop-in names the drop-in's path and the dotted key.
+- Relative ``model.path`` and ``source.path`` resolve against the directory of the file that sets them.
+- A main file that is itself ``<data_dir>/edge.toml`` is read once (it is its own drop-in).
+
+Who the box is (``resolve_device_id``) comes from its certificate, not a setting: see docs/configuration.md.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import re
+import socket
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any
 
+from edge._fs import atomic_write
 from edge.errors import ConfigError
 from edge.inference.limits import MAX_MODEL_BYTES
 from edge.sensing.pixels import PixelFormat
@@ -25,6 +41,7 @@ from edge.toml_config import (
     TCP_PORTS,
     Converter,
     boolean,
+    dump_toml,
     float_between,
     fs_path,
     host_name,
@@ -33,6 +50,7 @@ from edge.toml_config import (
     one_of,
     parse_document,
     path_or_disabled,
+    read_optional_toml,
     read_toml,
     section_types,
     settings,
@@ -43,6 +61,8 @@ from edge.toml_config import (
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
+    "DROPIN_NAME",
+    "FALLBACK_DEVICE_ID",
     "LIVE_SETTINGS",
     "LOG_FORMATS",
     "LOG_LEVELS",
@@ -62,11 +82,15 @@ __all__ = [
     "TelemetryConfig",
     "config_keys",
     "data_path",
+    "dropin_path",
     "load_config",
     "parse_config",
+    "resolve_device_id",
+    "write_dropin",
 ]
 
 DEFAULT_CONFIG_PATH = Path("/etc/edge/edge.toml")
+DROPIN_NAME = "edge.toml"  # the per-box drop-in, in device.data_dir (dropin_path)
 
 SOURCE_KINDS = ("synthetic", "npz", "directory", "serial")
 SINK_KINDS = ("jsonl", "telemetry")
@@ -134,6 +158,22 @@ def _zero_or_ranged_float(key: str, v: Any) -> float:
     return float(v)
 
 
+def _device_id(key: str, v: Any) -> str:
+    """A device id, or ``""``: take it from the certificate (``resolve_device_id``)."""
+    if v == "":
+        return ""
+    # Imported here: edge.identity loads cryptography, which a configuration that sets no id never needs.
+    from edge.identity.errors import InvalidDeviceIdError  # noqa: PLC0415
+    from edge.identity.keys import validate_device_id  # noqa: PLC0415
+
+    try:
+        return validate_device_id(v)
+    except InvalidDeviceIdError:
+        raise ConfigError(
+            key, v, '"" (the CN of the certificate) or a device id: [A-Za-z0-9][A-Za-z0-9_.-]{0,63}'
+        ) from None
+
+
 def _repository_url(key: str, v: Any) -> str:
     if not isinstance(v, str):
         raise ConfigError(key, v, "a URL string")
@@ -188,7 +228,8 @@ def _ranged_channels(key: str, v: Any) -> tuple[float, ...] | None:
 class DeviceConfig:
     """Who this box is and where it keeps its state."""
 
-    id: Annotated[str, string] = "edge-0"
+    # "": the CN of the box's certificate (resolve_device_id); set, it must equal that CN when telemetry is on
+    id: Annotated[str, _device_id] = ""
     data_dir: Annotated[Path, fs_path] = Path("/data/edge")
 
 
@@ -349,7 +390,11 @@ def parse_config(data: Mapping[str, Any]) -> Config:
     Raises:
         ConfigError: keys are unknown (all named in one error) or a value is invalid; the message names the key.
     """
-    cfg = parse_document(Config, data)
+    return _checked(parse_document(Config, data))
+
+
+def _checked(cfg: Config) -> Config:
+    """``cfg`` if the keys that depend on each other agree; each key alone is already valid."""
     source = cfg.source
     if source.kind in ("npz", "directory") and source.path is None:
         raise ConfigError("source.path", None, f"a path (source.kind is {source.kind!r})")
@@ -359,17 +404,111 @@ def parse_config(data: Mapping[str, Any]) -> Config:
 
 
 def load_config(path: str | os.PathLike[str] = DEFAULT_CONFIG_PATH) -> Config:
-    """Read and validate the TOML configuration at ``path``.
+    """Read and validate the TOML configuration at ``path``, with the box's drop-in merged over it.
 
-    Relative paths inside the file (model, source) are resolved against the file's directory, so a config and its
+    The drop-in, ``<device.data_dir>/edge.toml`` (``dropin_path``, ``device.data_dir`` as the main file sets it), is
+    optional: without it the configuration is the main file's. It overrides the main file key by key.
+
+    Relative paths inside a file (model, source) are resolved against that file's directory, so a config and its
     data can travel together.
 
     Raises:
-        ConfigError: the file is missing, is not valid TOML, or a value is invalid.
+        ConfigError: a file is not valid TOML, a value is invalid, the main file is missing, or the drop-in sets
+            ``device.data_dir``; an error in the drop-in names its path.
     """
     p = Path(path)
-    cfg = parse_config(read_toml(p))
-    base = p.resolve().parent
+    cfg = _rebased(parse_config(read_toml(p)), p)
+    dropin = dropin_path(cfg)
+    if _same_file(p, dropin):
+        return cfg  # the main file lives in data_dir: it is its own drop-in
+    doc = read_optional_toml(dropin)  # errors reading it name its path ("<file>")
+    if doc is None:
+        return cfg
+    over = _parse_dropin(dropin, doc)
+    try:
+        return _checked(_overlay(cfg, over, doc))
+    except ConfigError as e:
+        raise ConfigError(e.key, e.value, f"{e.expected} (in {p} with the drop-in {dropin})") from e
+
+
+def dropin_path(where: Config | str | os.PathLike[str]) -> Path:
+    """The per-box drop-in: ``DROPIN_NAME`` in ``device.data_dir``.
+
+    Args:
+        where: a configuration (its ``device.data_dir``), or the data directory itself.
+    """
+    data_dir = where.device.data_dir if isinstance(where, Config) else Path(where)
+    return data_dir / DROPIN_NAME
+
+
+def write_dropin(data_dir: Path, updates: Mapping[str, Mapping[str, Any]]) -> Path:
+    """Merge ``updates`` into the drop-in of ``data_dir`` and write it atomically (``edge._fs.atomic_write``).
+
+    Keys the drop-in already has and ``updates`` does not name are kept; a key in both takes the new value. The
+    result is validated as ``load_config`` will read it before anything is written, so a bad value never reaches the
+    next start. Comments of an existing drop-in are not kept (it is a file edge writes, not one an operator edits).
+    Not for concurrent writers: the read and the write are not one transaction.
+
+    Args:
+        data_dir: ``device.data_dir``; created if missing.
+        updates: section -> key -> value, e.g. ``{"telemetry": {"host": "broker.example.net", "port": 8883}}``.
+            Values are strings, integers, floats, booleans or flat lists of them, as the file writes them.
+
+    Returns:
+        The drop-in's path.
+
+    Raises:
+        ConfigError: the existing drop-in is unreadable or invalid, or the result would be (an unknown key, a bad
+            value, ``device.data_dir``); the message names the drop-in and the key.
+        OSError: the directory or the file cannot be written.
+    """
+    path = dropin_path(data_dir)
+    doc = read_optional_toml(path) or {}
+    for section, values in updates.items():
+        table = doc.setdefault(section, {})
+        if not isinstance(table, dict):
+            raise ConfigError(section, table, f"a table (in the drop-in {path})")
+        table.update(values)
+    _parse_dropin(path, doc)
+    try:
+        # An existing drop-in keeps its permission bits: an operator who restricted it (it may hold a repository URL
+        # with credentials) does not find it world-readable after the next enrollment.
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:
+        mode = 0o644  # as /etc/edge/edge.toml: the service's user must read it whoever wrote it
+    data_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, dump_toml(doc).encode("utf-8"), mode=mode)
+    return path
+
+
+def _parse_dropin(path: Path, doc: Mapping[str, Any]) -> Config:
+    """The drop-in's own keys, validated alone (each key's value; the keys that depend on each other are checked
+    after the merge) and rebased on its directory; every error names ``path``."""
+    device = doc.get("device")
+    if isinstance(device, Mapping) and "data_dir" in device:
+        raise ConfigError(
+            "device.data_dir",
+            shown(device["data_dir"]),
+            f"no device.data_dir in the drop-in {path} (the drop-in is found through it: set it in the main file)",
+        )
+    try:
+        return _rebased(parse_document(Config, doc), path)
+    except ConfigError as e:
+        raise ConfigError(e.key, e.value, f"{e.expected} (in the drop-in {path})") from e
+
+
+def _overlay(cfg: Config, over: Config, named: Mapping[str, Any]) -> Config:
+    """``cfg`` with the keys ``named`` (the drop-in's document: section -> its keys) taken from ``over``."""
+    sections = {
+        name: replace(getattr(cfg, name), **{key: getattr(getattr(over, name), key) for key in table})
+        for name, table in named.items()
+    }
+    return replace(cfg, **sections)
+
+
+def _rebased(cfg: Config, file: Path) -> Config:
+    """``cfg`` with its relative model and source paths resolved against the directory of ``file``."""
+    base = file.resolve().parent
 
     def rebase(q: Path | None) -> Path | None:
         return q if q is None or q.is_absolute() else base / q
@@ -381,6 +520,74 @@ def load_config(path: str | os.PathLike[str] = DEFAULT_CONFIG_PATH) -> Config:
     )
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or os.path.samefile(a, b)
+    except OSError:  # b does not exist (the usual case: no drop-in) or cannot be looked at: not the same file
+        return False
+
+
 def data_path(cfg: Config, p: Path) -> Path:
     """A state path from the configuration: relative ones live in ``device.data_dir``."""
     return p if p.is_absolute() else cfg.device.data_dir / p
+
+
+# When neither the configuration nor a certificate names the box (a jsonl box never enrolled) and the host name has
+# nothing usable in it.
+FALLBACK_DEVICE_ID = "edge-0"
+
+
+def resolve_device_id(cfg: Config) -> str:
+    """Who this box is: the CN of its certificate (``telemetry.cert``), which is what the broker knows it by.
+
+    - ``sink.kind = "telemetry"``: the certificate's CN. A ``device.id`` that is set must equal it.
+    - Any other sink: ``device.id`` if set; else the certificate's CN if the certificate exists; else the host name,
+      made a valid device id (characters outside ``[A-Za-z0-9_.-]`` become ``-``, leading ``-._`` go, at most 64
+      characters; ``FALLBACK_DEVICE_ID`` if nothing is left).
+
+    Args:
+        cfg: the validated configuration.
+
+    Returns:
+        A valid device id.
+
+    Raises:
+        ConfigError: telemetry is on and the certificate is missing (the box is not enrolled yet) or names another
+            id than ``device.id``; or the certificate exists but is unreadable or names no valid device id.
+    """
+    # Imported here: cryptography is needed only to read a certificate.
+    from edge.identity.certificate import device_id_from_certificate  # noqa: PLC0415
+    from edge.identity.errors import CertificateMissingError  # noqa: PLC0415
+
+    configured = cfg.device.id
+    cert = data_path(cfg, cfg.telemetry.cert)
+    if cfg.sink.kind != "telemetry":
+        if configured:
+            return configured
+        try:
+            return device_id_from_certificate(cert)
+        except CertificateMissingError:
+            return _host_device_id()
+    try:
+        certified = device_id_from_certificate(cert)
+    except CertificateMissingError:
+        raise ConfigError(
+            "telemetry.cert",
+            str(cert),
+            "an existing certificate: this box is not enrolled yet: run `edge enroll --claim CODE`",
+        ) from None
+    if configured and configured != certified:
+        raise ConfigError(
+            "device.id",
+            configured,
+            f"{certified!r}, the CN of the certificate {cert} (the broker knows this box as {certified!r}): "
+            f"remove device.id from the configuration to use {certified!r}, "
+            f"or re-enroll the box as {configured!r} (`edge enroll --claim CODE`)",
+        )
+    return certified
+
+
+def _host_device_id() -> str:
+    """The host name as a device id (``resolve_device_id``)."""
+    name = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname()).lstrip("-._")[:64]
+    return name or FALLBACK_DEVICE_ID

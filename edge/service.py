@@ -14,7 +14,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from edge import __version__
-from edge.config import Config
+from edge.config import Config, resolve_device_id
 from edge.errors import ConfigError, ModelError
 from edge.inference.model import Model
 from edge.inference.preprocess import backend
@@ -89,6 +89,9 @@ def run_service(cfg: Config, *, max_frames: int = 0) -> PipelineStats:
     """
     started = time.monotonic()
     configure(cfg.log.level, cfg.log.format)
+    # First, before a model loads or the updater touches the slots: a box that does not know who it is (not enrolled,
+    # or configured as another box than its certificate) refuses to start and says why.
+    device_id = resolve_device_id(cfg)
     model_path = cfg.model.path or factory_model_path()
     ota: tuple[Updater, OtaAgent | None, EventEmitter] | None = None
     model: Model | None = None
@@ -130,7 +133,7 @@ def run_service(cfg: Config, *, max_frames: int = 0) -> PipelineStats:
         logging.INFO,
         "service starting",
         version=__version__,
-        device=cfg.device.id,
+        device=device_id,
         model=model.model_id,
         model_sha256=model.sha256,
         model_path=str(model_path),

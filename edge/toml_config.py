@@ -7,7 +7,8 @@ that validates a value from the file (``Annotated`` metadata) and its default::
     class LogConfig:
         level: Annotated[str, one_of(("debug", "info", "warning", "error"))] = "info"
 
-A document is a frozen dataclass whose fields are sections (``parse_document``).
+A document is a frozen dataclass whose fields are sections (``parse_document``). ``dump_toml`` writes the flat
+documents these files are (tables of strings, numbers, booleans and lists of them) back as TOML.
 
 Invariants:
 - The file is read bounded (``MAX_TOML_BYTES``) before it is parsed.
@@ -38,6 +39,7 @@ __all__ = [
     "Converter",
     "Setting",
     "boolean",
+    "dump_toml",
     "float_at_least",
     "float_between",
     "fs_path",
@@ -48,6 +50,7 @@ __all__ = [
     "parse_document",
     "parse_section",
     "path_or_disabled",
+    "read_optional_toml",
     "read_toml",
     "section_types",
     "settings",
@@ -217,15 +220,39 @@ def read_toml(path: Path, *, max_bytes: int = MAX_TOML_BYTES) -> dict[str, Any]:
         ConfigError: key ``"<file>"``, the path as value: the file is missing, unreadable, too large, not UTF-8 or
             not valid TOML (the message gives the line and column).
     """
+    raw = _read_raw(path, max_bytes)
+    if raw is None:
+        raise ConfigError("<file>", str(path), "an existing configuration file")
+    return _parse_toml(path, raw)
+
+
+def read_optional_toml(path: Path, *, max_bytes: int = MAX_TOML_BYTES) -> dict[str, Any] | None:
+    """Read a TOML file that may be absent: ``read_toml``, except that a missing file (or directory) is None.
+
+    Only a missing file is None: one that exists but cannot be read or parsed is an error, never skipped.
+
+    Raises:
+        ConfigError: as ``read_toml``, except for a missing file.
+    """
+    raw = _read_raw(path, max_bytes)
+    return None if raw is None else _parse_toml(path, raw)
+
+
+def _read_raw(path: Path, max_bytes: int) -> bytes | None:
+    """The file's bytes, None if it does not exist; at most ``max_bytes`` are accepted."""
     try:
         with path.open("rb") as f:
             raw = f.read(max_bytes + 1)
     except FileNotFoundError:
-        raise ConfigError("<file>", str(path), "an existing configuration file") from None
+        return None
     except OSError as e:
         raise ConfigError("<file>", str(path), f"a readable UTF-8 file ({e})") from e
     if len(raw) > max_bytes:
         raise ConfigError("<file>", str(path), f"a configuration file of at most {max_bytes} bytes")
+    return raw
+
+
+def _parse_toml(path: Path, raw: bytes) -> dict[str, Any]:
     try:
         return tomllib.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as e:
@@ -236,6 +263,72 @@ def read_toml(path: Path, *, max_bytes: int = MAX_TOML_BYTES) -> dict[str, Any]:
         m = re.search(r"\s*\(at (line \d+, column \d+)\)$", msg)
         where = f"{m.group(1)}: {msg[: m.start()]}" if m else msg
         raise ConfigError("<file>", str(path), f"valid TOML ({where})") from e
+
+
+# -- writing ----------------------------------------------------------------------------------------------------------
+
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+# TOML's short escapes; every other control character (U+0000..U+001F, U+007F) is written as \uXXXX, since a basic
+# string may not hold it raw.
+_SHORT_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
+
+
+def _toml_string(s: str) -> str:
+    """``s`` as a TOML basic string."""
+    out = ['"']
+    for ch in s:
+        code = ord(ch)
+        if ch in _SHORT_ESCAPES:
+            out.append(_SHORT_ESCAPES[ch])
+        elif code < 0x20 or code == 0x7F:
+            out.append(f"\\u{code:04X}")
+        elif 0xD800 <= code <= 0xDFFF:
+            # A lone surrogate is no Unicode scalar value: neither UTF-8 nor a TOML escape can hold it.
+            raise ValueError(f"cannot write {s!r} as TOML: it holds a lone surrogate")
+        else:
+            out.append(ch)
+    out.append('"')
+    return "".join(out)
+
+
+def _toml_key(key: str) -> str:
+    return key if _BARE_KEY.fullmatch(key) else _toml_string(key)
+
+
+def _toml_value(v: object) -> str:
+    if isinstance(v, bool):  # before int: bool is an int
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        # repr is the shortest text that reads back as the same float; TOML spells the specials inf, -inf, nan.
+        return repr(v) if math.isfinite(v) else ("nan" if math.isnan(v) else "inf" if v > 0 else "-inf")
+    if isinstance(v, str):
+        return _toml_string(v)
+    if isinstance(v, list | tuple) and not any(isinstance(x, list | tuple | Mapping) for x in v):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {type(v).__name__} {v!r:.80} as a TOML configuration value")
+
+
+def dump_toml(document: Mapping[str, Mapping[str, Any]]) -> str:
+    """A document of tables (``[section]`` with ``key = value`` lines) as TOML text.
+
+    Values are what configuration files hold: strings, integers, floats, booleans and flat lists of them.
+    ``tomllib.loads(dump_toml(d)) == d`` for every such document.
+
+    Raises:
+        TypeError: a value of another type, or a section that is not a table (a bug in the caller).
+        ValueError: a string holds a lone surrogate (it has no UTF-8 encoding).
+    """
+    lines: list[str] = []
+    for name, table in document.items():
+        if not isinstance(table, Mapping):
+            raise TypeError(f"section {name!r} is not a table: {table!r:.80}")
+        if lines:
+            lines.append("")
+        lines.append(f"[{_toml_key(name)}]")
+        lines += [f"{_toml_key(key)} = {_toml_value(value)}" for key, value in table.items()]
+    return "\n".join(lines) + "\n" if lines else ""
 
 
 # -- converters -------------------------------------------------------------------------------------------------------

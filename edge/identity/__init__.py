@@ -1,4 +1,5 @@
-"""Device identity: the Ed25519 key pair, its did:key, and the CSR for the fleet CA.
+"""Device identity: the Ed25519 key pair, its did:key, the CSR for the fleet CA, and the device id its certificate
+names.
 
 Invariants: the private key file is created with mode 0600 before any byte is written, written atomically, never
 overwritten unless asked, and never loaded when group or others may read or write it.
@@ -6,9 +7,18 @@ overwritten unless asked, and never loaded when group or others may read or writ
 
 from __future__ import annotations
 
+from edge.identity.certificate import device_id_from_certificate
 from edge.identity.csr import build_csr
 from edge.identity.did import did_key_from_public, public_from_did_key
-from edge.identity.errors import InvalidDeviceIdError, InvalidDidError, KeyExistsError, KeyFileError, KeyPermissionError
+from edge.identity.errors import (
+    CertificateFileError,
+    CertificateMissingError,
+    InvalidDeviceIdError,
+    InvalidDidError,
+    KeyExistsError,
+    KeyFileError,
+    KeyPermissionError,
+)
 from edge.identity.keys import (
     DeviceIdentity,
     generate_device_identity,
@@ -18,6 +28,8 @@ from edge.identity.keys import (
 )
 
 __all__ = [
+    "CertificateFileError",
+    "CertificateMissingError",
     "DeviceIdentity",
     "InvalidDeviceIdError",
     "InvalidDidError",
@@ -25,6 +37,7 @@ __all__ = [
     "KeyFileError",
     "KeyPermissionError",
     "build_csr",
+    "device_id_from_certificate",
     "did_key_from_public",
     "generate_device_identity",
     "load_private_key",

@@ -1,7 +1,8 @@
 """Errors of the identity layer, placed in the fault tree of ``edge.errors``.
 
-A key file with loose permissions or unreadable contents is local misconfiguration (``ConfigError``); a malformed
-did:key or device id handed in from outside is bad input (``InputError``).
+A key file with loose permissions or unreadable contents, or a certificate the box cannot take its id from, is local
+misconfiguration (``ConfigError``); a malformed did:key or device id handed in from outside is bad input
+(``InputError``).
 """
 
 from __future__ import annotations
@@ -10,7 +11,15 @@ import os
 
 from edge.errors import ConfigError, InputError
 
-__all__ = ["InvalidDeviceIdError", "InvalidDidError", "KeyExistsError", "KeyFileError", "KeyPermissionError"]
+__all__ = [
+    "CertificateFileError",
+    "CertificateMissingError",
+    "InvalidDeviceIdError",
+    "InvalidDidError",
+    "KeyExistsError",
+    "KeyFileError",
+    "KeyPermissionError",
+]
 
 
 class KeyFileError(ConfigError):
@@ -38,6 +47,21 @@ class KeyExistsError(KeyFileError):
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         super().__init__(path, "no existing key (refusing to overwrite it; pass force to replace the identity)")
+
+
+class CertificateFileError(ConfigError):
+    """The device certificate cannot be read, is not a PEM X.509 certificate, or its subject CN is no device id."""
+
+    def __init__(self, path: str | os.PathLike[str], problem: str) -> None:
+        self.path = os.fspath(path)
+        ConfigError.__init__(self, "certificate file", self.path, problem)
+
+
+class CertificateMissingError(CertificateFileError):
+    """The device certificate does not exist (a box not enrolled yet)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        super().__init__(path, "an existing certificate file")
 
 
 class InvalidDidError(InputError):

@@ -38,7 +38,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edge import __version__
-from edge.config import Config, data_path
+from edge.config import Config, data_path, resolve_device_id
 from edge.errors import ConfigError, TransportError
 from edge.identity.did import did_key_from_public
 from edge.identity.keys import load_private_key, load_public_key
@@ -88,13 +88,14 @@ class DeviceTelemetry:
         model_id, model_sha256, backend: facts for the birth message.
 
     Raises:
-        ConfigError: the device key, certificate or CA cannot be loaded.
+        ConfigError: the device key, certificate or CA cannot be loaded, or ``device.id`` is set and is not the
+            certificate's CN (``edge.config.resolve_device_id``).
         OutboxError: the outbox cannot be opened.
     """
 
     def __init__(self, cfg: Config, *, model_id: str, model_sha256: str, backend: str) -> None:
         tc = cfg.telemetry
-        self.device_id = cfg.device.id
+        self.device_id = resolve_device_id(cfg)  # the certificate's CN: the id the broker confines this box to
         key = load_private_key(data_path(cfg, tc.key))
         self.did = did_key_from_public(key.public_key())
         self.topics = device_topics(self.device_id)
