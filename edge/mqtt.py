@@ -21,6 +21,13 @@ Invariants:
   "death" status) fires only when the connection dies without a DISCONNECT; ``stop`` sends a clean DISCONNECT.
 - paho sends more than the broker's Receive Maximum if asked to; ``receive_maximum`` reports the broker's value so
   the caller keeps its window within it.
+- Every failed connection is named (``edge.mqtt_failures.classify_connect_error``: wrong CA, expired or revoked
+  certificate, client id not the certificate's CN, identity not granted, identity used by another connection,
+  broker unreachable, other), logged once per attempt with the address, the file or setting at fault and the fix,
+  counted in ``failures`` and kept as ``last_failure``. A permanent failure (a human must act) is logged at ERROR
+  (throttled) and retried on the long schedule (``permanent_backoff``: 30 s doubling to 10 min, at least half of
+  each step), so a fleet of misconfigured boxes does not hammer the broker; a network failure keeps ``backoff``.
+  A successful CONNACK resets both.
 
 Measured (tools/bench/telemetry.py: mosquitto 2.0.11 on loopback with TLS 1.3 and client certificates, 2 shared
 cores, 3000 envelopes of 100 records, 2053 bytes each, best of 3, envelopes/s):
@@ -37,12 +44,15 @@ paho is fastest with its own in-flight limit off (its limited mode rescans the m
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import random
+import select
 import socket
 import ssl
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,9 +66,28 @@ from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from edge.errors import ConfigError, TransportError
-from edge.log import event
+from edge.log import Throttle, event
+from edge.mqtt_failures import (
+    SESSION_TAKEN_OVER,
+    TAKEOVER_LIMIT,
+    ConnectContext,
+    ConnectFailure,
+    SettingNames,
+    TakeoverWatch,
+    certificate_facts,
+    classify_connect_error,
+)
 
-__all__ = ["NO_MATCHING_SUBSCRIBERS", "Backoff", "Delivery", "Incoming", "MqttSettings", "MqttTransport"]
+__all__ = [
+    "NO_MATCHING_SUBSCRIBERS",
+    "Backoff",
+    "ConnectFailure",
+    "Delivery",
+    "Incoming",
+    "MqttSettings",
+    "MqttTransport",
+    "SettingNames",
+]
 
 log = logging.getLogger("edge.mqtt")
 
@@ -67,6 +96,20 @@ DEFAULT_RECEIVE_MAXIMUM: Final = 65535
 # MQTT 5 reason code: the broker accepted the PUBLISH but no subscription matched it, so nobody will receive it.
 NO_MATCHING_SUBSCRIBERS: Final = 0x10
 _POLL_S: Final = 0.05  # how soon the supervisor notices stop(): it also bounds stop()'s latency
+# How long to wait, after a TLS 1.3 handshake, for the broker's verdict on our certificate before CONNECT goes out
+# (see ``MqttTransport._await_tls_verdict``): one round trip normally; the whole wait only with a broker that sends
+# no session tickets.
+_TLS_VERDICT_WAIT_S: Final = 1.0
+# A permanent failure is logged in full the first few times per cause, then at most once per interval (with the
+# count of those not logged); the long schedule's own waits already space them out.
+_PERMANENT_LOG_FIRST: Final = 3
+_PERMANENT_LOG_EVERY_S: Final = 900.0
+# Each wait of the long schedule is at least this share of its ceiling: a box that cannot succeed must not retry at
+# once, while the jitter above it still spreads a fleet that fails together (a CA rotated on the broker).
+_PERMANENT_JITTER_FLOOR: Final = 0.5
+# A refused birth: the first retry after 1 s, and the first three logged as warnings (a box that just enrolled).
+_GRANT_BACKOFF_MIN_S: Final = 1.0
+_GRANT_GRACE: Final = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +129,10 @@ class MqttSettings:
             window and keeps it within ``MqttTransport.receive_maximum``).
         backoff_min: the first reconnect delay ceiling in seconds (doubles per failed attempt).
         backoff_max: the largest reconnect delay ceiling in seconds.
+        permanent_backoff_min: the first delay ceiling after a permanent failure (a wrong CA, an expired, revoked or
+            refused identity, an identity in use elsewhere: see ``edge.mqtt_failures``), doubling per such failure.
+            Each wait is at least half its ceiling.
+        permanent_backoff_max: the largest delay ceiling after a permanent failure.
         connect_timeout: seconds for TCP + TLS + CONNACK before the attempt counts as failed.
         receive_maximum: the most unacknowledged QoS 1 messages the broker may send us at once (MQTT 5 flow
             control, sent in CONNECT); 0 for the protocol's default (65535). A subscriber that acknowledges only
@@ -103,6 +150,8 @@ class MqttSettings:
     inflight: int = 0
     backoff_min: float = 0.5
     backoff_max: float = 30.0
+    permanent_backoff_min: float = 30.0
+    permanent_backoff_max: float = 600.0
     connect_timeout: float = 10.0
     receive_maximum: int = 0
 
@@ -124,6 +173,12 @@ class MqttSettings:
             raise ConfigError("mqtt.inflight", self.inflight, ">= 0 (0: no paho limit)")
         if not 0 < self.backoff_min <= self.backoff_max:
             raise ConfigError("mqtt.backoff_min", self.backoff_min, f"> 0 and <= backoff_max ({self.backoff_max})")
+        if not 0 < self.permanent_backoff_min <= self.permanent_backoff_max:
+            raise ConfigError(
+                "mqtt.permanent_backoff_min",
+                self.permanent_backoff_min,
+                f"> 0 and <= permanent_backoff_max ({self.permanent_backoff_max})",
+            )
         if self.connect_timeout <= 0:
             raise ConfigError("mqtt.connect_timeout", self.connect_timeout, "> 0 seconds")
         if not 0 <= self.receive_maximum <= 65535:
@@ -131,22 +186,30 @@ class MqttSettings:
 
 
 class Backoff:
-    """Exponential backoff with full jitter: attempt n waits uniform(0, min(max, min * 2**n)) seconds.
+    """Exponential backoff with jitter: attempt n waits uniform(floor * c, c) seconds, c = min(max, min * 2**n).
 
-    Full jitter spreads a fleet that lost its broker at the same moment over the whole interval, so the broker is
-    not hit by every box at once when it comes back.
+    Full jitter (``floor`` 0, the default) spreads a fleet that lost its broker at the same moment over the whole
+    interval, so the broker is not hit by every box at once when it comes back. A floor keeps every wait long (the
+    schedule after a permanent failure) while still spreading the fleet over the rest.
     """
 
-    def __init__(self, minimum: float, maximum: float, rng: random.Random | None = None) -> None:
+    def __init__(self, minimum: float, maximum: float, rng: random.Random | None = None, *, floor: float = 0.0) -> None:
         """Create a backoff policy.
 
         Args:
             minimum: the ceiling of the first delay (seconds, > 0).
             maximum: the largest ceiling (seconds, >= minimum).
             rng: the random source (seeded in tests); a fresh ``random.Random`` by default.
+            floor: the shortest delay as a share of its ceiling (0 <= floor <= 1).
+
+        Raises:
+            ValueError: ``floor`` is outside [0, 1].
         """
+        if not 0.0 <= floor <= 1.0:
+            raise ValueError(f"backoff floor {floor!r}: expected 0..1")
         self.minimum = minimum
         self.maximum = maximum
+        self.floor = floor
         self._rng = rng or random.Random()  # noqa: S311 -- jitter, not cryptography
 
     def ceiling(self, attempt: int) -> float:
@@ -154,7 +217,7 @@ class Backoff:
         return min(self.maximum, self.minimum * 2.0 ** min(attempt, 62))
 
     def delay(self, attempt: int) -> float:
-        """A delay for ``attempt`` (0-based), uniform in ``[0, ceiling(attempt)]``.
+        """A delay for ``attempt`` (0-based), uniform in ``[floor * ceiling(attempt), ceiling(attempt)]``.
 
         Args:
             attempt: how many attempts failed in a row before this wait.
@@ -162,7 +225,8 @@ class Backoff:
         Returns:
             Seconds to wait.
         """
-        return self._rng.uniform(0.0, self.ceiling(attempt))
+        c = self.ceiling(attempt)
+        return self._rng.uniform(self.floor * c, c)
 
 
 class Delivery:
@@ -347,6 +411,41 @@ class _Connection:
         self.ended = threading.Event()
         self.connack = threading.Event()
         self.refused: str | None = None
+        # What tells a failure apart (edge.mqtt_failures): set once each, by whichever thread sees it.
+        self.tls_error: OSError | None = None  # the broker's TLS alert, read before CONNECT went out
+        self.socket_error: str | None = None  # the first socket error paho reported ("failed to receive on ...")
+        self.disconnect_reason: str | None = None  # on_disconnect's reason name
+        self.disconnect_from_server = False  # ...and whether it came in a DISCONNECT packet
+        self.refused_publish = False  # the broker refused one of our publishes (mosquitto then closes the socket)
+        self.aborted = False  # we shut the socket down ourselves (no CONNACK in time, stop)
+        self.no_connack = False  # connect_timeout passed without a CONNACK
+        # The broker refused our birth on our own status topic: this identity has no rights (yet). Subscriptions
+        # made in this session were refused too, so it is closed and opened again (``_supervise``).
+        self.birth_refused: str | None = None
+
+
+class _SocketErrorLog(logging.Handler):
+    """Keeps the first socket error paho reports on one connection: paho logs it and returns only a code."""
+
+    def __init__(self, conn: _Connection) -> None:
+        super().__init__(logging.ERROR)
+        self._conn = conn
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """Record ``record``'s text if it is the connection's first socket error."""
+        text = record.getMessage()
+        if self._conn.socket_error is None and text.startswith(("failed to receive on socket", "timeout on socket")):
+            self._conn.socket_error = text
+
+
+def _paho_logger(conn: _Connection) -> logging.Logger:
+    """A logger of one connection's own, outside the logging tree: nothing of paho's reaches the process's log (paho
+    reports every ordinary connection loss at ERROR level); its socket errors are kept for classifying the failure.
+    Not paho's ``on_log``: with a logger paho formats only what the level lets through, so the debug line of every
+    PUBLISH costs nothing."""
+    logger = logging.Logger("edge.mqtt.paho", logging.ERROR)
+    logger.addHandler(_SocketErrorLog(conn))
+    return logger
 
 
 class MqttTransport:
@@ -366,6 +465,7 @@ class MqttTransport:
         on_incoming: Callable[[Incoming], None] | None = None,
         subscriptions: list[str] | None = None,
         rng: random.Random | None = None,
+        setting_names: SettingNames | None = None,
     ) -> None:
         """Create a transport (it does nothing until ``start``).
 
@@ -383,6 +483,14 @@ class MqttTransport:
                 called (from any thread). Unacknowledged messages come again after a reconnect.
             subscriptions: topic filters subscribed at QoS 1 on every (re)connect.
             rng: the random source of the reconnect jitter (seeded in tests).
+            setting_names: the configuration keys a failure's message names (the box's ``telemetry.*`` and
+                ``device.id`` by default).
+
+        Attributes:
+            backoff: the reconnect schedule after a network failure or a lost connection.
+            permanent_backoff: the schedule after a permanent failure (``MqttSettings.permanent_backoff_*``).
+            connects: successful CONNACKs so far.
+            attempts: connection attempts so far.
         """
         self.settings = settings
         self._will = will
@@ -393,6 +501,18 @@ class MqttTransport:
         self._on_incoming = on_incoming
         self._subscriptions = list(subscriptions or [])
         self.backoff = Backoff(settings.backoff_min, settings.backoff_max, rng)
+        self.permanent_backoff = Backoff(
+            settings.permanent_backoff_min, settings.permanent_backoff_max, rng, floor=_PERMANENT_JITTER_FLOOR
+        )
+        # After a refused birth: a box that just enrolled is granted within seconds (the gateway's registry poll),
+        # so the first waits are short; one the fleet suspended or revoked reaches the long ceiling in a few steps.
+        self.grant_backoff = Backoff(
+            min(_GRANT_BACKOFF_MIN_S, settings.permanent_backoff_max),
+            settings.permanent_backoff_max,
+            rng,
+            floor=_PERMANENT_JITTER_FLOOR,
+        )
+        self._names = setting_names or SettingNames()
         self._lock = threading.Lock()
         self._conn: _Connection | None = None
         self._up = threading.Event()
@@ -401,6 +521,12 @@ class MqttTransport:
         self._receive_maximum = DEFAULT_RECEIVE_MAXIMUM
         self.connects = 0  # successful CONNACKs so far
         self.attempts = 0  # connection attempts so far
+        self._last_failure: ConnectFailure | None = None
+        self._failures: Counter[str] = Counter()
+        self._takeovers = TakeoverWatch()
+        self._refused_births = 0  # sessions in a row whose birth was refused (``_failed``)
+        self._check_at_once = False  # the next attempt follows at once (a session closed without a reason)
+        self._failure_log = Throttle(_PERMANENT_LOG_EVERY_S, first=_PERMANENT_LOG_FIRST)
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
 
@@ -445,6 +571,22 @@ class MqttTransport:
             True if connected.
         """
         return self._up.wait(timeout)
+
+    @property
+    def last_failure(self) -> ConnectFailure | None:
+        """Why the latest failed connection failed (cause, permanent, detail, fix, when); None before any failure.
+
+        Not cleared by a later success (``connected`` tells whether a session is up now), so a status report can
+        show what went wrong last and when.
+        """
+        with self._lock:
+            return self._last_failure
+
+    @property
+    def failures(self) -> Counter[str]:
+        """Failed connections so far by cause (``edge.mqtt_failures.CAUSES``); a copy."""
+        with self._lock:
+            return Counter(self._failures)
 
     @property
     def receive_maximum(self) -> int:
@@ -520,20 +662,42 @@ class MqttTransport:
         return ctx
 
     def _supervise(self) -> None:
-        attempt = 0
+        attempt = 0  # failed attempts in a row, on the usual schedule
+        permanent = 0  # permanent failures since the last success, on the long schedule
+        refused_births = 0  # sessions in a row whose birth the broker refused, on the grant schedule
         while not self._stopping.is_set():
             self.attempts += 1
+            failure: ConnectFailure | None = None
             try:
-                came_up = self._run_connection()
+                came_up, failure = self._run_connection()
             except Exception:  # the loop must outlive any single failure; it is logged with its traceback
                 log.exception("connection attempt failed unexpectedly")
                 came_up = False
             if self._stopping.is_set():
                 break
-            # Reset on a successful CONNACK: a broker restart should cost one short wait, not the accumulated one.
-            attempt = 0 if came_up else attempt + 1
-            delay = self.backoff.delay(attempt)
-            event(log, logging.INFO, "reconnecting", delay_s=round(delay, 3), attempt=attempt)
+            if came_up:
+                # Reset on a successful CONNACK: a broker restart should cost one short wait, not the accumulated one.
+                attempt = permanent = refused_births = 0
+                if failure is None:
+                    self._failure_log = Throttle(_PERMANENT_LOG_EVERY_S, first=_PERMANENT_LOG_FIRST)
+            if came_up:
+                self._refused_births = 0
+            if failure is not None and failure.after_connack:
+                delay, schedule = self.grant_backoff.delay(refused_births), "grant"
+                refused_births += 1
+            elif failure is not None and failure.permanent:
+                # Retrying soon cannot help until a human acts; waiting long spares the broker a fleet of such boxes.
+                delay, schedule = self.permanent_backoff.delay(permanent), "permanent"
+                permanent += 1
+            elif self._check_at_once:
+                # The session was closed without a word: see at once whether the broker is still there (see
+                # ``_taken_over``). Once per such close, so it never becomes a loop of its own.
+                self._check_at_once = False
+                attempt, delay, schedule = 0, 0.0, "immediate"
+            else:
+                attempt = 0 if came_up else attempt + 1
+                delay, schedule = self.backoff.delay(attempt), "transient"
+            event(log, logging.INFO, "reconnecting", delay_s=round(delay, 3), attempt=attempt, schedule=schedule)
             self._stopping.wait(delay)
 
     def _new_client(self) -> mqtt.Client:
@@ -546,8 +710,8 @@ class MqttTransport:
             manual_ack=self._on_incoming is not None,
         )
         client.suppress_exceptions = True  # our callbacks catch their own errors; never let paho's thread die
-        # paho's own logger stays off: it reports every ordinary connection loss at ERROR level; our "connected" and
-        # "disconnected" events carry the reason codes instead.
+        # paho's log goes to a private logger per connection (``_paho_logger``): it reports every ordinary
+        # connection loss at ERROR level; our "connected" and "disconnected" events carry the reason codes instead.
         client.tls_set_context(self._tls_context())
         client.connect_timeout = s.connect_timeout
         client.max_inflight_messages_set(s.inflight)
@@ -557,19 +721,28 @@ class MqttTransport:
             client.will_set(topic, payload, qos=1, retain=retain)
         return client
 
-    def _run_connection(self) -> bool:
-        """One connection from CONNECT to its end. Returns whether it reached CONNACK success."""
+    def _run_connection(self) -> tuple[bool, ConnectFailure | None]:
+        """One connection from CONNECT to its end.
+
+        Returns:
+            Whether it reached CONNACK success, and why it failed (None: no failure, e.g. the session ended after a
+            while the ordinary way, or the transport stopped).
+        """
         s = self.settings
         try:
             client = self._new_client()
         except ConfigError as e:
             event(log, logging.ERROR, "cannot load TLS credentials", error=str(e))
-            return False
+            return False, None
         with self._lock:
             conn = _Connection(client)
             self._conn = conn
+        client.enable_logger(_paho_logger(conn))
+        client.on_socket_open = lambda _c, _u, sock: self._await_tls_verdict(conn, sock)
         client.on_connect = lambda _c, _u, flags, rc, props: self._on_connect(conn, flags.session_present, rc, props)
-        client.on_disconnect = lambda _c, _u, _f, rc, _p: self._on_disconnect(conn, rc)
+        client.on_disconnect = lambda _c, _u, flags, rc, _p: self._on_disconnect(
+            conn, rc, flags.is_disconnect_packet_from_server
+        )
         client.on_publish = lambda _c, _u, mid, rc, _p: self._on_publish(conn, mid, rc)
         if self._on_incoming is not None:
             client.on_message = lambda _c, _u, msg: self._on_paho_incoming(conn, msg)
@@ -582,9 +755,8 @@ class MqttTransport:
         try:
             client.connect(s.host, s.port, keepalive=s.keepalive, clean_start=False, properties=props)
         except (OSError, ValueError) as e:  # ssl.SSLError and timeouts are OSErrors
-            event(log, logging.WARNING, "connect failed", host=s.host, port=s.port, error=str(e))
             self._end(conn, TransportError(f"connect to {s.host}:{s.port} failed: {e}"))
-            return False
+            return False, self._failed(e, None)
         client.loop_start()
         connack_deadline = time.monotonic() + s.connect_timeout
         try:
@@ -593,8 +765,11 @@ class MqttTransport:
                     self._close(conn, s.connect_timeout)
                     break
                 if not conn.connack.is_set() and time.monotonic() > connack_deadline:
-                    event(log, logging.WARNING, "no CONNACK", timeout_s=s.connect_timeout)
+                    conn.no_connack = True
                     self._abort(conn)
+                    break
+                if conn.birth_refused is not None:
+                    self._close(conn, s.connect_timeout)
                     break
         finally:
             if not conn.ended.wait(s.connect_timeout):
@@ -602,9 +777,132 @@ class MqttTransport:
             client.loop_stop()
             why = "the transport stopped" if self._stopping.is_set() else "the connection was lost"
             self._end(conn, TransportError(f"{why} before the PUBACK ({s.host}:{s.port})"))
-        if conn.refused is not None:
-            event(log, logging.ERROR, "connection refused", reason=conn.refused)
-        return conn.connack.is_set() and conn.refused is None
+        came_up = conn.connack.is_set() and conn.refused is None
+        if self._stopping.is_set():
+            return came_up, None
+        if conn.birth_refused is not None:
+            # Not "up": the session had no rights, and the schedules must not reset as after a real session.
+            return False, self._failed(None, conn.birth_refused, after_connack=True)
+        if not came_up:
+            error: OSError | None = conn.tls_error
+            if error is None and conn.no_connack:
+                error = TimeoutError(f"no CONNACK within {s.connect_timeout:g} s")
+            return False, self._failed(error, conn.refused, socket_error=conn.socket_error)
+        return True, self._taken_over(conn)
+
+    def _taken_over(self, conn: _Connection) -> ConnectFailure | None:
+        """The failure of a session that was up, if another connection with our identity took it over."""
+        explicit = conn.disconnect_from_server and conn.disconnect_reason == SESSION_TAKEN_OVER
+        # mosquitto 2.0.11 closes a session taken over without a DISCONNECT (measured): paho sees a clean EOF, which
+        # it names "Unspecified error". Not a takeover: our own aborts and DISCONNECTs, a socket error, a keepalive
+        # timeout, and the close mosquitto makes after refusing a publish.
+        silent = (
+            not conn.disconnect_from_server
+            and conn.disconnect_reason == "Unspecified error"
+            and conn.socket_error is None
+            and not conn.aborted
+            and not conn.refused_publish
+        )
+        if not (explicit or silent):
+            return None
+        count = self._takeovers.taken_over(time.monotonic())
+        if not explicit and count < TAKEOVER_LIMIT:
+            # A silent close is also a broker that died (SIGTERM and SIGKILL look the same). Reconnecting at once
+            # tells them apart: a dead broker refuses (any failed attempt restarts the count, ``_failed``), one that
+            # gave our session to another connection accepts, and then only a run of such closes names the cause.
+            self._check_at_once = True
+            return None
+        return self._failed(None, None, disconnect_reason=conn.disconnect_reason, takeovers=count)
+
+    def _failed(
+        self,
+        exc: BaseException | None,
+        refused: str | None,
+        *,
+        socket_error: str | None = None,
+        disconnect_reason: str | None = None,
+        takeovers: int = 0,
+        after_connack: bool = False,
+    ) -> ConnectFailure:
+        """Name a failure (``classify_connect_error``), record it, log it; returns it.
+
+        ``after_connack``: the broker accepted the connection, then refused our birth. The first few such refusals
+        are a box whose enrollment has not reached the broker yet (seconds), logged as warnings; after that, as the
+        permanent failure they are.
+        """
+        s = self.settings
+        try:
+            # Read now, not at start: the certificate may have been renewed meanwhile, or expired while running.
+            cn, not_after = certificate_facts(s.cert.read_bytes())
+        except OSError:
+            cn, not_after = None, None
+        context = ConnectContext(s.host, s.port, str(s.ca), str(s.cert), s.client_id, cn, not_after, self._names)
+        failure = classify_connect_error(
+            exc,
+            refused,
+            context=context,
+            now=time.time(),
+            socket_error=socket_error,
+            disconnect_reason=disconnect_reason,
+            takeovers=takeovers,
+        )
+        if after_connack:
+            failure = dataclasses.replace(failure, after_connack=True)
+            self._refused_births += 1
+            if self._refused_births <= _GRANT_GRACE:
+                failure = dataclasses.replace(failure, permanent=False)
+        else:
+            self._refused_births = 0
+        if failure.cause != "identity_in_use":
+            self._takeovers.reset()  # an attempt failed: the sessions closed before were the broker's restart
+        with self._lock:
+            self._last_failure = failure
+            self._failures[failure.cause] += 1
+        fields: dict[str, object] = {
+            "cause": failure.cause,
+            "host": s.host,
+            "port": s.port,
+            "permanent": failure.permanent,
+        }
+        if failure.permanent:
+            suppressed = self._failure_log.allow(failure.cause)
+            if suppressed is None:  # counted in ``failures``; the line itself is kept for debugging
+                event(log, logging.DEBUG, failure.message, **fields)
+                return failure
+            if suppressed:
+                fields["suppressed"] = suppressed
+        event(log, failure.level, failure.message, **fields)
+        return failure
+
+    def _await_tls_verdict(self, conn: _Connection, sock: object) -> None:
+        """Before paho sends CONNECT on a TLS 1.3 connection, read the broker's verdict on our certificate.
+
+        A TLS 1.3 client's handshake ends before the server has checked the client's certificate; a refusal then
+        comes as an alert that, once CONNECT is on its way, mostly loses the race against the broker closing the
+        socket (measured with mosquitto 2.0.11: 6 of 8 times paho saw only "EOF occurred in violation of
+        protocol"). Waiting for the first record settles it: the session tickets (accepted) or the alert, whose
+        ``ssl.SSLError.reason`` names it. A broker never speaks before CONNECT, so nothing of MQTT is read here.
+        """
+        if not isinstance(sock, ssl.SSLSocket) or sock.version() != "TLSv1.3":
+            return  # TLS 1.2 ends the handshake with the alert: connect() raises it
+        try:
+            readable, _, _ = select.select([sock], [], [], min(_TLS_VERDICT_WAIT_S, self.settings.connect_timeout))
+            if not readable:
+                return  # a broker without session tickets: the alert, if one comes, may race CONNECT
+            data = sock.recv(1)
+        except ssl.SSLWantReadError:
+            return  # only the session tickets: the broker accepted our certificate
+        except OSError as e:  # the alert (ssl.SSLError), or a reset
+            conn.tls_error = e
+            return
+        if data:  # a byte before CONNECT: not an MQTT broker; the stream is unusable now
+            conn.tls_error = ssl.SSLError(f"{self.settings.host}:{self.settings.port} sent data before CONNECT")
+            with contextlib.suppress(OSError):
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+        else:
+            conn.tls_error = ssl.SSLEOFError(
+                ssl.SSL_ERROR_EOF, "the broker closed the connection right after the TLS handshake, without an alert"
+            )
 
     def _close(self, conn: _Connection, timeout: float) -> None:
         """A clean DISCONNECT (no will); the socket is shut down if that does not end the connection in time."""
@@ -617,6 +915,7 @@ class MqttTransport:
 
     def _abort(self, conn: _Connection) -> None:
         """End a connection that does not end by itself: shut the socket down under paho's network thread."""
+        conn.aborted = True
         sock = conn.client.socket()
         if sock is not None:
             # Plain socket shutdown (not SSLSocket's, which would race with paho's thread on the TLS object): paho's
@@ -679,11 +978,18 @@ class MqttTransport:
         with self._lock:
             conn.up = True  # queued on this connection before any caller can publish (``_up`` is still clear)
         d = self._publish_on(conn, topic, payload, 1, True)
-        d.add_done_callback(_log_birth)
+        d.add_done_callback(lambda done: self._birth_done(conn, done))
 
-    def _on_disconnect(self, conn: _Connection, rc: ReasonCode) -> None:
+    def _birth_done(self, conn: _Connection, d: Delivery) -> None:
+        """A refused birth ends the session (``_run_connection`` closes it); a lost connection is not a refusal."""
+        if d.ok or d.error is not None:
+            return
+        conn.birth_refused = d.reason or "refused"
+
+    def _on_disconnect(self, conn: _Connection, rc: ReasonCode, from_server: bool) -> None:
         try:
-            event(log, logging.INFO, "disconnected", reason=rc.getName())
+            conn.disconnect_reason, conn.disconnect_from_server = rc.getName(), from_server
+            event(log, logging.INFO, "disconnected", reason=rc.getName(), from_server=from_server)
             self._end(conn, TransportError(f"connection lost before the PUBACK ({rc.getName()})"))
         except Exception:
             log.exception("on_disconnect failed")
@@ -691,6 +997,8 @@ class MqttTransport:
     def _on_publish(self, conn: _Connection, mid: int, rc: ReasonCode) -> None:
         try:
             ok, name, value = not rc.is_failure, rc.getName(), int(rc.value)
+            if not ok:
+                conn.refused_publish = True
             with self._lock:
                 d = conn.pending.pop(mid, None)
                 if d is None:
@@ -716,8 +1024,3 @@ class MqttTransport:
             )
         except Exception:  # unacknowledged: the broker redelivers it after the next reconnect
             log.exception("message handler failed for %s", msg.topic)
-
-
-def _log_birth(d: Delivery) -> None:
-    if not d.ok:
-        event(log, logging.ERROR, "birth message not accepted", topic=d.topic, reason=d.reason)

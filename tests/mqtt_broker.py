@@ -50,11 +50,12 @@ class ClientCreds:
 
 
 class TestPKI:
-    """An Ed25519 CA that issues the broker's server certificate and client certificates on demand."""
+    """An Ed25519 CA that issues the broker's server certificate and client certificates on demand, and revokes
+    client certificates through a CRL (``crl``; a broker uses it only when started with ``crlfile``)."""
 
     __test__ = False  # not a test class, whatever its name
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, ca_name: str = "test-fleet-ca") -> None:
         self.dir = directory
         self.dir.mkdir(parents=True, exist_ok=True)
         self._ca_key = ed25519.Ed25519PrivateKey.generate()
@@ -62,8 +63,8 @@ class TestPKI:
         self._now = now
         self._ca = (
             x509.CertificateBuilder()
-            .subject_name(_name("test-fleet-ca"))
-            .issuer_name(_name("test-fleet-ca"))
+            .subject_name(_name(ca_name))
+            .issuer_name(_name(ca_name))
             .public_key(self._ca_key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(minutes=5))
@@ -83,21 +84,32 @@ class TestPKI:
             self._issue("localhost", server_key.public_key(), san).public_bytes(serialization.Encoding.PEM)
         )
         self.server_key.write_bytes(_pem_key(server_key))
+        self._revoked: list[x509.RevokedCertificate] = []
+        self.crl = self.dir / "crl.pem"
+        self._write_crl()  # an empty CRL: with crlfile set, OpenSSL refuses every client whose issuer has none
 
     def _issue(
         self,
         cn: str,
         public_key: ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey,
         san: x509.SubjectAlternativeName | None = None,
+        *,
+        expired: bool = False,
     ) -> x509.Certificate:
+        # An expired certificate was valid for a day that ended an hour ago (the CA itself is valid then too).
+        start, end = (
+            (self._now - datetime.timedelta(days=1), self._now - datetime.timedelta(hours=1))
+            if expired
+            else (self._now - datetime.timedelta(minutes=5), self._now + datetime.timedelta(days=2))
+        )
         b = (
             x509.CertificateBuilder()
             .subject_name(_name(cn))
             .issuer_name(self._ca.subject)
             .public_key(public_key)
             .serial_number(x509.random_serial_number())
-            .not_valid_before(self._now - datetime.timedelta(minutes=5))
-            .not_valid_after(self._now + datetime.timedelta(days=2))
+            .not_valid_before(start)
+            .not_valid_after(end)
         )
         if san is not None:
             b = b.add_extension(san, critical=False)
@@ -113,6 +125,43 @@ class TestPKI:
             key_path.chmod(0o600)
         return ClientCreds(device_id, self.ca, cert, key_path)
 
+    def expired_client(self, device_id: str) -> ClientCreds:
+        """A client certificate with CN = ``device_id`` (a new key) whose validity ended an hour ago.
+
+        Written beside, never over, the files of ``client(device_id)``.
+        """
+        cert, key_path = self.dir / f"{device_id}.expired.pem", self.dir / f"{device_id}.expired.key"
+        key = ed25519.Ed25519PrivateKey.generate()
+        cert.write_bytes(
+            self._issue(device_id, key.public_key(), expired=True).public_bytes(serialization.Encoding.PEM)
+        )
+        key_path.write_bytes(_pem_key(key))
+        key_path.chmod(0o600)
+        return ClientCreds(device_id, self.ca, cert, key_path)
+
+    def revoke(self, creds: ClientCreds) -> None:
+        """Put ``creds``' certificate on the CRL (``crl``); a broker reads it when it starts."""
+        serial = x509.load_pem_x509_certificate(creds.cert.read_bytes()).serial_number
+        self._revoked.append(
+            x509.RevokedCertificateBuilder()
+            .serial_number(serial)
+            .revocation_date(datetime.datetime.now(datetime.UTC) - datetime.timedelta(minutes=1))
+            .build()
+        )
+        self._write_crl()
+
+    def _write_crl(self) -> None:
+        now = datetime.datetime.now(datetime.UTC)
+        b = (
+            x509.CertificateRevocationListBuilder()
+            .issuer_name(self._ca.subject)
+            .last_update(now - datetime.timedelta(minutes=5))
+            .next_update(now + datetime.timedelta(days=1))
+        )
+        for r in self._revoked:
+            b = b.add_revoked_certificate(r)
+        self.crl.write_bytes(b.sign(self._ca_key, None).public_bytes(serialization.Encoding.PEM))
+
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
@@ -125,8 +174,20 @@ class Broker:
     """One mosquitto process with TLS, client certificates, ACLs and persistence, on a loopback port of its own."""
 
     def __init__(
-        self, directory: Path, pki: TestPKI, *, port: int | None = None, gateways: tuple[str, ...] = GATEWAY_IDS
+        self,
+        directory: Path,
+        pki: TestPKI,
+        *,
+        port: int | None = None,
+        gateways: tuple[str, ...] = GATEWAY_IDS,
+        crlfile: Path | None = None,
+        extra: str = "",
     ) -> None:
+        """Write the configuration (nothing runs until ``start``).
+
+        ``crlfile``: the listener refuses the client certificates this CRL lists (``TestPKI.crl``). ``extra``: more
+        lines for mosquitto.conf (global options, e.g. ``clientid_prefixes``).
+        """
         exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         if not Path(exe).exists():
             raise RuntimeError("mosquitto is not installed: `make test` installs it with apt-get")
@@ -166,6 +227,9 @@ require_certificate true
 use_identity_as_username true
 acl_file {acl}
 """
+            # The CRL is read when mosquitto starts: revoke first, then start the broker.
+            + (f"crlfile {crlfile}\n" if crlfile is not None else "")
+            + extra
         )
 
     def start(self, timeout: float = 10.0) -> None:
