@@ -685,6 +685,12 @@ class MqttTransport:
             if failure is not None and failure.after_connack:
                 delay, schedule = self.grant_backoff.delay(refused_births), "grant"
                 refused_births += 1
+            elif failure is not None and failure.cause == "identity_in_use":
+                # Short at first, then doubling with every further takeover within the window: two boxes with one
+                # identity slow their fight down to minutes, while a broker restarted a few times in a row (which
+                # looks the same on mosquitto 2.0, without a reason code) costs a second.
+                streak = max(0, self._takeovers.count - TAKEOVER_LIMIT)
+                delay, schedule = self.grant_backoff.delay(streak), "takeover"
             elif failure is not None and failure.permanent:
                 # Retrying soon cannot help until a human acts; waiting long spares the broker a fleet of such boxes.
                 delay, schedule = self.permanent_backoff.delay(permanent), "permanent"

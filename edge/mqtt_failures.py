@@ -208,6 +208,11 @@ class TakeoverWatch:
         """Forget them: an attempt failed for lack of a broker, so the closes before were its restart."""
         self._times.clear()
 
+    @property
+    def count(self) -> int:
+        """The takeovers recorded within the window at the last ``taken_over`` (0 after ``reset``)."""
+        return len(self._times)
+
 
 def certificate_facts(pem: bytes) -> tuple[str | None, float | None]:
     """Our certificate's subject CN and notAfter (epoch seconds), from its PEM; (None, None) if it cannot be read.
@@ -274,7 +279,9 @@ def classify_connect_error(
             return failure(
                 "identity_in_use",
                 True,
-                detail + ": another box uses this identity (the same key and certificate copied onto two boxes)",
+                detail
+                + ": another box uses this identity (the same key and certificate copied onto two boxes)"
+                + ("" if disconnect_reason == SESSION_TAKEN_OVER else ", unless the broker was restarted that often"),
                 "give each box its own identity: on the copy, remove the copied key and certificate and "
                 f"{_CLAIM_AGAIN} (it generates a new key on the box); have the operator revoke {identity!r} if its "
                 "key leaked",
