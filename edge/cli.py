@@ -19,7 +19,7 @@ from edge.errors import EdgeError
 __all__ = ["main"]
 
 # Imported lazily per command so `edge run` does not pay for what `edge model` needs, and the reverse.
-_COMMANDS = ("run", "model", "keys", "ota", "telemetry")
+_COMMANDS = ("run", "enroll", "model", "keys", "ota", "telemetry")
 _FLEET_CLI = "edge.fleet.cli"
 
 

@@ -25,6 +25,7 @@ from edge.sinks import JsonLinesSink, Sink
 from edge.systemd import Notifier, WatchdogPolicy
 
 if TYPE_CHECKING:
+    from edge.enrollment.renewer import Renewer
     from edge.ota.agent import EventEmitter, OtaAgent
     from edge.ota.slots import ActiveModel
     from edge.ota.trial import TrialResult
@@ -151,6 +152,12 @@ def run_service(cfg: Config, *, max_frames: int = 0) -> PipelineStats:
     if ota is not None:
         _wire_updater(cfg, ota, pipeline, telemetry)
 
+    renewer: Renewer | None = None
+    if telemetry is not None:
+        from edge.enrollment.renewer import Renewer  # noqa: PLC0415
+
+        renewer = Renewer(cfg)
+
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     t0 = time.monotonic()
     closing: dict[str, Any] = {}
@@ -158,6 +165,8 @@ def run_service(cfg: Config, *, max_frames: int = 0) -> PipelineStats:
     try:
         if telemetry is not None:
             telemetry.start()
+        if renewer is not None:
+            renewer.start()
         pipeline.start()
         if ota is not None and ota[1] is not None:
             ota[1].start()
@@ -168,6 +177,8 @@ def run_service(cfg: Config, *, max_frames: int = 0) -> PipelineStats:
         notifier.close()
         if ota is not None and ota[1] is not None:
             ota[1].stop()
+        if renewer is not None:
+            renewer.stop()
         for s, handler in previous.items():
             signal.signal(s, handler)
         if telemetry is not None:

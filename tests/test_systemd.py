@@ -43,6 +43,25 @@ def test_unit_file_passes_systemd_analyze_verify(tmp_path) -> None:
     assert proc.stderr.strip() == "", proc.stderr  # no warnings either
 
 
+def test_first_boot_enroll_unit_passes_verify_and_runs_once_as_the_service_user(tmp_path) -> None:
+    analyze = shutil.which("systemd-analyze")
+    assert analyze, "systemd-analyze is missing: make test installs systemd"
+    source = ROOT / "edge" / "data" / "edge-enroll.service"
+    unit = tmp_path / "edge-enroll.service"
+    unit.write_text(source.read_text().replace("/usr/bin/edge enroll", f"{sys.executable} -m edge enroll"))
+    proc = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stderr.strip() == "", proc.stderr
+    parser = configparser.ConfigParser(strict=False, interpolation=None)
+    parser.optionxform = str  # type: ignore[assignment,method-assign]
+    parser.read_string(source.read_text())
+    unit_s, svc = parser["Unit"], parser["Service"]
+    # Never again once enrolled; the service's user writes the key, so the service can read it.
+    assert "ConditionPathExists=!/data/edge/keys/device.pem" in source.read_text().splitlines()
+    assert svc["User"] == "edge" and svc["ReadWritePaths"] == "/data/edge" and svc["Type"] == "oneshot"
+    assert "Before" in unit_s and "edge.service" in unit_s["Before"]
+
+
 def test_unit_declares_notify_watchdog_restart_limits_and_hardening() -> None:
     u = unit_sections()
     unit, svc = u["Unit"], u["Service"]

@@ -2,8 +2,11 @@
 
 1. The fleet: `edge fleet ca init`, a server certificate for the broker, a client certificate for the gateway,
    and the generated mosquitto fragment (mutual TLS, per-device ACL, CRL).
-2. Three boxes: each makes its key and CSR (`edge keys generate`), the fleet enrolls it (`edge fleet enroll`), and
-   its bundle is copied into its keys directory.
+2. Three boxes enrolled over the network with claim codes (docs/onboarding.md): the fleet runs its enrollment
+   endpoint (`edge fleet serve`) and makes one claim code per box (`edge fleet claims create`); each box, which
+   starts with nothing but the shared configuration, runs `edge enroll --claim CODE`: it generates its key, is
+   certified, receives the fleet's keys and the broker address, and ends when the fleet's receipt covers its first
+   envelope. The time from the command to that receipt is printed.
 3. The model repository (TUF): `edge fleet models init`, a publisher `acme` with its own key for `digits`, and two
    releases published with golden samples: a good digits 2.0.0 (int8 with a float variant) and a broken 3.0.0
    (scrambled weights), served by a plain static HTTP server.
@@ -131,20 +134,31 @@ def log_events(path: Path) -> list[dict]:
     return out
 
 
-def provision(fleet: Path, boxes: Path, port: int) -> None:
-    print("fleet: CA, broker and gateway certificates, model repository, enrollment of", ", ".join(BOXES), flush=True)
+def provision(fleet: Path, port: int) -> None:
+    print("fleet: CA, broker and gateway certificates, model repository", flush=True)
     edge("fleet", "--dir", str(fleet), "ca", "init")
     edge("fleet", "--dir", str(fleet), "ca", "issue-server", "--host", "127.0.0.1", "--host", "localhost")
     edge("fleet", "--dir", str(fleet), "ca", "issue-client", "gateway-1")  # the broker's client id is the CN
     edge("fleet", "--dir", str(fleet), "broker-config", "--port", str(port), "--bind", "127.0.0.1")
-    # Before enrollment, so every bundle carries the repository's root (tuf-root.json).
+    # Before enrollment, so every box receives the repository's root (tuf-root.json) with its certificate.
     edge("fleet", "--dir", str(fleet), "models", "init")
-    for box in BOXES:
-        keys = boxes / box / "keys"
-        edge("keys", "generate", "--dir", str(keys), "--device-id", box)
-        bundle = Path(edge("fleet", "--dir", str(fleet), "enroll", str(keys / "device.csr")).strip())
-        for f in bundle.iterdir():
-            shutil.copy(f, keys / f.name)
+
+
+def enroll_boxes(fleet: Path, endpoint: int, device_cfgs: list[Path]) -> None:
+    """One claim code per box, and `edge enroll` on each box: the box's whole provisioning."""
+    for box, cfg in zip(BOXES, device_cfgs, strict=True):
+        code = edge(
+            "fleet", "--dir", str(fleet), "claims", "create", "--device-id", box, "--server", f"127.0.0.1:{endpoint}"
+        ).strip()
+        t0 = time.monotonic()
+        out = json.loads(edge("enroll", "--config", str(cfg), "--claim", code, "--json"))
+        print(
+            f"enroll {box}: claim code {code[:36]}... -> key generated on the box, certified, first envelope "
+            f"verified and stored by the fleet {time.monotonic() - t0:.2f} s after `edge enroll` started",
+            flush=True,
+        )
+        if out["device_id"] != box or not out.get("first_envelope_receipted"):
+            sys.exit(f"demo: {box} did not enroll: {out}")
 
 
 def publish_releases(work: Path, fleet: Path) -> None:
@@ -210,11 +224,13 @@ def write_configs(
     )
     devices = []
     for i, box in enumerate(BOXES):
+        # The box's /etc/edge/edge.toml: the same on every box but for where its data partition is. What differs
+        # (the broker address) is written into the drop-in <data_dir>/edge.toml by `edge enroll`.
         cfg = boxes / box / "edge.toml"
+        cfg.parent.mkdir(parents=True)
         cfg.write_text(
             f"""[device]
-id = "{box}"
-data_dir = "{boxes / box}"
+data_dir = "{boxes / box / "data"}"
 [source]
 kind = "synthetic"
 pixel_format = "{CAMERAS[i]}"
@@ -222,8 +238,6 @@ fps = {30 + 10 * i}
 [sink]
 kind = "telemetry"
 [telemetry]
-host = "127.0.0.1"
-port = {port}
 batch_records = 50
 batch_age_s = 1.0
 receipt_timeout_s = 3.0
@@ -286,8 +300,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="edge-demo-") as tmp, processes() as ps:
         work = Path(tmp)
         fleet, boxes = work / "fleet", work / "boxes"
-        port, metrics_port, repo_port = free_port(), free_port(), free_port()
-        provision(fleet, boxes, port)
+        port, metrics_port, repo_port, enroll_port = free_port(), free_port(), free_port(), free_port()
+        provision(fleet, port)
         publish_releases(work, fleet)
         mosquitto, gateway_cfg, device_cfgs = write_configs(work, fleet, boxes, port, metrics_port, repo_port)
 
@@ -303,6 +317,16 @@ def main() -> int:
         print(f"gateway: edge gateway run (metrics on http://127.0.0.1:{metrics_port}/metrics)", flush=True)
         gateway = ps.start([*EDGE, "gateway", "run", "--config", str(gateway_cfg)], work / "gateway.log")
         wait_port(metrics_port, 30)
+        print(f"enrollment: edge fleet serve on 127.0.0.1:{enroll_port} (HTTPS, EST-style)", flush=True)
+        ps.start(
+            [
+                *EDGE, "fleet", "--dir", str(fleet), "serve", "--listen", f"127.0.0.1:{enroll_port}",
+                "--broker", f"127.0.0.1:{port}", "--ota-repository", f"http://127.0.0.1:{repo_port}/",
+            ],
+            work / "enroll.log",
+        )  # fmt: skip
+        wait_port(enroll_port, 30)
+        enroll_boxes(fleet, enroll_port, device_cfgs)
         print(
             f"boxes: {len(BOXES)} x edge run, digits int8 on 160x120 frames ({', '.join(CAMERAS)}), "
             f"for {args.seconds:.0f} s",
@@ -338,7 +362,8 @@ def main() -> int:
             if status != 0 or stop is None:
                 print(cfg.with_name("edge.log").read_text()[-3000:], file=sys.stderr)
                 sys.exit(f"demo: {box} exited with {status}")
-            sealed[box] = int(stop["envelopes_sealed"])
+            # Everything the box ever sealed: `edge enroll`'s first envelope and the service's.
+            sealed[box] = inspect_outbox(cfg.parent / "data" / "outbox.sqlite").sealed
         # The gateway has everything once its store holds every envelope each box sealed.
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -351,7 +376,7 @@ def main() -> int:
         ps.stop(gateway)
         ps.stop(broker)
 
-        outboxes = {box: inspect_outbox(boxes / box / "outbox.sqlite") for box in BOXES}
+        outboxes = {box: inspect_outbox(boxes / box / "data" / "outbox.sqlite") for box in BOXES}
         store = open_store(f"sqlite:///{fleet / 'fleet.db'}")
         try:
             stored = {box: {e.counter for e in store.envelopes(box)} for box in BOXES}

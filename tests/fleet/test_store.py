@@ -49,6 +49,20 @@ def test_device_add_get_list_revoke(store, fleet):
         store.revoke_device("cam-z", T0)
 
 
+def test_renewing_replaces_the_certificate_of_an_active_device_only(store, fleet):
+    a = fleet.device("cam-a")
+    renewed = store.renew_device("cam-a", "-----BEGIN CERTIFICATE-----\nrenewed\n")
+    assert renewed.cert_pem.endswith("renewed\n")
+    assert (renewed.did, renewed.public_key) == (a.did, a.public_raw)
+    assert store.device("cam-a").cert_pem == renewed.cert_pem
+    store.revoke_device("cam-a", T0 + 5)
+    with pytest.raises(UnknownDeviceError, match="revoked"):
+        store.renew_device("cam-a", "-----BEGIN CERTIFICATE-----\nagain\n")
+    assert store.device("cam-a").cert_pem == renewed.cert_pem
+    with pytest.raises(UnknownDeviceError):
+        store.renew_device("cam-z", "x")
+
+
 def test_device_record_with_foreign_did_refused(store, fleet):
     a = fleet.device("cam-a", register=False)
     other = fleet.device("cam-b", register=False)

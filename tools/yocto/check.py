@@ -92,8 +92,12 @@ IMPORT_DISTS = {
 # never in ``edge run``. The fleet (edge/fleet/) is checked apart: it is the edge-fleet package, not the box's.
 NOT_ON_THE_BOX = {"onnx"}
 # The fleet's own third-party imports -> the recipe that provides them; None: optional, loaded only when configured
-# (psycopg for a postgresql:// store), and documented as such.
-FLEET_RECIPES: dict[str, str | None] = {"prometheus_client": "python3-prometheus-client", "psycopg": None}
+# (psycopg for a postgresql:// store; segno for `claims create --qr`, which says what to install), and documented.
+FLEET_RECIPES: dict[str, str | None] = {
+    "prometheus_client": "python3-prometheus-client",
+    "psycopg": None,
+    "segno": None,
+}
 FLEET_PACKAGE = "${PN}-fleet"
 FLEET_FILES = "${PYTHON_SITEPACKAGES_DIR}/edge/fleet"
 # Standard library module -> the OE package that ships it (openembedded-core's python3-manifest.json). A module

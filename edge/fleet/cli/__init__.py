@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from edge.fleet.cli import data, devices, doctor, gateway, models, rollout
+from edge.fleet.cli import data, devices, doctor, gateway, models, onboard, rollout
 
 __all__ = ["register"]
 
@@ -37,6 +37,7 @@ def register(subparsers: Any) -> None:
     sub = parser.add_subparsers(dest="fleet_command", required=True, metavar="ACTION")
     for add in [
         *devices.SUBCOMMANDS,
+        *onboard.SUBCOMMANDS,
         *data.SUBCOMMANDS,
         *models.SUBCOMMANDS,
         *rollout.SUBCOMMANDS,

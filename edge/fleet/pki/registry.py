@@ -111,6 +111,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from edge._fs import atomic_write
 from edge.errors import ConfigError, EdgeError
 from edge.fleet.broker_sync import BrokerState, BrokerSync, config_json, fleet_state
+from edge.fleet.errors import UnknownDeviceError
 from edge.fleet.pki.ca import CA_CERT_FILE, EnrollmentError, FleetCA
 from edge.fleet.pki.receipt_key import receipt_public_pem
 from edge.fleet.store import DeviceRecord, Store
@@ -556,13 +557,21 @@ class Registry:
 
     # -- enrollment ---------------------------------------------------------------------------------------------
 
-    def enroll(self, csr_pem: bytes, *, ca: FleetCA, now: datetime.datetime) -> DeviceRecord:
+    def enroll(
+        self,
+        csr_pem: bytes,
+        *,
+        ca: FleetCA,
+        now: datetime.datetime,
+        days: int = 825,
+    ) -> DeviceRecord:
         """Certify a device, register it, write its bundle and regenerate the broker files.
 
         Args:
             csr_pem: the device's CSR (untrusted).
             ca: the fleet CA.
             now: the enrollment time (timezone-aware).
+            days: the certificate's validity.
 
         Returns:
             The stored record.
@@ -576,7 +585,7 @@ class Registry:
             StoreError: the database failed; nothing was registered.
         """
         self.dynsec_plugin()  # a broker configuration that cannot be written fails before the device is registered
-        issued = ca.sign_csr(csr_pem, now=now)
+        issued = ca.sign_csr(csr_pem, now=now, days=days)
         if issued.device_id in self.gateway_ids() or issued.device_id in self.operator_ids():
             raise EnrollmentError("reserved_id", f"{issued.device_id!r} is a gateway or operator identity")
         for other in self.store.devices():
@@ -616,6 +625,40 @@ class Registry:
         if root.is_file():
             atomic_write(directory / BUNDLE_TUF_ROOT_FILE, root.read_bytes())
         return directory
+
+    def renew(self, csr_pem: bytes, *, device_id: str, ca: FleetCA, now: datetime.datetime, days: int) -> DeviceRecord:
+        """Certify an enrolled device's key again (EST re-enroll): a new certificate, same id, same key.
+
+        Args:
+            csr_pem: the device's CSR (untrusted; proof of possession is checked).
+            device_id: the device the caller authenticated (the CN of its current certificate).
+            ca: the fleet CA.
+            now: the renewal time (timezone-aware).
+            days: the new certificate's validity.
+
+        Returns:
+            The record with the new certificate.
+
+        Raises:
+            EnrollmentError: the CSR fails a check, names another id (``device_id``) or another key (``key_changed``).
+            UnknownDeviceError: the device is not registered, or is revoked.
+            StoreError: the database failed.
+        """
+        record = self.store.device(device_id)
+        if record is None or record.revoked_at is not None:
+            state = "not registered" if record is None else "revoked"
+            raise UnknownDeviceError(f"device {device_id!r} is {state}: it cannot renew its certificate")
+        issued = ca.sign_csr(csr_pem, now=now, days=days)
+        if issued.device_id != device_id:
+            raise EnrollmentError(
+                "device_id", f"the request is for {issued.device_id!r}, the certificate {device_id!r}"
+            )
+        if issued.did != record.did:
+            # The ledger credits a did: a box that wants a new key is a new box, enrolled with a new claim.
+            raise EnrollmentError("key_changed", "a renewal keeps the enrolled key; a new key needs a new claim")
+        renewed = self.store.renew_device(device_id, issued.cert_pem)
+        self.write_bundle(renewed, ca=ca)
+        return renewed
 
     def revoke(self, device_id: str, *, ca: FleetCA, now: datetime.datetime) -> DeviceRecord:
         """Revoke a device: mark it in the store, then regenerate the broker files (the plugin's state without it,

@@ -300,6 +300,23 @@ class SqlStore(abc.ABC):
             raise UnknownDeviceError(f"no device {device_id!r} is registered")
         return _device_record(rows[0])
 
+    def renew_device(self, device_id: str, cert_pem: str) -> DeviceRecord:
+        """Replace an active device's certificate (see ``Store.renew_device``)."""
+        if not isinstance(cert_pem, str):
+            raise GatewayInputError(f"device {device_id!r}: cert_pem must be text")
+        with self._guard("renew_device"), self._transaction():
+            self._execute(
+                self._sql("UPDATE devices SET cert_pem = ? WHERE device_id = ? AND revoked_at IS NULL"),
+                (cert_pem, device_id),
+            )
+            rows = self._query(self._sql(q.SELECT_DEVICES + " WHERE device_id = ?"), (device_id,))
+        if not rows:
+            raise UnknownDeviceError(f"no device {device_id!r} is registered")
+        record = _device_record(rows[0])
+        if record.revoked_at is not None:
+            raise UnknownDeviceError(f"device {device_id!r} is revoked: it cannot renew its certificate")
+        return record
+
     # ------------------------------------------------------------------------------------------------- ingest
 
     def ingest(self, batch: Sequence[Inbound]) -> list[IngestResult]:

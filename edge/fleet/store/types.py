@@ -297,6 +297,22 @@ class Store(Protocol):
             StoreError: the database failed.
         """
 
+    def renew_device(self, device_id: str, cert_pem: str) -> DeviceRecord:
+        """Replace an active device's certificate with a renewed one (same key, same id).
+
+        Args:
+            device_id: the device.
+            cert_pem: its new certificate (PEM).
+
+        Returns:
+            The device record after the call.
+
+        Raises:
+            UnknownDeviceError: no such device, or it is revoked (a revoked device is never renewed).
+            GatewayInputError: the certificate is not text.
+            StoreError: the database failed.
+        """
+
     def ingest(self, batch: Sequence[Inbound]) -> list[IngestResult]:
         """Verify and store a batch of messages (telemetry and status) in one transaction.
 

@@ -57,7 +57,8 @@ GROUPADD_PARAM:${PN} = "--system edge"
 USERADD_PARAM:${PN} = "--system --gid edge --groups dialout --home-dir ${EDGE_DATADIR} --no-create-home \
                        --shell ${base_sbindir}/nologin edge"
 
-SYSTEMD_SERVICE:${PN} = "edge.service"
+# edge-enroll.service enrolls the box at first boot from a claim file on the boot partition (docs/onboarding.md).
+SYSTEMD_SERVICE:${PN} = "edge.service edge-enroll.service"
 
 # edge-fleet: the fleet side (edge/fleet/: the gateway, its store, the CA, the TUF repository signer, rollouts) runs
 # on the operator's servers, never on a box. It goes into its own package, which no image of this layer installs
@@ -68,6 +69,7 @@ FILES:${PN}-fleet += "${PYTHON_SITEPACKAGES_DIR}/edge/fleet"
 do_install:append() {
     # The unit is the one the package ships and tests/test_systemd.py verifies: installed from the source, never copied.
     install -D -m 0644 ${S}/edge/data/edge.service ${D}${systemd_system_unitdir}/edge.service
+    install -D -m 0644 ${S}/edge/data/edge-enroll.service ${D}${systemd_system_unitdir}/edge-enroll.service
     install -D -m 0644 ${UNPACKDIR}/edge-tmpfiles.conf ${D}${nonarch_libdir}/tmpfiles.d/edge.conf
     install -D -m 0644 ${UNPACKDIR}/edge.toml ${D}${sysconfdir}/edge/edge.toml
 
@@ -127,7 +129,8 @@ RDEPENDS:${PN} += "\
     python3-urllib3 \
 "
 # The fleet's own needs beyond the box's: Prometheus metrics (python3-prometheus-client, meta-python). Its
-# PostgreSQL backend (psycopg) is optional and loads only for a postgresql:// store; SQLite is the default.
+# PostgreSQL backend (psycopg) is optional and loads only for a postgresql:// store; SQLite is the default. QR labels
+# of claim codes (segno) are optional too: `edge fleet claims create --qr` says what to install.
 RDEPENDS:${PN}-fleet += "\
     ${PN} \
     python3-prometheus-client \
