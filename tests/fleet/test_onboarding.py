@@ -265,6 +265,15 @@ def test_a_repeat_for_another_id_gets_the_keys_identity_and_a_revoked_key_reopen
             client.simple_enroll(client.context(ca), code.secret_text, _csr_der(k, device), deadline=0)
         assert e.value.status == 403
     assert set(rig.devices()) == {"box-a"}
+    # The revoked key with a fresh code is refused before the code is touched: a new key can still use it.
+    fresh = parse_claim(rig.claim())
+    with pytest.raises(EnrollRefusedError) as e:
+        client.simple_enroll(client.context(ca), fresh.secret_text, _csr_der(key, "box-a"), deadline=0)
+    assert e.value.status == 403 and "revoked" in e.value.detail
+    client.simple_enroll(
+        client.context(ca), fresh.secret_text, _csr_der(Ed25519PrivateKey.generate(), "box-e"), deadline=0
+    )
+    assert set(rig.devices()) == {"box-a", "box-e"}
 
 
 def test_enrolling_as_root_into_the_service_users_data_directory_is_refused(rig, tmp_path) -> None:

@@ -164,31 +164,34 @@ class EnrollService:
             issued = self.ca.sign_csr(csr_pem, now=now, days=self.settings.cert_days)
         except EnrollmentError as e:
             return self._refuse(400, f"csr_{e.reason}", str(e))
-        try:
-            verdict, row = self.claims.redeem(secret, did=issued.did, device_id=issued.device_id, now=now.timestamp())
-        except ClaimRefused as e:
-            return self._refuse(403, e.reason, str(e), device=issued.device_id)
-        if verdict is Verdict.WAIT:
-            self.counters["waiting"] += 1
-            event(log, logging.INFO, "enrollment waits for approval", claim=row.claim_id, device=issued.device_id)
-            return _text(
-                202,
-                f"claim {row.claim_id} waits for the operator's approval (edge fleet claims approve {row.claim_id})",
-                **{"Retry-After": str(self.settings.retry_after_s)},
-            )
         store = self.open_store()
         try:
-            registry = Registry(store, self.fleet_dir)
             # By key, not by id: a box that repeats its request after a power cut may ask for another id, and must
             # still get the identity it already has (its id comes from the certificate).
             existing = next((d for d in store.devices() if d.did == issued.did), None)
             if existing is not None and existing.revoked_at is not None:
+                # Before the claim is touched: a revoked key must not use up the code its owner will need.
                 return self._refuse(
                     403,
                     "revoked",
-                    f"this key is device {existing.device_id!r}, which is revoked: it needs a new key "
-                    "and a new claim code",
+                    f"this key is device {existing.device_id!r}, which is revoked: enroll with a new key (move "
+                    "the old key and certificate away) and a new claim code",
                     device=existing.device_id,
+                )
+            try:
+                verdict, row = self.claims.redeem(
+                    secret, did=issued.did, device_id=issued.device_id, now=now.timestamp()
+                )
+            except ClaimRefused as e:
+                return self._refuse(403, e.reason, str(e), device=issued.device_id)
+            if verdict is Verdict.WAIT:
+                self.counters["waiting"] += 1
+                event(log, logging.INFO, "enrollment waits for approval", claim=row.claim_id, device=issued.device_id)
+                return _text(
+                    202,
+                    f"claim {row.claim_id} waits for the operator's approval (edge fleet claims approve "
+                    f"{row.claim_id})",
+                    **{"Retry-After": str(self.settings.retry_after_s)},
                 )
             if existing is not None:
                 # The key this claim is bound to, enrolled already: the box repeats a request it never saw answered.
@@ -196,7 +199,9 @@ class EnrollService:
                 event(log, logging.INFO, "enrollment repeated", claim=row.claim_id, device=existing.device_id)
                 return _certs_only([x509.load_pem_x509_certificate(existing.cert_pem.encode())])
             try:
-                record = registry.enroll(csr_pem, ca=self.ca, now=now, days=self.settings.cert_days)
+                record = Registry(store, self.fleet_dir).enroll(
+                    csr_pem, ca=self.ca, now=now, days=self.settings.cert_days
+                )
             except (DeviceExistsError, EnrollmentError) as e:
                 self.claims.release(row.claim_id, issued.did)  # the box may retry the same code with another id
                 reason = e.reason if isinstance(e, EnrollmentError) else "device_exists"
