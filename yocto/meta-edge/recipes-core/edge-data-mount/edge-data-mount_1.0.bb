@@ -1,7 +1,7 @@
 # nooelint: oelint.var.mandatoryvar.HOMEPAGE, oelint.var.bbclassextend, oelint.var.suggestedvar.CVE_PRODUCT
 # (a unit file of this layer: no upstream, no native variant)
 SUMMARY = "Mounts the data partition of the edge image at /data"
-DESCRIPTION = "A systemd mount unit for the partition labelled data (wic/edge-ab.wks) and the /data mount point, \
+DESCRIPTION = "A systemd mount unit for the partition labelled data (files/wic/edge-ab.wks) and the /data mount point, \
                which must exist in the read-only root file system. Installed by edge-image, not by \
                packagegroup-edge: the disk layout is the image's choice."
 SECTION = "base"
@@ -12,7 +12,10 @@ LIC_FILES_CHKSUM = "file://${COMMON_LICENSE_DIR}/Apache-2.0;md5=89aea4e17d99a7ca
 
 SRC_URI = "file://data.mount"
 
-inherit allarch systemd
+# A systemd unit and nothing else: without systemd the recipe is skipped, with this reason.
+REQUIRED_DISTRO_FEATURES = "systemd"
+
+inherit allarch features_check systemd
 
 SYSTEMD_SERVICE:${PN} = "data.mount"
 

@@ -11,7 +11,20 @@ SRC_URI[sha256sum] = "b16e07c32bb41174c2ee2fb18f478ebe0d52e0e7c1fb085ce89c990452
 
 inherit pypi python_hatchling
 
-RDEPENDS:${PN} += "python3-core python3-cryptography python3-json python3-logging python3-netclient"
+# The sdist pins its build backend (requires = ["hatchling==1.32.4"]); wrynose ships hatchling 1.29.0, which builds
+# it. bitbake builds without isolation, so the pin would stop the build at "Missing dependencies".
+PEP517_BUILD_OPTS = "--skip-dependency-check"
+
+# The package ships a maintainer script of its vendored ed25519 copy (executable, #!/bin/bash), which nothing imports
+# or runs. Installed, it would make the package need bash (wrynose's file-rdeps QA error): it is not installed.
+do_install:append() {
+    rm ${D}${PYTHON_SITEPACKAGES_DIR}/securesystemslib/_vendor/test-ed25519-upstream.sh
+}
+
+# What `import securesystemslib.signer` loads (tuf.api.metadata imports it): shlex through its GPG constants, hashlib,
+# datetime.
+RDEPENDS:${PN} += "python3-core python3-crypt python3-cryptography python3-datetime python3-json python3-logging \
+                   python3-netclient python3-shell"
 
 CVE_PRODUCT = "securesystemslib"
 

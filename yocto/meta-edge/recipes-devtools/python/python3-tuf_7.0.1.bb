@@ -12,8 +12,12 @@ SRC_URI[sha256sum] = "5ada1db78da3518fa851e28588f4b2249b8662a28ae528f54afa2a1de5
 
 inherit pypi python_hatchling
 
-RDEPENDS:${PN} += "python3-core python3-datetime python3-json python3-logging python3-netclient \
-                   python3-securesystemslib python3-urllib3"
+# The sdist pins its build backend (requires = ["hatchling==1.32.0"]); wrynose ships hatchling 1.29.0, which builds
+# it. bitbake builds without isolation, so the pin would stop the build at "Missing dependencies".
+PEP517_BUILD_OPTS = "--skip-dependency-check"
+
+RDEPENDS:${PN} += "python3-core python3-crypt python3-datetime python3-io python3-json python3-logging \
+                   python3-netclient python3-securesystemslib python3-urllib3"
 
 CVE_PRODUCT = "python-tuf"
 

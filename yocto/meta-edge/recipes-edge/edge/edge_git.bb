@@ -44,7 +44,11 @@ EDGE_PTEST_FILES = "\
     test_verifier.py \
 "
 
-inherit python_setuptools_build_meta systemd useradd ptest
+# The service needs systemd, not merely a unit file: Type=notify with a watchdog, tmpfiles.d, RequiresMountsFor and
+# its runtime tests use systemd-run. Without it in DISTRO_FEATURES the recipe is skipped, and says why.
+REQUIRED_DISTRO_FEATURES = "systemd"
+
+inherit features_check python_setuptools_build_meta systemd useradd ptest
 
 # The wheel this builds is the distribution n3-edge (PyPI's "edge" is an unrelated project); the import package,
 # the command, the unit and this recipe keep the name edge.

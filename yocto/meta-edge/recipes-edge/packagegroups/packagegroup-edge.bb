@@ -5,6 +5,10 @@ DESCRIPTION = "Installs the edge service (its unit, user, configuration and fact
                does with edge-data-mount."
 LICENSE = "Apache-2.0"
 
-inherit packagegroup
+# edge is a systemd service: so is what installs it (a non-systemd distro skips both, with the reason, instead of
+# failing on a package that nothing provides).
+REQUIRED_DISTRO_FEATURES = "systemd"
+
+inherit features_check packagegroup
 
 RDEPENDS:${PN} = "edge"
