@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.edge-installed
 NATIVE := $(wildcard native/*.c native/*.h)
 
-.PHONY: all test demo lint typecheck unit test-arm64 check-yocto bench clean
+.PHONY: all test demo lint typecheck unit test-arm64 test-system check-yocto bench clean
 
 all: test
 
@@ -31,8 +31,15 @@ test: lint typecheck unit check-yocto test-arm64
 test-arm64: $(STAMP)
 	./tools/qemu/arm64.sh
 
-# Offline checks of the Yocto layer (yocto/meta-edge/README.md): oelint-adv, the recipe against the project, kas files
-# against kas's schema, and the wheel built without isolation with wrynose's setuptools (venv cached in .cache/yocto/).
+# The box as a system (docs/system.md): an arm64 Debian image with the box installed as the Yocto layer does, booted
+# under qemu-system-aarch64, one boot per scenario in tests/system/ (systemd READY, watchdog and kill -9 restarts).
+# The image is cached in .cache/system/. Not part of `test` until it has proven stable.
+test-system: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider tests/system
+
+# Offline checks of the Yocto layer (yocto/meta-edge/README.md): oelint-adv, the recipe against the project, the
+# kickstart on wrynose's search path, the PyPI recipes built with wrynose's tool versions, kas files against kas's
+# schema and pinned, the fleet package in no image, and the wheel built without isolation (caches in .cache/yocto/).
 check-yocto: $(STAMP)
 	$(PY) tools/yocto/check.py
 
