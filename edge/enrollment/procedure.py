@@ -244,7 +244,12 @@ def enroll(
     if bundle.tuf_root is not None:
         atomic_write(files.tuf_root, bundle.tuf_root.encode())
     _write_record(files, claim.host, claim.port, ca)
-    dropin: dict[str, dict[str, object]] = {"telemetry": {"host": bundle.broker_host, "port": bundle.broker_port}}
+    # An enrolled box publishes to its fleet: the factory configuration (the Yocto layer's, the Debian package's)
+    # logs records to the journal until then, and an owner who claims a box expects it to start earning.
+    dropin: dict[str, dict[str, object]] = {
+        "sink": {"kind": "telemetry"},
+        "telemetry": {"host": bundle.broker_host, "port": bundle.broker_port},
+    }
     if bundle.ota_repository:
         dropin["ota"] = {"repository": bundle.ota_repository}
     write_dropin(cfg.device.data_dir, dropin)

@@ -28,6 +28,7 @@ from fleet_fixtures import Fleet, FleetBroker, GatewayProcess, utcnow, wait_unti
 from mqtt_broker import free_port
 
 from edge._fs import atomic_write
+from edge.config import load_config
 from edge.enrollment.client import EnrollClient, EnrollRefusedError
 from edge.fleet.pki.ca import FleetCA
 from edge.fleet.store import open_store
@@ -108,12 +109,16 @@ class Rig:
         return json.loads(proc.stdout)[0]["code"]
 
     def box(self, name: str) -> Path:
-        """The box's /etc/edge/edge.toml: the same for every box but its data directory (a box's own disk)."""
+        """The box's /etc/edge/edge.toml: the same for every box but its data directory (a box's own disk).
+
+        Like the factory file of the Yocto layer and the Debian package, it names no sink (records go to the
+        journal): enrolling is what makes the box publish to its fleet.
+        """
         data = self.tmp / name / "data"
         conf = self.tmp / name / "edge.toml"
         conf.parent.mkdir(parents=True, exist_ok=True)
         conf.write_text(
-            f'[device]\ndata_dir = "{data}"\n[sink]\nkind = "telemetry"\n'
+            f'[device]\ndata_dir = "{data}"\n'
             '[telemetry]\nbatch_records = 1\nreceipt_timeout_s = 2\n[log]\nlevel = "warning"\n'
         )
         return conf
@@ -163,6 +168,7 @@ def test_a_box_with_only_a_claim_code_enrolls_and_its_first_envelope_is_verified
         assert (keys / name).is_file(), name
     dropin = (data_dir(conf) / "edge.toml").read_text()
     assert f"port = {rig.fleet.port}" in dropin
+    assert load_config(conf).sink.kind == "telemetry", dropin  # the factory file's journal sink no more
     with open_store(rig.fleet.store_url) as store:
         assert [e.counter for e in store.envelopes(device)] == [1]
     # The shared configuration names no id: the certificate's CN is the box's id, and the status command agrees.

@@ -81,3 +81,30 @@ def test_errors_without_repository(tmp_path: Path, edge_cli) -> None:
     assert r.returncode == 2 and "edge: error: no TUF repository" in r.stderr and "models init" in r.stderr
     r = edge_cli("fleet", "--dir", str(tmp_path / "f"), "models", "init", "--threshold", "root")
     assert r.returncode == 2 and "ROLE=VALUE" in r.stderr
+
+
+def test_publish_requires_sets_the_oldest_runtime_a_box_may_run(tmp_path: Path, edge_cli) -> None:
+    """`--requires` lowers (or raises) a runtime minimum; the runtimes not named keep the publisher's own versions.
+
+    Without it a release requires the publishing machine's onnxruntime, which a box with an older image refuses
+    ("incompatible"): the emulated box of docs/system.md is such a box.
+    """
+    fleet = str(tmp_path / "fleet")
+    assert edge_cli("fleet", "--dir", fleet, "models", "init").returncode == 0
+    assert edge_cli("fleet", "publishers", "keygen", "acme", "--out", str(tmp_path / "pk")).returncode == 0
+    pub = str(tmp_path / "pk" / "acme.pub")
+    assert edge_cli("fleet", "--dir", fleet, "publishers", "add", "acme", pub, "--models", "digits").returncode == 0
+    model = digits_release_files(tmp_path, "1.0.0")
+    publish = ("fleet", "--dir", fleet, "models", "publish", str(model), "--name", "digits", "--version", "1.0.0",
+               "--publisher", "acme", "--key", str(tmp_path / "pk" / "acme.pem"), "--json")  # fmt: skip
+    for bad, named in (("tensorflow=2.0", "RUNTIME one of onnxruntime, edge, python"), ("onnxruntime", "RUNTIME=")):
+        r = edge_cli(*publish, "--requires", bad)
+        assert r.returncode == 2 and named in r.stderr and "Traceback" not in r.stderr, r.stderr
+    r = edge_cli(*publish, "--requires", "onnxruntime=1.20", "--requires", "python=3.11")
+    assert r.returncode == 0, r.stderr
+    requires = json.loads(r.stdout)["requires"]
+    assert requires["onnxruntime"] == "1.20" and requires["python"] == "3.11"
+    assert requires["edge"] == FleetRepository.load(Path(fleet)).releases("digits")[0].requires["edge"]
+    import edge  # noqa: PLC0415
+
+    assert requires["edge"] == edge.__version__

@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import configparser
 import json
+import os
+import random
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 from types import ModuleType
@@ -26,28 +30,16 @@ MSG_UNIT_STARTED = "MESSAGE_ID=39f53479d3a045ac8e11786248231fbf"
 RECORD = '"type":"inference"'
 # The box's per-box drop-in on /data: its serial sensor board, named by the image's udev rule.
 SERIAL_DROPIN = '[source]\nkind = "serial"\nport = "/dev/ttySENSOR"\n'
-# Hardening beyond the unit as shipped, proposed for edge/data/edge.service and tried here as a drop-in (the unit
-# itself is not changed by these tests). Every box can take it: serial boards keep their device classes. Each group
-# is scored cumulatively in test_boot; the whole set must keep the service running, with the synthetic source
-# (test_boot) and with the serial sensor (the watchdog scenario).
-HARDENING = (
-    ("RemoveIPC", "RemoveIPC=yes\n"),
-    ("SystemCallFilter", "SystemCallFilter=~@privileged @resources\nSystemCallErrorNumber=EPERM\n"),
-    ("MemoryDenyWriteExecute", "MemoryDenyWriteExecute=yes\n"),
-    ("ProcSubset", "ProcSubset=pid\n"),
-    ("PrivateUsers", "PrivateUsers=yes\n"),
-    (
-        "DevicePolicy",
-        "DevicePolicy=closed\nDeviceAllow=char-ttyS rw\nDeviceAllow=char-ttyUSB rw\n"
-        "DeviceAllow=char-ttyACM rw\nDeviceAllow=char-ttyAMA rw\n",
-    ),
-)
 # What a product that knows its sensor port and its fleet's address can add in its own drop-in: a private /dev with
 # only that port in it, and IP traffic to the fleet alone (here the forwarded fleet address of run.py).
 PRODUCT_HARDENING = (
-    "PrivateDevices=yes\nBindPaths=/dev/ttySENSOR\n"
+    "[Service]\nPrivateDevices=yes\nBindPaths=/dev/ttySENSOR\n"
     "IPAddressDeny=any\nIPAddressAllow=localhost\nIPAddressAllow=10.0.2.100/32\n"
 )
+# The exposure `systemd-analyze security` gives edge.service as shipped (edge/data/edge.service): the issue's goal
+# is 1.0 or lower; a serial sensor and a fleet at any address keep a generic unit from PrivateDevices= and
+# IPAddressDeny=, which a product's drop-in can add (PRODUCT_HARDENING).
+EXPOSURE_AS_SHIPPED = 1.3
 HARDENING_DROPIN = f"/run/systemd/system/{UNIT}.d/90-hardening.conf"
 
 
@@ -93,8 +85,15 @@ def mono_s(entry: dict[str, Any]) -> float:
     return int(entry["__MONOTONIC_TIMESTAMP"]) / 1e6
 
 
-def test_boot_reaches_ready_under_systemd(system: ModuleType, image: Any, figures: dict[str, Any], tmp_path) -> None:
-    with system.Box(image, tmp_path / "box", deadline_s=900) as box:
+def test_boot_watchdog_and_restarts(system: ModuleType, image: Any, figures: dict[str, Any], tmp_path) -> None:
+    """Scenarios 1 and 2 in one boot: READY under systemd, the box as the layer installs it, the exposure; then kill -9
+    and a stalled serial sensor, each ending in a restart within the unit's limits."""
+    limits = unit_limits()
+    # The longest a restart may take within the unit's own limits: RestartSec, then a start within TimeoutStartSec.
+    restart_budget = limits["RestartSec"] + limits["TimeoutStartSec"]
+    box_cm = system.Box(image, tmp_path / "box", data_files={"edge/edge.toml": SERIAL_DROPIN}, deadline_s=1200)
+    with box_cm as box, system.Sensor(box) as sensor:
+        sensor.start(frames=5000, fps=2.0)
         wait_running(box)
         host_running_s = time.monotonic() - box.started_at
         props = box.show(
@@ -106,12 +105,20 @@ def test_boot_reaches_ready_under_systemd(system: ModuleType, image: Any, figure
             "MainPID",
             "ExecMainStartTimestampMonotonic",
             "ActiveEnterTimestampMonotonic",
-            "StatusText",
         )
         assert (props["Type"], props["ActiveState"], props["SubState"]) == ("notify", "active", "running"), props
         assert props["NRestarts"] == "0", props
-        record = next_record(box, int(props["MainPID"]))
+        pid0 = int(props["MainPID"])
+        record = next_record(box, pid0)
         assert record["backend"] == "native-neon", record
+        figures["boot: QEMU start to agent hello (s)"] = round(box.hello_after_s, 1)
+        figures["boot: QEMU start to system running, host-observed (s)"] = round(host_running_s, 1)
+        figures["boot: kernel start to edge READY, guest monotonic (s)"] = round(
+            int(props["ActiveEnterTimestampMonotonic"]) / 1e6, 1
+        )
+        figures["boot: edge exec to READY (s)"] = round(
+            (int(props["ActiveEnterTimestampMonotonic"]) - int(props["ExecMainStartTimestampMonotonic"])) / 1e6, 1
+        )
 
         # The box as the Yocto layer installs it: read-only root, /data its own ext4, the state directory from
         # tmpfiles.d, the factory model from /usr/share, and no fleet code.
@@ -126,51 +133,17 @@ def test_boot_reaches_ready_under_systemd(system: ModuleType, image: Any, figure
         verbs = re.findall(r"^ {4}(\w+)", help_text, flags=re.MULTILINE)
         assert "run" in verbs and not {"fleet", "gateway"} & set(verbs), help_text
 
+        # The unit's hardening as shipped, with the serial sensor read through it (DevicePolicy=closed keeps the
+        # serial classes; PrivateUsers keeps group dialout's access). Nothing the service logs is a warning.
         score, report = exposure(box)
-        figures["boot: QEMU start to agent hello (s)"] = round(box.hello_after_s, 1)
-        figures["boot: QEMU start to system running, host-observed (s)"] = round(host_running_s, 1)
-        figures["boot: kernel start to edge READY, guest monotonic (s)"] = round(
-            int(props["ActiveEnterTimestampMonotonic"]) / 1e6, 1
-        )
-        figures["boot: edge exec to READY (s)"] = round(
-            (int(props["ActiveEnterTimestampMonotonic"]) - int(props["ExecMainStartTimestampMonotonic"])) / 1e6, 1
-        )
+        print(report)
         figures["security: exposure as shipped"] = score
-        print(report)
-
-        # The proposed hardening, one group at a time (the score after each, cumulative), then the service
-        # restarted under all of it: READY again and records from the new process.
-        text = "[Service]\n"
-        for name, directives in HARDENING:
-            text += directives
-            box.write_file(HARDENING_DROPIN, text)
-            box.run(["systemctl", "daemon-reload"], timeout=120)
-            figures[f"security: + {name}"] = exposure(box)[0]
-        hardened, report = exposure(box)
-        print(report)
-        t0 = time.monotonic()
-        box.run(["systemctl", "restart", UNIT], timeout=180)  # Type=notify: returns at READY
-        figures["security: restart to READY under the hardening (s)"] = round(time.monotonic() - t0, 1)
-        props = box.show(UNIT, "ActiveState", "SubState", "MainPID")
-        assert (props["ActiveState"], props["SubState"]) == ("active", "running"), props
-        assert next_record(box, int(props["MainPID"]))["backend"] == "native-neon"
-        assert hardened < score, (hardened, score)
-        figures["boot: clean power-off (s)"] = round(box.poweroff(), 1)
-
-
-def test_watchdog_and_kill_restart_the_service(
-    system: ModuleType, image: Any, figures: dict[str, Any], tmp_path
-) -> None:
-    limits = unit_limits()
-    # The longest a restart may take within the unit's own limits: RestartSec, then a start within TimeoutStartSec.
-    restart_budget = limits["RestartSec"] + limits["TimeoutStartSec"]
-    box_cm = system.Box(image, tmp_path / "box", data_files={"edge/edge.toml": SERIAL_DROPIN}, deadline_s=1200)
-    with box_cm as box, system.Sensor(box) as sensor:
-        sensor.start(frames=2000, fps=2.0)
-        wait_running(box)
-        pid0 = main_pid(box)
-        record = next_record(box, pid0)
-        assert record["backend"] == "native-neon", record
+        assert score <= EXPOSURE_AS_SHIPPED, report
+        warnings = box.run(["journalctl", "--no-pager", "-b", "-p", "warning", f"_SYSTEMD_UNIT={UNIT}"])["stdout"]
+        assert "-- No entries --" in warnings or not warnings.strip(), warnings
+        # onnxruntime reads /proc/cpuinfo for the CPU's features and says so on stderr when it cannot.
+        output = box.run(["journalctl", "--no-pager", "-b", f"_SYSTEMD_UNIT={UNIT}"])["stdout"]
+        assert "cpuinfo" not in output, output
 
         # kill -9 of the service's main process: systemd restarts it (Restart=on-failure).
         cursor = box.cursor()
@@ -193,7 +166,7 @@ def test_watchdog_and_kill_restart_the_service(
             f"UNIT={UNIT}", contains="Watchdog timeout", after_cursor=cursor, timeout=3 * limits["WatchdogSec"] + 60
         )
         host_stall_s = time.monotonic() - stopped_at
-        sensor.start(frames=2000, fps=2.0, seed=1)  # the board is back: the restarted service must read it again
+        sensor.start(frames=5000, fps=2.0, seed=1)  # the board is back: the restarted service must read it again
         box.wait_journal(f"UNIT={UNIT}", contains="'watchdog'", after_cursor=cursor, timeout=60)
         ready = box.wait_journal(f"UNIT={UNIT}", MSG_UNIT_STARTED, after_cursor=cursor, timeout=restart_budget + 30)
         lines = box.run(["journalctl", "--no-pager", "-o", "json", f"_SYSTEMD_UNIT={UNIT}", f"_PID={pid1}"])["stdout"]
@@ -213,17 +186,219 @@ def test_watchdog_and_kill_restart_the_service(
         figures["watchdog: sensor stopped to timeout seen, host (s)"] = round(host_stall_s, 1)
         figures["watchdog: timeout to READY again (s)"] = round(mono_s(ready) - mono_s(timeout_entry), 1)
 
-        # The proposed hardening with a serial sensor: the device ACL must still let the service read the UART.
-        generic = "[Service]\n" + "".join(d for _, d in HARDENING)
-        box.write_file(HARDENING_DROPIN, generic)
+        # A product's own additions on top: only its sensor port in a private /dev, IP to the fleet alone.
+        box.write_file(HARDENING_DROPIN, PRODUCT_HARDENING)
         box.run(["systemctl", "daemon-reload"], timeout=120)
-        box.run(["systemctl", "restart", UNIT], timeout=180)
+        box.run(["systemctl", "restart", UNIT], timeout=180)  # Type=notify: returns at READY
         next_record(box, main_pid(box))
-        figures["security: proposed hardening, serial sensor"] = exposure(box)[0]
-        # And a product's own additions on top: only its sensor port in a private /dev, IP to the fleet alone.
-        box.write_file(HARDENING_DROPIN, generic + PRODUCT_HARDENING)
-        box.run(["systemctl", "daemon-reload"], timeout=120)
-        box.run(["systemctl", "restart", UNIT], timeout=180)
-        next_record(box, main_pid(box))
-        figures["security: + product drop-in (PrivateDevices, IPAddressDeny), serial sensor"] = exposure(box)[0]
-        figures["watchdog scenario: clean power-off (s)"] = round(box.poweroff(), 1)
+        figures["security: + a product's drop-in (PrivateDevices, IPAddressDeny), serial sensor"] = exposure(box)[0]
+        figures["boot: clean power-off (s)"] = round(box.poweroff(), 1)
+
+
+# ---------------------------------------------------------------- the box in a fleet, power cuts, OTA
+
+DEVICE_ID = "box-sys"
+# The box's own tuning on /data, beside what enrollment writes there: more frames and smaller envelopes than the
+# factory configuration, so a power cut at a random moment falls while the box seals and publishes.
+FLEET_DROPIN = "[source]\nfps = 5.0\n[telemetry]\nbatch_age_s = 0.25\nreceipt_timeout_s = 5.0\n"
+ENROLL_UNIT = "edge-enroll.service"
+
+
+def fsck_clean(disk: Path, scratch: Path) -> None:
+    """The data disk after a power cut, as the next boot's fsck finds it: the journal replayed, then a full check
+    that changes nothing (on a copy: the next boot gets the disk exactly as the cut left it)."""
+    copy = scratch / "fsck.ext4"
+    subprocess.run(["cp", "--sparse=always", str(disk), str(copy)], check=True)
+    try:
+        replay = subprocess.run(
+            ["e2fsck", "-y", "-E", "journal_only", str(copy)], capture_output=True, text=True, check=False
+        )
+        assert replay.returncode in (0, 1), replay.stdout + replay.stderr
+        check = subprocess.run(["e2fsck", "-f", "-n", str(copy)], capture_output=True, text=True, check=False)
+        assert check.returncode == 0, f"e2fsck -f -n after the power cut:\n{check.stdout}{check.stderr}"
+    finally:
+        copy.unlink(missing_ok=True)
+
+
+def data_fsck_result(box: Any) -> str:
+    """The result of this boot's fsck of /data (systemd-fsck@ for the disk fstab names by label)."""
+    unit = box.run(["systemd-escape", "--path", "--suffix=device", "/dev/disk/by-label/data"])["stdout"].strip()
+    return box.show(f"systemd-fsck@{unit.removesuffix('.device')}.service", "Result")["Result"]
+
+
+def wait_stored(fleet: Any, above: int, timeout: float = 180.0) -> list[Any]:
+    """The device's stored envelopes once the gateway holds a counter above ``above``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        stored = fleet.stored(DEVICE_ID)
+        if stored and stored[-1].counter > above:
+            return stored
+        if time.monotonic() > deadline:
+            last = stored[-1].counter if stored else None
+            raise AssertionError(f"the gateway stored nothing above counter {above} in {timeout:.0f} s (last {last})")
+        time.sleep(0.5)
+
+
+def service_model(box: Any) -> str:
+    """The model the running service loaded, from its "service starting" entry of this boot."""
+    entry = box.wait_journal(f"_SYSTEMD_UNIT={UNIT}", contains="service starting", from_boot=True, timeout=120)
+    model: str = json.loads(entry["MESSAGE"])["model"]
+    return model
+
+
+def drain_and_count(box: Any) -> dict[str, Any]:
+    """Stop the service cleanly (it drains its outbox until receipted) and read what its outbox says."""
+    box.run(["systemctl", "stop", UNIT], timeout=120)
+    out = box.run(
+        ["runuser", "-u", "edge", "--", "edge", "telemetry", "status", "--config", "/etc/edge/edge.toml", "--json"],
+        timeout=120,
+    )["stdout"]
+    status: dict[str, Any] = json.loads(out)
+    return status
+
+
+def test_enroll_publish_power_cuts_and_ota(system: ModuleType, image: Any, figures: dict[str, Any], tmp_path) -> None:
+    """Scenarios 3, 4 and 5 on one box and one /data disk, boot after boot, against a fleet on the host.
+
+    Boot 1 enrolls with the claim code on the boot partition and publishes; every boot up to ``cuts`` loses its power
+    at a random moment while the box seals and publishes, the last of them in the middle of a model update; then a
+    boot that must come back on a working model and deliver everything, and a clean reboot that keeps it.
+    """
+    from host_fleet import HostFleet, chain_breaks  # noqa: PLC0415
+
+    cuts = int(os.environ.get("EDGE_SYSTEM_POWER_CUTS", "3"))
+    assert cuts >= 2, "EDGE_SYSTEM_POWER_CUTS: at least 2 (the last one falls during an update)"
+    seed = int(os.environ.get("EDGE_SYSTEM_SEED", str(int(time.time()))))
+    rng = random.Random(seed)
+    print(f"power cuts: {cuts}, seed {seed} (EDGE_SYSTEM_SEED={seed} repeats the same moments)")
+    workdir = tmp_path / "box"
+    with HostFleet(tmp_path / "fleet") as fleet:
+        try:
+            _fleet_scenarios(system, image, figures, fleet, workdir, cuts, rng, chain_breaks)
+        except BaseException:
+            print(f"===== fleet logs ({fleet.dir}):\n{fleet.logs_tail()}", file=sys.stderr)
+            raise
+
+
+def _fleet_scenarios(
+    system: ModuleType, image: Any, figures: dict[str, Any], fleet: Any, workdir: Path, cuts: int, rng: Any,
+    chain_breaks: Any,
+) -> None:  # fmt: skip
+    fleet.publish_releases(("2.0.0", "2.1.0"))
+    code = fleet.claim(DEVICE_ID)
+    boots = 0
+
+    def boot(**kwargs: Any) -> Any:
+        nonlocal boots
+        boots += 1
+        return system.Box(
+            image, workdir, keep_data=boots > 1, data_files={"edge/edge.toml": FLEET_DROPIN},
+            boot_files={"edge-claim.txt": code + "\n"}, forwards=fleet.forwards, name=f"boot-{boots}",
+            deadline_s=900, **kwargs,
+        )  # fmt: skip
+
+    def cut(box: Any, what: str) -> None:
+        at = box.power_cut()
+        fsck_clean(box.data_disk, workdir)
+        assert fleet.rejects() == {}, fleet.rejects()
+        figures[f"power cut {boots}: {what}, at (s after QEMU start)"] = round(at, 1)
+
+    # Scenario 3: the claim file on the boot partition, edge-enroll.service before edge.service, then telemetry.
+    with boot() as box:
+        wait_running(box)
+        assert box.show(ENROLL_UNIT, "Result")["Result"] == "success"
+        box.wait_journal(f"_SYSTEMD_UNIT={ENROLL_UNIT}", contains=f"enrolled as {DEVICE_ID} ", from_boot=True)
+        receipted = box.wait_journal(
+            f"_SYSTEMD_UNIT={ENROLL_UNIT}", contains="first envelope verified and stored", from_boot=True
+        )
+        figures["enroll: `edge enroll` start to its first envelope verified and stored (s)"] = float(
+            re.search(r"stored by the fleet ([0-9.]+) s", receipted["MESSAGE"]).group(1)  # type: ignore[union-attr]
+        )
+        t0 = time.monotonic()
+        stored = wait_stored(fleet, above=1)  # counter 1 is `edge enroll`'s first envelope, receipted before READY
+        figures["enroll: QEMU start to the service's first stored envelope (s)"] = round(
+            time.monotonic() - box.started_at, 1
+        )
+        assert chain_breaks(stored) == [], chain_breaks(stored)
+        assert fleet.rejects() == {}
+        # Scenario 4, first cut: at a random moment while the service seals and publishes.
+        time.sleep(rng.uniform(0.0, 6.0))
+        del t0
+        cut(box, "while publishing")
+    last = stored[-1].counter
+
+    # Scenario 4, more cuts: each boot must recover /data, open the outbox, and continue the counters.
+    for _ in range(cuts - 2):
+        with boot() as box:
+            wait_running(box)
+            assert data_fsck_result(box) == "success"
+            stored = wait_stored(fleet, above=last)
+            last = stored[-1].counter
+            time.sleep(rng.uniform(0.0, 6.0))
+            cut(box, "while publishing")
+
+    # Scenario 5: a rollout commits 2.0.0; the next update (2.1.0) loses its power mid-way (the last cut).
+    with boot() as box:
+        wait_running(box)
+        assert data_fsck_result(box) == "success"
+        last = wait_stored(fleet, above=last)[-1].counter
+        cursor = box.cursor()
+        t0 = time.monotonic()
+        fleet.rollout("2.0.0")
+        box.wait_journal(f"_SYSTEMD_UNIT={UNIT}", contains='"ota.committed"', after_cursor=cursor, timeout=300)
+        figures["ota: rollout start to 2.0.0 committed on the box (s)"] = round(time.monotonic() - t0, 1)
+        cursor = box.cursor()
+        fleet.rollout("2.1.0")
+        state = rng.choice(["ota.downloading", "ota.staged", "ota.trial"])
+        box.wait_journal(f"_SYSTEMD_UNIT={UNIT}", contains=f'"{state}"', after_cursor=cursor, timeout=300)
+        cut(box, f"during the update to 2.1.0, at {state}")
+
+    # After the cut: a working model, committed (2.1.0, the update resumed) or rolled back (2.0.0), and every
+    # sealed envelope at the gateway.
+    with boot() as box:
+        wait_running(box)
+        assert data_fsck_result(box) == "success"
+        model = service_model(box)
+        assert model in ("digits@2.0.0", "digits@2.1.0"), model
+        last = wait_stored(fleet, above=last)[-1].counter
+        # The interrupted update settles: resumed and committed, or rolled back; either way the box runs a model
+        # that passed its trial.
+        deadline = time.monotonic() + 300
+        while (outcome := _device_outcome(fleet)) in ("commanded", "running", None):
+            assert time.monotonic() < deadline, fleet.rollout_status()
+            time.sleep(1.0)
+        figures["ota: after the cut mid-update, the rollout's outcome for the box"] = outcome
+        status = drain_and_count(box)
+        _assert_everything_stored(fleet, status, chain_breaks)
+        box.run(["systemctl", "start", UNIT], timeout=180)
+        running = service_model(box)
+        figures["ota: model after the cut mid-update"] = running
+        box.poweroff()
+    fsck_clean(workdir / "data.ext4", workdir)
+
+    # A clean reboot keeps the committed model.
+    with boot() as box:
+        wait_running(box)
+        assert service_model(box) == running
+        status = drain_and_count(box)
+        stored = _assert_everything_stored(fleet, status, chain_breaks)
+        figures["power cuts: envelopes sealed and stored, 0 lost"] = len(stored)
+        box.poweroff()
+    fsck_clean(workdir / "data.ext4", workdir)
+    assert fleet.rejects() == {}
+
+
+def _device_outcome(fleet: Any) -> str | None:
+    devices = [d for d in fleet.rollout_status()["devices"] if d["device_id"] == DEVICE_ID]
+    return str(devices[0]["outcome"]) if devices else None
+
+
+def _assert_everything_stored(fleet: Any, status: dict[str, Any], chain_breaks: Any) -> list[Any]:
+    """Every envelope the box sealed is receipted and stored, in one unbroken hash chain from counter 1."""
+    sealed = int(status["sealed"])
+    assert int(status["waiting"]) == 0, status
+    stored = fleet.stored(DEVICE_ID)
+    assert [e.counter for e in stored] == list(range(1, sealed + 1)), (sealed, [e.counter for e in stored][-5:])
+    assert chain_breaks(stored) == []
+    assert fleet.rejects() == {}
+    return stored

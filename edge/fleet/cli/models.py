@@ -101,6 +101,15 @@ def register_models(sub: Any) -> None:
     pub.add_argument("--min-agreement", type=float, default=1.0, help="golden argmax agreement (default: %(default)s)")
     pub.add_argument("--latency-budget-ms", type=float, help="p50 latency the box must reach")
     pub.add_argument("--quantization", choices=("int8", "float"), help="default: from the model's input type")
+    pub.add_argument(
+        "--requires",
+        type=_requirement,
+        action="append",
+        metavar="RUNTIME=VERSION",
+        help="the oldest runtime a box may run it on: onnxruntime, edge or python (repeatable; a runtime not named "
+        "keeps its default, this machine's onnxruntime major.minor and edge version). Example: "
+        "--requires onnxruntime=1.20 for boxes whose image ships an older onnxruntime than this machine",
+    )
     pub.add_argument("--json", action="store_true", help="print the manifest as JSON")
     pub.set_defaults(func=_publish)
 
@@ -150,10 +159,33 @@ def _progress_printer() -> Callable[[int, int], None]:
     return progress
 
 
+# The runtimes a box reports (edge.ota.trial.installed_versions): a requirement on anything else fails every trial.
+_RUNTIMES = ("onnxruntime", "edge", "python")
+
+
+def _requirement(text: str) -> tuple[str, str]:
+    """``RUNTIME=VERSION`` of ``models publish --requires``."""
+    from edge.wire.errors import ManifestError  # noqa: PLC0415
+    from edge.wire.manifest import version_key  # noqa: PLC0415
+
+    runtime, sep, version = text.partition("=")
+    if not sep or runtime not in _RUNTIMES:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected RUNTIME=VERSION with RUNTIME one of {', '.join(_RUNTIMES)}"
+        )
+    try:
+        version_key(version)
+    except ManifestError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
+    return runtime, version
+
+
 def _publish(args: argparse.Namespace) -> int:
+    from edge.fleet.models.repository import default_requires  # noqa: PLC0415
     from edge.identity.keys import load_private_key  # noqa: PLC0415
 
     repo = _repo(args)
+    requires = {**default_requires(), **dict(args.requires)} if args.requires else None
     manifest = repo.publish(
         Path(args.model),
         name=args.name,
@@ -167,6 +199,7 @@ def _publish(args: argparse.Namespace) -> int:
         min_agreement=args.min_agreement,
         latency_budget_ms=args.latency_budget_ms,
         quantization=args.quantization,
+        requires=requires,
         progress=_progress_printer(),
     )
     if args.json:

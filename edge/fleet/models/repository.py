@@ -630,7 +630,7 @@ class FleetRepository:
             input=info,
             preprocess=preprocess,
             latency_budget_ms=latency_budget_ms,
-            requires=dict(requires) if requires is not None else _default_requires(),
+            requires=dict(requires) if requires is not None else default_requires(),
             golden=None
             if golden_file is None
             else GoldenSpec(golden_file, golden_count, float(tolerance), float(min_agreement)),
@@ -799,7 +799,9 @@ def _kind(kind: str) -> dict[str, Any]:
     return {"edge": {"kind": kind}}
 
 
-def _default_requires() -> dict[str, str]:
+def default_requires() -> dict[str, str]:
+    """The runtime minimums a release requires unless its publisher says otherwise: the publishing machine's
+    onnxruntime (major.minor) and edge versions."""
     ort = importlib.metadata.version("onnxruntime")
     return {"onnxruntime": ".".join(ort.split(".")[:2]), "edge": edge.__version__}
 

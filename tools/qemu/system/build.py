@@ -60,8 +60,17 @@ SUITE = "bookworm"
 # editing a comment must not cost a cold rebuild.
 RECIPE = 2
 # Modules the initramfs loads (the rest of the kernel's needs are built in): PCI virtio transport, the disks, ext4
-# and its crc32c, virtio-serial (the agent's port), fw_cfg, the virtio RNG (entropy for Python at boot).
-MODULES = ("virtio_pci", "virtio_blk", "ext4", "crc32c_generic", "virtio_console", "qemu_fw_cfg", "virtio_rng")
+# and its crc32c, virtio-serial (the agent's port), fw_cfg, the virtio RNG (entropy for Python at boot), the NIC.
+MODULES = (
+    "virtio_pci",
+    "virtio_blk",
+    "ext4",
+    "crc32c_generic",
+    "virtio_console",
+    "qemu_fw_cfg",
+    "virtio_rng",
+    "virtio_net",
+)
 # Where box_from_wheels puts the box's private Python environment (where the Debian package puts its own).
 BOX_ENV = "/usr/lib/edge/venv"
 PYVER = "3.11"
@@ -161,6 +170,7 @@ def host_tools() -> None:
         "depmod": "kmod",
         "cpio": "cpio",
         "useradd": "passwd",
+        "socat": "socat",  # run.py's guestfwd helper: one host connection per guest connection
     }
     need = sorted({pkg for cmd, pkg in wanted.items() if not shutil.which(cmd, path="/usr/sbin:/usr/bin:/sbin:/bin")})
     if not Path("/usr/lib/binfmt.d/qemu-aarch64.conf").exists():
@@ -536,6 +546,7 @@ def install_test_harness(root: Path, machine_id: str) -> None:
     """The test image's additions: the agent, console journal, sensor UART name, read-only root with volatile /var."""
     shutil.copy2(GUEST / "fstab", root / "etc/fstab")
     (root / "data").mkdir(exist_ok=True)
+    (root / "boot/firmware").mkdir(parents=True, exist_ok=True)
     # A fixed machine id: with a read-only root systemd could not write one, and an empty file means first boot.
     (root / "etc/machine-id").write_text(machine_id + "\n")
     (root / "etc/hostname").write_text("edge-box\n")
@@ -543,6 +554,17 @@ def install_test_harness(root: Path, machine_id: str) -> None:
     journald.mkdir(parents=True, exist_ok=True)
     shutil.copy2(GUEST / "journald.conf", journald / "edge-system.conf")
     shutil.copy2(GUEST / "60-edge-sensor.rules", root / "etc/udev/rules.d/60-edge-sensor.rules")
+    # The network by systemd-networkd (in Debian's systemd), and network-online.target reached once DHCP is done:
+    # edge.service and edge-enroll.service wait for it, as on a box.
+    shutil.copy2(GUEST / "20-box.network", root / "etc/systemd/network/20-box.network")
+    for unit, target in (
+        ("systemd-networkd.service", "multi-user.target"),
+        ("systemd-networkd-wait-online.service", "network-online.target"),
+    ):
+        wants_dir = root / "etc/systemd/system" / f"{target}.wants"
+        wants_dir.mkdir(parents=True, exist_ok=True)
+        (wants_dir / unit).unlink(missing_ok=True)
+        (wants_dir / unit).symlink_to(f"/lib/systemd/system/{unit}")
     agent_dir = root / "usr/lib/edge-system"
     agent_dir.mkdir(parents=True)
     shutil.copy2(GUEST / "agent.py", agent_dir / "agent.py")
@@ -596,7 +618,8 @@ def build() -> Path:
         "kernel", digest(RECIPE, GUEST / "init", " ".join(MODULES), *sources), lambda out: make_kernel(out, apt)
     )
     box = BOX(apt, glibc)
-    image_key = digest(RECIPE, rootfs.name, kernel.name, box.key, GUEST, KERNEL_CMDLINE)
+    # This file too: how the image is assembled (the harness, the network) is code here, cheap to redo.
+    image_key = digest(RECIPE, rootfs.name, kernel.name, box.key, GUEST, KERNEL_CMDLINE, Path(__file__))
     machine_id = hashlib.sha256(image_key.encode()).hexdigest()[:32]
     return cached("image", image_key, lambda out: make_image(out, rootfs, kernel, box, machine_id))
 

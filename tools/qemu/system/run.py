@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
 """Boot the system image under qemu-system-aarch64 and talk to it (docs/system.md).
 
-``Box`` boots one guest: the image's kernel, initramfs and read-only root disk, a fresh /data disk made for the boot
-(optionally seeded with files, e.g. the box's drop-in ``edge/edge.toml``), and three channels to the host, all of
-them connections the host listens for before QEMU starts (so nothing waits for a file to appear):
+``Box`` boots one guest: the image's kernel, initramfs and read-only root disk, a /data disk (made for the boot and
+optionally seeded with files, e.g. the box's drop-in ``edge/edge.toml``, or the disk a previous boot left: a box
+that lost its power keeps its data), a boot partition (``/boot/firmware``, where an owner puts ``edge-claim.txt``),
+and three channels to the host, all of them connections the host listens for before QEMU starts (so nothing waits
+for a file to appear):
 
 - the console (ttyAMA0) into ``console.log``; journald copies every entry there, so it holds the journal's tail even
   when the guest hangs;
@@ -11,8 +13,12 @@ them connections the host listens for before QEMU starts (so nothing waits for a
 - a 16550 UART on PCI (``/dev/ttySENSOR`` in the guest) whose other end is ``Box.sensor``, a socket the host writes a
   serial sensor board's bytes into (``Sensor`` runs ``tools/sim/serial_sensor.py`` on it).
 
-The guest has no network unless ``fleet_port`` is given; then QEMU user networking with ``restrict=on`` and one
-``guestfwd`` (10.0.2.100:8883 in the guest to 127.0.0.1:fleet_port on the host) is its only way out.
+The guest's network is QEMU user networking with ``restrict=on`` and one ``guestfwd`` per forward (``FLEET_ADDR``:guest
+port in the guest to 127.0.0.1:host port on the host): its only way out. Each guest connection runs its own
+``socat`` to the host port, so a box that reconnects gets a new connection, as over a real network.
+
+``power_cut`` kills QEMU with SIGKILL: whatever the guest had not written to its disks is gone, as in a power cut
+(the data disk is ``cache=writeback``: QEMU passes each write the guest makes to the host at once).
 
 Invariants: every wait has a deadline; the whole boot has a hard one, at which QEMU is killed and every pending call
 fails with ``GuestHungError``. Any failure inside ``with Box(...)`` prints the console's tail and the journal's tail
@@ -50,8 +56,10 @@ QEMU = "qemu-system-aarch64"
 # The machine the numbers in docs/system.md were measured on: a Raspberry Pi 4's core, 2 of them, 2 GiB.
 MACHINE = ("-M", "virt", "-cpu", "cortex-a72", "-smp", "2", "-m", "2048")
 DATA_DISK_MB = 256
-# Where the forwarded fleet port appears in the guest (QEMU user networking's guestfwd).
-FLEET_GUEST_ADDR = "10.0.2.100:8883"
+BOOT_DISK_MB = 8
+# Where the forwarded fleet ports appear in the guest (QEMU user networking's guestfwd): the fleet's address as its
+# certificates and the claim codes name it.
+FLEET_ADDR = "10.0.2.100"
 
 
 class GuestError(Exception):
@@ -97,25 +105,34 @@ class Box:
 
     Args:
         image: the image to boot.
-        workdir: where the data disk, console.log and qemu.log go (kept for inspection).
-        data_files: files to put on /data before boot, by path relative to /data; those under ``edge/`` belong to
-            the edge user, as the box's own state would.
+        workdir: where the disks and each boot's ``<name>.console.log`` and ``<name>.qemu.log`` go (kept for
+            inspection).
+        data_files: files to put on a new /data before boot, by path relative to /data; those under ``edge/``
+            belong to the edge user, as the box's own state would.
+        keep_data: boot with the data disk a previous boot in ``workdir`` left (``data_files`` then unused).
+        boot_files: files on the boot partition (``/boot/firmware``), by name.
         deadline_s: the hard deadline of the whole boot, after which QEMU is killed.
         boot_timeout_s: how long the agent may take to say hello.
-        fleet_port: a host port on 127.0.0.1 to forward the guest's 10.0.2.100:8883 to (no network without it).
+        forwards: guest port -> host port: ``FLEET_ADDR``:guest port in the guest reaches 127.0.0.1:host port
+            (with none, the guest's NIC reaches nothing).
+        name: this boot's name in the log files.
     """
 
     image: Image
     workdir: Path
     data_files: Mapping[str, str | bytes] = field(default_factory=dict)
+    keep_data: bool = False
+    boot_files: Mapping[str, str] = field(default_factory=dict)
     deadline_s: float = 900.0
     boot_timeout_s: float = 300.0
-    fleet_port: int | None = None
+    forwards: Mapping[int, int] = field(default_factory=dict)
+    name: str = "boot"
 
     hello: dict[str, Any] = field(init=False, default_factory=dict)
     started_at: float = field(init=False, default=0.0)
     hello_after_s: float = field(init=False, default=0.0)
     hung: bool = field(init=False, default=False)
+    cut: bool = field(init=False, default=False)
     sensor: socket.socket = field(init=False)
 
     def __post_init__(self) -> None:
@@ -130,9 +147,32 @@ class Box:
 
     @property
     def console_log(self) -> Path:
-        return self.workdir / "console.log"
+        return self.workdir / f"{self.name}.console.log"
+
+    @property
+    def data_disk(self) -> Path:
+        return self.workdir / "data.ext4"
+
+    def _make_boot_disk(self) -> Path:
+        seed = self.workdir / "boot-seed"
+        shutil.rmtree(seed, ignore_errors=True)
+        seed.mkdir(parents=True)
+        for name, text in self.boot_files.items():
+            (seed / name).write_text(text)
+        disk = self.workdir / "boot.ext4"
+        disk.unlink(missing_ok=True)
+        subprocess.run(
+            ["mkfs.ext4", "-q", "-F", "-L", "bootfs", "-d", str(seed), str(disk), f"{BOOT_DISK_MB}M"],
+            check=True,
+            capture_output=True,
+        )
+        return disk
 
     def _make_data_disk(self) -> Path:
+        if self.keep_data:
+            if not self.data_disk.is_file():
+                raise GuestError(f"keep_data: no data disk {self.data_disk} from an earlier boot")
+            return self.data_disk
         seed = self.workdir / "data-seed"
         shutil.rmtree(seed, ignore_errors=True)
         seed.mkdir(parents=True)
@@ -145,7 +185,7 @@ class Box:
             if path.relative_to(seed).parts[0] == "edge":
                 os.chown(path, uid, gid)
                 path.chmod(0o700 if path.is_dir() else 0o600)
-        disk = self.workdir / "data.ext4"
+        disk = self.data_disk
         disk.unlink(missing_ok=True)
         subprocess.run(
             ["mkfs.ext4", "-q", "-F", "-L", "data", "-d", str(seed), str(disk), f"{DATA_DISK_MB}M"],
@@ -154,7 +194,7 @@ class Box:
         )
         return disk
 
-    def qemu_argv(self, data_disk: Path) -> list[str]:
+    def qemu_argv(self, data_disk: Path, boot_disk: Path) -> list[str]:
         img = self.image.path
         argv = [QEMU, *MACHINE, "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]
         argv += ["-kernel", str(img / "vmlinuz"), "-initrd", str(img / "initrd.img")]
@@ -166,16 +206,24 @@ class Box:
         argv += ["-device", "virtio-blk-pci,drive=root"]
         argv += ["-drive", f"if=none,id=data,file={data_disk},format=raw,cache=writeback"]
         argv += ["-device", "virtio-blk-pci,drive=data"]
+        argv += ["-drive", f"if=none,id=boot,file={boot_disk},format=raw,cache=writeback"]
+        argv += ["-device", "virtio-blk-pci,drive=boot"]
         argv += ["-device", "virtio-rng-pci"]
         argv += ["-device", "virtio-serial-pci,id=vser"]
         argv += ["-chardev", f"socket,id=agent,path={self._sockdir / 'agent.sock'}"]
         argv += ["-device", "virtserialport,bus=vser.0,chardev=agent,name=edge.agent"]
         argv += ["-chardev", f"socket,id=sensor,path={self._sockdir / 'sensor.sock'}"]
         argv += ["-device", "pci-serial,chardev=sensor"]
-        if self.fleet_port is not None:
-            fwd = f"guestfwd=tcp:{FLEET_GUEST_ADDR}-tcp:127.0.0.1:{self.fleet_port}"
-            argv += ["-netdev", f"user,id=net,restrict=on,{fwd}"]
-            argv += ["-device", "virtio-net-pci,netdev=net,romfile="]  # no ipxe ROMs without recommends
+        # The NIC is always there (the image configures it by DHCP); without forwards it reaches nothing.
+        log = self.workdir / "socat.log"
+        # libslirp splits the command like a shell (no shell runs it): socat logs to a file, since its stderr
+        # would go into the guest's connection. A comma in -netdev's value is written twice.
+        fwds = [
+            f"guestfwd=tcp:{FLEET_ADDR}:{guest}-cmd:socat -lf {log} - TCP:127.0.0.1:{host}".replace(",", ",,")
+            for guest, host in sorted(self.forwards.items())
+        ]
+        argv += ["-netdev", ",".join(["user", "id=net", "restrict=on", *fwds])]
+        argv += ["-device", "virtio-net-pci,netdev=net,romfile="]  # no ipxe ROMs without recommends
         return argv
 
     def __enter__(self) -> Box:
@@ -190,11 +238,16 @@ class Box:
 
     def _start(self) -> None:
         data_disk = self._make_data_disk()
+        boot_disk = self._make_boot_disk()
         listeners = {name: _listen(self._sockdir / f"{name}.sock") for name in ("agent", "sensor")}
         self.started_at = time.monotonic()
-        with (self.workdir / "qemu.log").open("wb") as log:
+        with (self.workdir / f"{self.name}.qemu.log").open("wb") as log:
             self._proc = subprocess.Popen(
-                self.qemu_argv(data_disk), stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
+                self.qemu_argv(data_disk, boot_disk),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
             )
         self._timer = threading.Timer(self.deadline_s, self._kill_at_deadline)
         self._timer.daemon = True
@@ -240,7 +293,17 @@ class Box:
                 sock.close()
         shutil.rmtree(self._sockdir, ignore_errors=True)
 
+    def power_cut(self) -> float:
+        """Kill QEMU with SIGKILL (the guest's power is cut); returns the guest's uptime then, as the host saw it."""
+        assert self._proc is not None
+        self.cut = True
+        self._proc.kill()
+        self._proc.wait()
+        return time.monotonic() - self.started_at
+
     def _qemu_status(self) -> str:
+        if self.cut:
+            return "the power was cut (QEMU killed by the test)"
         if self.hung:
             return f"the guest was killed at the boot's deadline of {self.deadline_s:.0f} s"
         code = None if self._proc is None else self._proc.poll()
