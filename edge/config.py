@@ -92,7 +92,11 @@ __all__ = [
 DEFAULT_CONFIG_PATH = Path("/etc/edge/edge.toml")
 DROPIN_NAME = "edge.toml"  # the per-box drop-in, in device.data_dir (dropin_path)
 
-SOURCE_KINDS = ("synthetic", "npz", "directory", "serial")
+SOURCE_KINDS = ("synthetic", "npz", "directory", "serial", "v4l2", "stream")
+# What a V4L2 capture may negotiate (docs/configuration.md, "Cameras"): "auto" picks from what the device offers.
+CAPTURE_FORMATS = ("auto", "YUYV", "NV12", "GREY", "RGB3", "MJPG")
+RTSP_TRANSPORTS = ("tcp", "udp")
+STREAM_SCHEMES = ("rtsp://", "rtsps://", "http://", "https://")
 SINK_KINDS = ("jsonl", "telemetry")
 ON_FULL = ("block", "drop_oldest")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -113,6 +117,10 @@ RANGES: Mapping[str, tuple[float, float]] = {
     "source.count": (0, 10**12),  # 0 = unlimited; 10**12 frames is 30 years at 1000 fps
     "source.fps": (0.0001, 1000.0),  # or 0 = unpaced; 0.0001 fps is one frame every 2.8 hours
     "source.baudrate": (300, 12_000_000),  # the fastest USB UARTs (FT232H) run 12 Mbaud
+    "source.width": (16, 16384),  # or 0 = chosen from the model and the device; V4L2's own limits
+    "source.height": (16, 16384),
+    "source.buffers": (2, 32),  # the V4L2 ring: 2 is the least that streams, 32 is VIDEO_MAX_FRAME
+    "source.reconnect_max_s": (0.1, 3600.0),  # backoff ceiling after an unplug or a broken stream
     "preprocess.crop": (0, 65535),  # x, y, width, height in pixels (width and height >= 1)
     "preprocess.letterbox": (0.0, 255.0),  # a fill value in pixel units
     "preprocess.mean": (-255.0, 255.0),  # pixel units
@@ -187,6 +195,22 @@ def _repository_url(key: str, v: Any) -> str:
     return url if not url or url.endswith("/") else url + "/"
 
 
+def _zero_or_ranged_int(key: str, v: Any) -> int:
+    """0 (chosen automatically) or an integer within ``RANGES[key]``."""
+    if not isinstance(v, bool) and isinstance(v, int) and v == 0:
+        return 0
+    return _ranged_int(key, v)
+
+
+def _stream_url(key: str, v: Any) -> str:
+    """A network stream's URL, or ``""``; an error never shows the credentials a URL may carry."""
+    if not isinstance(v, str):
+        raise ConfigError(key, v, "a URL string")
+    if v and not (v.startswith(STREAM_SCHEMES) and len(v.split("://", 1)[1]) > 0):
+        raise ConfigError(key, shown(v), "an rtsp://, rtsps://, http:// or https:// URL (a file goes in source.path)")
+    return v
+
+
 def _pixel_format(key: str, v: Any) -> PixelFormat:
     try:
         return PixelFormat(v)
@@ -257,6 +281,20 @@ class SourceConfig:
     fps: Annotated[float, _zero_or_ranged_float] = 0.0  # 0 = as fast as the pipeline takes them
     port: Annotated[str, string] = ""
     baudrate: Annotated[int, _ranged_int] = 921600
+    # v4l2: the device node or a stable /dev/v4l/by-id/ path; the format, size and rate to negotiate (0 and "auto":
+    # chosen from the model's input and what the device offers); the mmap ring's buffers
+    device: Annotated[str, string] = "/dev/video0"
+    capture_format: Annotated[str, one_of(CAPTURE_FORMATS)] = "auto"
+    width: Annotated[int, _zero_or_ranged_int] = 0
+    height: Annotated[int, _zero_or_ranged_int] = 0
+    buffers: Annotated[int, _ranged_int] = 4
+    # stream: a network URL (or a video file in path); RTSP's transport; a file at its own frame rate or as fast as
+    # the model allows
+    url: Annotated[str, _stream_url] = ""
+    rtsp_transport: Annotated[str, one_of(RTSP_TRANSPORTS)] = "tcp"
+    realtime: Annotated[bool, boolean] = False
+    # v4l2 and stream: reopen after an unplug or a broken stream, backing off from 0.5 s up to this
+    reconnect_max_s: Annotated[float, _ranged_float] = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -400,6 +438,14 @@ def _checked(cfg: Config) -> Config:
         raise ConfigError("source.path", None, f"a path (source.kind is {source.kind!r})")
     if source.kind == "serial" and not source.port:
         raise ConfigError("source.port", "", "a serial device path (source.kind is 'serial')")
+    if source.kind == "v4l2" and not source.device:
+        raise ConfigError("source.device", "", "a V4L2 device path such as /dev/video0 (source.kind is 'v4l2')")
+    if source.kind == "stream" and (source.url == "") == (source.path is None):
+        raise ConfigError(
+            "source.url",
+            shown(source.url),
+            "a stream URL in source.url or a video file in source.path, exactly one (source.kind is 'stream')",
+        )
     return cfg
 
 

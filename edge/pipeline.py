@@ -32,7 +32,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Final, cast
 
 import numpy as np
@@ -67,6 +67,7 @@ class PipelineStats:
     inferences: int = 0
     readings: int = 0
     dropped: int = 0
+    source_dropped: int = 0  # frames the source lost before they reached the pipeline (Frame.dropped_before)
     rejected: dict[str, int] = field(default_factory=dict)
     latencies_us: deque[int] = field(default_factory=lambda: deque(maxlen=_LATENCY_WINDOW))
     correct: int = 0
@@ -105,9 +106,32 @@ class _Inferred:
     inference_ns: int
 
 
+# What a frame carries once its lent buffer is given back (Frame.release): its pixels must not be read again.
+_NO_PIXELS: Final = np.empty(0, dtype=np.uint8)
+
+
+def _release(entry: object) -> None:
+    """Give back the lent buffer of a frame the pipeline will not preprocess (dropped, or drained at the end)."""
+    if isinstance(entry, tuple) and entry and isinstance(entry[0], Frame) and entry[0].release is not None:
+        entry[0].release()
+
+
 def _digest(frame: Frame) -> str:
+    """SHA-256 of the frame's pixels, row after row without any row padding (the same for any stride)."""
+    data = frame.data
     try:
-        return hashlib.sha256(np.ascontiguousarray(frame.data).data).hexdigest()
+        if (
+            isinstance(data, np.ndarray)
+            and data.ndim >= 2
+            and not data.flags.c_contiguous
+            and data[0].flags.c_contiguous
+        ):
+            # A capture buffer with padded rows: hash row by row rather than copy the whole frame.
+            h = hashlib.sha256()
+            for row in data:
+                h.update(row.data)
+            return h.hexdigest()
+        return hashlib.sha256(np.ascontiguousarray(data).data).hexdigest()
     except (TypeError, ValueError):
         return ""  # not an array at all: the preprocessing rejects it with a proper reason
 
@@ -236,10 +260,12 @@ class Pipeline:
         upstream = self._threads[: 1 if inbox is self._in else 2]
         while any(t.is_alive() for t in upstream) or not inbox.empty():
             try:
-                if inbox.get(timeout=0.05) is _END:
-                    return
+                entry = inbox.get(timeout=0.05)
             except queue.Empty:
                 continue
+            if entry is _END:
+                return
+            _release(entry)
 
     def _read(self) -> None:
         stats = self.stats
@@ -247,11 +273,14 @@ class Pipeline:
         try:
             for item in self.source.items():
                 if self._stop.is_set():
+                    if isinstance(item, Frame) and item.release is not None:
+                        item.release()
                     break
                 acquired = time.perf_counter_ns()
                 digest = ""
                 if isinstance(item, Frame):
                     stats.frames_in += 1
+                    stats.source_dropped += item.dropped_before
                     digest = _digest(item)
                 entry = (item, acquired, digest)
                 if self._drop_oldest:
@@ -261,12 +290,15 @@ class Pipeline:
                             break
                         except queue.Full:
                             try:
-                                self._in.get_nowait()
+                                _release(self._in.get_nowait())
                                 stats.dropped += 1
                             except queue.Empty:
                                 pass
                 else:
                     put(entry)
+                # Not held while the source blocks for the next item: a lent capture buffer's memory (and the device
+                # it maps) must be free once the pipeline is done with the frame.
+                del item, entry
         finally:
             put(_END)
 
@@ -280,6 +312,7 @@ class Pipeline:
                 if entry is _END:
                     break
                 item, acquired, digest = cast(_Entry, entry)
+                del entry  # only item refers to the frame from here, and it is rebound once the pixels are read
                 if isinstance(item, Reading):
                     put(item)
                     continue
@@ -291,10 +324,16 @@ class Pipeline:
                 except (ValueError, TypeError) as e:
                     self._reject(type(e).__name__, item, e)
                     continue
+                finally:
+                    if item.release is not None:
+                        item.release()  # the pixels are in buf now: a capture buffer goes back to its driver
+                        # and the frame goes on without its view of that buffer
+                        item = replace(item, data=_NO_PIXELS, release=None)
                 t1 = clock()
                 output = model.run(buf)
                 t2 = clock()
                 put(_Inferred(item, digest, output, model, acquired, t1 - t0, t2 - t1))
+                del item  # see _read: nothing of a frame is kept while waiting for the next
                 done += 1
                 if done == self._max_frames:
                     self.stop()

@@ -54,6 +54,7 @@ def summary(stats: PipelineStats, elapsed: float) -> dict[str, Any]:
         "rejected": stats.rejected_total,
         "rejected_by_reason": dict(stats.rejected),
         "dropped": stats.dropped,
+        "source_dropped": stats.source_dropped,
         "elapsed_s": round(elapsed, 3),
         "fps": round(stats.inferences / elapsed, 1) if elapsed > 0 else 0.0,
         "latency_p50_us": round(p50),
@@ -73,11 +74,17 @@ def _supervise(pipeline: Pipeline, notifier: Notifier) -> None:
     next_status = time.monotonic() + 5.0
     while not pipeline.join(timeout=step):
         now = time.monotonic()
-        if policy is not None and policy.due(now, pipeline.stats.last_progress):
+        # A source that is busy reconnecting (an unplugged camera, a broken stream) says so with alive_at: it is
+        # not stuck, and restarting the service would not bring the camera back sooner.
+        alive = max(pipeline.stats.last_progress, float(getattr(pipeline.source, "alive_at", 0.0)))
+        if policy is not None and policy.due(now, alive):
             notifier.send(WATCHDOG=1)
         if now >= next_status:
             st = pipeline.stats
-            notifier.send(STATUS=f"{st.inferences} inferences, {st.rejected_total} rejected, {st.dropped} dropped")
+            notifier.send(
+                STATUS=f"{st.inferences} inferences, {st.rejected_total} rejected, "
+                f"{st.dropped + st.source_dropped} dropped"
+            )
             next_status = now + 5.0
 
 
@@ -108,7 +115,7 @@ def run_service(cfg: Config, *, max_frames: int = 0) -> PipelineStats:
                 event(log, logging.ERROR, "the active slot's model does not load", path=str(active), error=str(e))
     if model is None:
         model = Model(model_path, threads=cfg.model.threads, spinning=cfg.model.spinning, warmup=cfg.model.warmup)
-    source = open_source(cfg.source)
+    source = open_source(cfg.source, model_size=(model.input_spec.width, model.input_spec.height))
     telemetry: DeviceTelemetry | None = None
     sink: Sink
     if cfg.sink.kind == "telemetry":

@@ -164,7 +164,7 @@ def test_file_list_is_the_box_without_the_fleet_and_matches_the_image(amd64_deb:
     assert (root / "etc/edge/edge.toml").read_bytes() == (YOCTO_FILES / "edge.toml").read_bytes()
     sysusers = (root / "usr/lib/sysusers.d/edge.conf").read_text()
     assert re.search(r"^u edge - .* /data/edge /usr/sbin/nologin$", sysusers, re.M)
-    assert re.search(r"^m edge dialout$", sysusers, re.M)
+    assert re.search(r"^m edge dialout$", sysusers, re.M) and re.search(r"^m edge video$", sysusers, re.M)
     # The factory models: stored once in /usr/share/edge/models, the package's own copies link there.
     for model in sorted((ROOT / "edge" / "models").glob("*.onnx")):
         shared = root / "usr/share/edge/models" / model.name
@@ -364,13 +364,14 @@ def test_dpkg_installs_creates_the_user_enables_the_units_upgrades_and_purges(am
     assert status.startswith(f"install ok installed {project()['version']}"), status
     assert "/etc/edge/edge.toml " in status
 
-    # The account: a system user edge, group edge, in dialout, home /data/edge, no login.
+    # The account: a system user edge, group edge, in dialout and video, home /data/edge, no login.
     user = next(line.split(":") for line in (root / "etc/passwd").read_text().splitlines() if line.startswith("edge:"))
     uid, gid, home, shell = int(user[2]), int(user[3]), user[5], user[6]
     assert uid < 1000 and home == "/data/edge" and shell == "/usr/sbin/nologin", user
     groups = {line.split(":")[0]: line.split(":") for line in (root / "etc/group").read_text().splitlines()}
     assert int(groups["edge"][2]) == gid
     assert "edge" in groups["dialout"][3].split(","), groups["dialout"]
+    assert "edge" in groups["video"][3].split(","), groups["video"]
     # The state directory from tmpfiles.d: edge:edge 0700.
     st = (root / "data/edge").stat()
     assert stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o700 and (st.st_uid, st.st_gid) == (uid, gid)

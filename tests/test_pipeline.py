@@ -171,3 +171,125 @@ def test_a_failed_device_ends_the_run_with_its_error(model, yuyv_frames) -> None
         p.run()
     assert p.done
     assert len(inference_records(sink)) == 3
+
+
+class LendingSource:
+    """A capture device's contract: a small ring of lent buffers, each frame a view of one, given back by release.
+
+    It yields a frame only while it has a free buffer (as a V4L2 driver only fills queued buffers), so a pipeline
+    that forgets a release stalls it; it records every release and fails on a double one.
+    """
+
+    def __init__(self, frames: list[np.ndarray], count: int, ring: int, bad_every: int = 0) -> None:
+        self._frames, self._count, self._bad_every = frames, count, bad_every
+        self.free = threading.Semaphore(ring)
+        self.lent: set[int] = set()
+        self.released: list[int] = []
+        self.double: list[int] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+
+    def _release(self, seq: int) -> None:
+        with self._lock:
+            if seq not in self.lent:
+                self.double.append(seq)
+                return
+            self.lent.discard(seq)
+            self.released.append(seq)
+        self.free.release()
+
+    def items(self) -> Iterator[Frame | Reading]:
+        for seq in range(self._count):
+            while not self.free.acquire(timeout=0.05):
+                if self._stop.is_set():
+                    return
+            data = self._frames[seq % len(self._frames)]
+            if self._bad_every and seq % self._bad_every == 0:
+                data = data[:, :-1]  # an odd YUYV width: rejected by the preprocessing
+            with self._lock:
+                self.lent.add(seq)
+            yield Frame(data, PixelFormat.YUYV, seq, time.time(), release=lambda s=seq: self._release(s),
+                        dropped_before=1 if seq == 5 else 0)  # fmt: skip
+
+    def close(self) -> None:
+        self._stop.set()
+
+    @property
+    def rejected(self) -> int:
+        return 0
+
+
+@pytest.mark.parametrize("on_full", ["block", "drop_oldest"])
+def test_lent_buffers_go_back_once_whether_inferred_rejected_or_dropped(model, yuyv_frames, on_full) -> None:
+    frames, _ = yuyv_frames
+    source = LendingSource(frames, count=120, ring=4, bad_every=7)
+    sink = ListSink(delay=0.005)
+    stats = Pipeline(source, model, sink, queue_size=2, on_full=on_full).run()
+    # Every frame came back exactly once, and the ring never ran dry for good (all 120 were lent).
+    assert sorted(source.released) == list(range(120)) and source.double == [] and source.lent == set()
+    assert stats.frames_in == 120 == stats.inferences + stats.dropped + stats.rejected_total
+    assert stats.source_dropped == 1
+    if on_full == "block":
+        assert stats.dropped == 0 and stats.rejected_total == len(range(0, 120, 7))
+    else:
+        assert stats.dropped > 0 and 0 < stats.rejected_total <= len(range(0, 120, 7))
+
+
+def test_a_stopped_pipeline_gives_back_what_it_holds(model, yuyv_frames) -> None:
+    frames, _ = yuyv_frames
+    source = LendingSource(frames, count=10**6, ring=3)
+    p = Pipeline(source, model, ListSink(delay=0.05), queue_size=2)
+    p.start()
+    time.sleep(0.3)
+    p.stop()
+    assert p.join(timeout=5)
+    assert source.double == [] and source.lent == set(), source.lent
+
+
+class VanishingSource:
+    """A camera that delivers some frames and then is unplugged: while it waits (inside ``items()``, as a source
+    reopening its device does), nothing may still refer to a frame it lent, or its buffer's mapping would keep the
+    device open and the camera could never come back."""
+
+    def __init__(self, frames: list[np.ndarray], count: int) -> None:
+        self._frames, self._count = frames, count
+        self.lent: set[int] = set()
+        self.still_referenced: list[int] | None = None
+        self._lock = threading.Lock()
+
+    def _release(self, seq: int) -> None:
+        with self._lock:
+            self.lent.discard(seq)
+
+    def items(self) -> Iterator[Frame | Reading]:
+        import weakref  # noqa: PLC0415
+
+        refs: list[weakref.ref[np.ndarray]] = []
+        for seq in range(self._count):
+            view = self._frames[seq % len(self._frames)][:]  # a view: the frame's own array object
+            refs.append(weakref.ref(view))
+            with self._lock:
+                self.lent.add(seq)
+            yield Frame(view, PixelFormat.YUYV, seq, time.time(), release=lambda s=seq: self._release(s))
+            del view
+        deadline = time.monotonic() + 10
+        while self.lent and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)  # the stages finish what they were doing with the last frame
+        self.still_referenced = [i for i, r in enumerate(refs) if r() is not None]
+
+    def close(self) -> None:
+        pass
+
+    @property
+    def rejected(self) -> int:
+        return 0
+
+
+@pytest.mark.parametrize("on_full", ["block", "drop_oldest"])
+def test_no_stage_keeps_a_lent_frame_while_the_source_waits(model, yuyv_frames, on_full) -> None:
+    frames, _ = yuyv_frames
+    source = VanishingSource(frames, count=12)
+    stats = Pipeline(source, model, ListSink(), queue_size=2, on_full=on_full).run()
+    assert stats.frames_in == 12 and source.lent == set()
+    assert source.still_referenced == [], source.still_referenced

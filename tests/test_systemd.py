@@ -68,7 +68,7 @@ def test_unit_declares_notify_watchdog_restart_limits_and_hardening() -> None:
     assert unit["RequiresMountsFor"] == "/data"
     assert "StartLimitIntervalSec" in unit and "StartLimitBurst" in unit  # they belong in [Unit]
     assert svc["Type"] == "notify" and int(svc["WatchdogSec"]) > 0 and svc["Restart"] == "on-failure"
-    assert svc["User"] == "edge" and "dialout" in svc["SupplementaryGroups"].split()
+    assert svc["User"] == "edge" and {"dialout", "video"} <= set(svc["SupplementaryGroups"].split())
     assert svc["ProtectSystem"] == "strict" and svc["ReadWritePaths"] == "/data/edge"
     for flag in ("NoNewPrivileges", "PrivateTmp", "ProtectKernelTunables", "RestrictSUIDSGID", "LockPersonality"):
         assert svc[flag] == "yes", flag

@@ -23,6 +23,15 @@ have mosquitto || need+=(mosquitto)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
 # The unit file is checked with systemd-analyze verify.
 have systemd-analyze || need+=(systemd)
+# The stream-source tests encode their input with ffmpeg and serve it over RTSP with GStreamer's gst-rtsp-server,
+# run by the system Python (its GObject bindings; the venv has none): the elements tests/rtsp_server.py uses.
+have ffmpeg || need+=(ffmpeg)
+gst_probe='import gi; gi.require_version("Gst", "1.0"); gi.require_version("GstRtspServer", "1.0")
+from gi.repository import Gst, GstRtspServer; Gst.init(None)
+names = ("matroskademux", "h264parse", "rtph264pay", "rtpbin", "udpsink", "appsink")
+raise SystemExit(any(Gst.ElementFactory.find(n) is None for n in names))'
+/usr/bin/python3 -c "$gst_probe" >/dev/null 2>&1 || need+=(python3-gi gir1.2-gst-rtsp-server-1.0
+    gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad)
 for extra in "$@"; do
     # Extra requirements come as "command:package" pairs.
     cmd=${extra%%:*}; pkg=${extra#*:}

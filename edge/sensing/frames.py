@@ -11,7 +11,8 @@ Array layouts by pixel format (all ``uint8``; rows may be padded, i.e. any row s
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
@@ -31,6 +32,10 @@ class Frame:
         seq: the source's frame number, starting at 0.
         timestamp: wall-clock capture time (seconds since the epoch).
         label: the ground-truth class where the source knows it (test sets), else ``None``.
+        release: for a frame whose ``data`` is a view of a buffer the source lends (a V4L2 mmap buffer), what gives
+            it back; the pipeline calls it once, as soon as the preprocessing has read the pixels or the frame is
+            dropped or rejected, and ``data`` must not be read after it. ``None`` for frames that own their pixels.
+        dropped_before: frames the source knows it lost just before this one (sequence gaps of a capture device).
     """
 
     data: npt.NDArray[np.uint8]
@@ -38,6 +43,8 @@ class Frame:
     seq: int
     timestamp: float
     label: int | None = None
+    release: Callable[[], None] | None = field(default=None, compare=False, repr=False)
+    dropped_before: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -217,8 +217,10 @@ class DirectorySource(_Paced):
                 return
 
 
-def open_source(cfg: SourceConfig) -> Source:
+def open_source(cfg: SourceConfig, *, model_size: tuple[int, int] = (0, 0)) -> Source:
     """Build the source the configuration names.
+
+    ``model_size`` is the model input's (width, height): a camera negotiates a capture size that covers it.
 
     Raises:
         ConfigError: the source's path or port is unusable.
@@ -233,6 +235,24 @@ def open_source(cfg: SourceConfig) -> Source:
     if cfg.kind == "directory":
         assert cfg.path is not None
         return DirectorySource(cfg.path, cfg.pixel_format, loop=cfg.loop, fps=cfg.fps)
+    if cfg.kind == "stream":
+        # PyAV (FFmpeg) only when a stream or video file is configured; without it the import is a ConfigError.
+        from edge.sensing.stream import open_stream  # noqa: PLC0415
+
+        return open_stream(cfg)
+    if cfg.kind == "v4l2":
+        from edge.sensing.v4l2.source import V4l2Source  # noqa: PLC0415
+
+        return V4l2Source(
+            cfg.device,
+            model_size=model_size,
+            capture_format=cfg.capture_format,
+            width=cfg.width,
+            height=cfg.height,
+            fps=cfg.fps,
+            buffers=cfg.buffers,
+            reconnect_max_s=cfg.reconnect_max_s,
+        )
     from edge.sensing.serial_source import SerialSource  # noqa: PLC0415 (pyserial only when a sensor is configured)
 
     return SerialSource(cfg.port, baudrate=cfg.baudrate)

@@ -402,3 +402,73 @@ def _assert_everything_stored(fleet: Any, status: dict[str, Any], chain_breaks: 
     assert chain_breaks(stored) == []
     assert fleet.rejects() == {}
     return stored
+
+
+# ---------------------------------------------------------------- the camera: vivid, the kernel's virtual V4L2 device
+
+CAMERA_DROPIN = (
+    '[source]\nkind = "v4l2"\ndevice = "/dev/video0"\nreconnect_max_s = 5\n[pipeline]\non_full = "drop_oldest"\n'
+)
+# VIDIOC_S_CTRL (_IOWR('V', 28, struct v4l2_control)) of vivid's "Disconnect" control (VIVID_CID_VIVID_BASE + 65):
+# the driver acts as an unplugged USB camera (ENODEV on every call) until the last open handle closes, then comes
+# back: an unplug and a replug.
+VIVID_DISCONNECT = (
+    "import fcntl, os, struct\n"
+    "fd = os.open('/dev/video0', os.O_RDWR)\n"
+    "fcntl.ioctl(fd, 0xC008561C, struct.pack('Ii', 0x00F0F000 + 65, 1))\n"
+    "os.close(fd)\n"
+)
+
+
+def restart_budget(limits: dict[str, int]) -> int:
+    """The longest a restart may take within the unit's limits, with a margin for the emulated box."""
+    return limits["RestartSec"] + limits["TimeoutStartSec"] + 30
+
+
+def test_camera_vivid(system: ModuleType, image: Any, figures: dict[str, Any], tmp_path) -> None:
+    """Scenario 6: the V4L2 source against a real V4L2 driver, vivid, in the booted box.
+
+    The service starts before the camera exists and waits for it past the watchdog period without a restart; then
+    vivid is loaded. Its driver (videodev) was not loaded when the service started, so systemd's device policy did
+    not allow the video4linux class: the open is refused (EPERM), the service says why and exits, and systemd's
+    restart allows it (one restart). The format is negotiated from what vivid enumerates, frames go from its mmap
+    buffers into the model; then the camera is unplugged and comes back (vivid's Disconnect control), and the same
+    process reopens it, without a restart.
+    """
+    limits = unit_limits()
+    with system.Box(image, tmp_path / "box", data_files={"edge/edge.toml": CAMERA_DROPIN}, deadline_s=900) as box:
+        wait_running(box)
+        box.wait_journal(f"_SYSTEMD_UNIT={UNIT}", contains="camera not present", from_boot=True, timeout=60)
+        # No camera for longer than the watchdog period: the source reopens with backoff, the service stays up.
+        time.sleep(limits["WatchdogSec"] + 5)
+        assert box.show(UNIT, "NRestarts", "SubState") == {"NRestarts": "0", "SubState": "running"}
+
+        cursor = box.cursor()
+        t0 = time.monotonic()
+        box.run(["modprobe", "vivid", "n_devs=1", "node_types=0x1"], timeout=120)
+        refused = box.wait_journal(
+            f"_SYSTEMD_UNIT={UNIT}", contains="DeviceAllow=char-video4linux", after_cursor=cursor
+        )
+        assert "Operation not permitted" in refused["MESSAGE"], refused
+        streaming = box.wait_journal(
+            f"_SYSTEMD_UNIT={UNIT}", contains="camera streaming", after_cursor=cursor, timeout=restart_budget(limits)
+        )
+        assert box.show(UNIT, "NRestarts")["NRestarts"] == "1"
+        pid = main_pid(box)
+        first = json.loads(streaming["MESSAGE"])
+        assert first["driver"] == "vivid" and first["format"] in ("NV12", "YUYV", "RGB3", "BGR3", "GREY"), first
+        record = next_record(box, pid)
+        figures["camera: modprobe to the first record (s)"] = round(time.monotonic() - t0, 1)
+        figures["camera: negotiated"] = f"{first['format']} {first['width']}x{first['height']} @ {first['fps']}"
+        assert record["backend"] == "native-neon", record
+
+        # Unplug and replug: the same process reopens the camera and goes on.
+        cursor = box.cursor()
+        box.run(["python3", "-c", VIVID_DISCONNECT])
+        lost = box.wait_journal(f"_SYSTEMD_UNIT={UNIT}", contains="camera lost", after_cursor=cursor, timeout=60)
+        again = box.wait_journal(f"_SYSTEMD_UNIT={UNIT}", contains="camera streaming", after_cursor=cursor, timeout=120)
+        figures["camera: unplugged to streaming again (s)"] = round(mono_s(again) - mono_s(lost), 1)
+        next_record(box, pid)
+        assert main_pid(box) == pid
+        assert box.show(UNIT, "NRestarts")["NRestarts"] == "1"
+        box.poweroff()

@@ -126,6 +126,10 @@ IMPORT_DISTS = {
 # Imports the box never makes: the quantizer (``edge model quantize``, a workstation command) imports onnx lazily,
 # never in ``edge run``. The fleet (edge/fleet/) is checked apart: it is the edge-fleet package, not the box's.
 NOT_ON_THE_BOX = {"onnx"}
+# The box's optional imports: the camera extra (pyproject.toml), loaded only when the configuration asks for it (av
+# for source.kind = "stream", simplejpeg for an MJPG camera), each failing with a message that says what to install.
+# The image has no recipe for them: raw V4L2 capture needs neither.
+BOX_OPTIONAL = {"av", "simplejpeg"}
 # The fleet's own third-party imports -> the recipe that provides them; None: optional, loaded only when configured
 # (psycopg for a postgresql:// store; segno for `claims create --qr`, which says what to install), and documented.
 FLEET_RECIPES: dict[str, str | None] = {
@@ -147,6 +151,7 @@ _PACKAGE_MODULES = {
     "python3-asyncio": "asyncio concurrent",
     "python3-compression": "gzip tarfile zipfile",
     "python3-crypt": "hashlib",
+    "python3-ctypes": "ctypes",
     "python3-datetime": "calendar datetime",
     "python3-difflib": "difflib",
     "python3-io": "socket ssl tempfile termios",
@@ -335,7 +340,7 @@ def check_recipe_against_project() -> str:
                 if pkg is None:
                     problems.append(f"{path.relative_to(ROOT)} imports {name}: add its OE package to STDLIB_PACKAGES")
                     continue
-            elif name in NOT_ON_THE_BOX:
+            elif name in NOT_ON_THE_BOX or name in BOX_OPTIONAL:
                 continue
             elif name in IMPORT_DISTS:
                 pkg = DIST_RECIPES[IMPORT_DISTS[name]]
@@ -601,15 +606,15 @@ def check_installed_files() -> str:
     # tmpfiles.d on a scratch root whose passwd and group hold the user the recipe creates.
     tmpfiles = LAYER / "recipes-edge" / "edge" / "files" / "edge-tmpfiles.conf"
     useradd = rv.get("USERADD_PARAM:${PN}", "")
-    if "--gid edge" not in useradd or "--groups dialout" not in useradd or not useradd.endswith(" edge"):
-        problems.append(f"USERADD_PARAM does not create user edge in group edge with dialout: {useradd!r}")
+    if "--gid edge" not in useradd or "--groups dialout,video" not in useradd or not useradd.endswith(" edge"):
+        problems.append(f"USERADD_PARAM does not create user edge in group edge with dialout and video: {useradd!r}")
     tmpfiles_detail = "tmpfiles.d not applied (needs root)"
     if os.geteuid() == 0:
         with tempfile.TemporaryDirectory() as scratch:
             etc = Path(scratch) / "etc"
             etc.mkdir()
             (etc / "passwd").write_text(f"root:x:0:0::/root:/bin/sh\nedge:x:999:998::{datadir}:/sbin/nologin\n")
-            (etc / "group").write_text("root:x:0:\nedge:x:998:\ndialout:x:20:edge\n")
+            (etc / "group").write_text("root:x:0:\nedge:x:998:\ndialout:x:20:edge\nvideo:x:44:edge\n")
             proc = run(["systemd-tmpfiles", f"--root={scratch}", "--create", str(tmpfiles)])
             made = Path(scratch) / datadir.lstrip("/")
             if proc.returncode != 0 or proc.stderr.strip():

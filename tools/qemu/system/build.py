@@ -2,10 +2,10 @@
 """Build the system image: an arm64 Debian box that boots under qemu-system-aarch64 (docs/system.md).
 
 The image is the box as the Yocto layer installs it: edge.service from edge/data/ (unmodified) enabled, the ``edge``
-system user in group dialout, the layer's tmpfiles.d entry and /etc/edge/edge.toml, the factory models read-only in
-/usr/share/edge/models, /data its own ext4 filesystem, the root filesystem mounted read-only. The box package only:
-no edge.fleet. Added for the tests alone: a test agent answering on virtio-serial, journald copying to the console,
-a udev name for the sensor UART.
+system user in groups dialout and video, the layer's tmpfiles.d entry and /etc/edge/edge.toml, the factory models
+read-only in /usr/share/edge/models, /data its own ext4 filesystem, the root filesystem mounted read-only. The box
+package only: no edge.fleet. Added for the tests alone: a test agent answering on virtio-serial, journald copying to
+the console, a udev name for the sensor UART.
 
 Steps, each cached under ``.cache/system/`` (``EDGE_SYSTEM_CACHE``) in a directory named after a hash of its inputs;
 a step whose directory is complete is not redone, and older keyed directories of the step are removed:
@@ -71,6 +71,9 @@ MODULES = (
     "virtio_rng",
     "virtio_net",
 )
+# Modules installed into the root filesystem (with their dependencies and a depmod index) for a test to modprobe:
+# vivid, the kernel's virtual V4L2 camera (the camera scenario).
+ROOTFS_MODULES = ("vivid",)
 # Where box_from_wheels puts the box's private Python environment (where the Debian package puts its own).
 BOX_ENV = "/usr/lib/edge/venv"
 PYVER = "3.11"
@@ -318,6 +321,20 @@ def make_kernel(out: Path, apt: Apt) -> None:
         shutil.copy2(path, initrd / "modules" / path.name)
         names.append(path.name)
     (initrd / "modules" / "order").write_text("\n".join(names) + "\n")
+    # The root filesystem's modules: the same tree layout, only ROOTFS_MODULES' closure, indexed for modprobe.
+    rootfs_modules = out / "modules" / "lib" / "modules" / kver
+    for module in ROOTFS_MODULES:
+        shown = sh(["modprobe", "-d", base, "-S", kver, "--show-depends", module]).stdout
+        for line in shown.splitlines():
+            if line.startswith("insmod "):
+                path = Path(line.split()[1])
+                target = rootfs_modules / path.relative_to(modroot)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, target)
+    for name in ("modules.builtin", "modules.builtin.modinfo", "modules.order"):
+        if (modroot / name).exists():
+            shutil.copy2(modroot / name, rootfs_modules / name)
+    sh(["depmod", "-b", out / "modules", kver])
     shutil.copy2(GUEST / "init", initrd / "init")
     (initrd / "init").chmod(0o755)
     listing = sh(["find", ".", "-print0"], cwd=initrd).stdout
@@ -429,8 +446,8 @@ def install_layer_files(root: Path) -> None:
     shutil.copy2(LAYER_FILES / "edge-tmpfiles.conf", root / "usr/lib/tmpfiles.d/edge.conf")
     (root / "etc/edge").mkdir(parents=True, exist_ok=True)
     shutil.copy2(LAYER_FILES / "edge.toml", root / "etc/edge/edge.toml")
-    # useradd's class in the recipe: a system user without a login, in dialout for serial sensor boards. The host's
-    # useradd --root edits the image's files without running anything from it.
+    # useradd's class in the recipe: a system user without a login, in dialout and video for sensor boards and
+    # cameras. The host's useradd --root edits the image's files without running anything from it.
     sh(["groupadd", "--root", root, "--system", "edge"])
     sh(
         [
@@ -441,7 +458,7 @@ def install_layer_files(root: Path) -> None:
             "--gid",
             "edge",
             "--groups",
-            "dialout",
+            "dialout,video",
             "--home-dir",
             "/data/edge",
             "--no-create-home",
@@ -582,6 +599,9 @@ def make_image(out: Path, rootfs: Path, kernel: Path, box: BoxInstall, machine_i
     sh(["cp", "-a", "--reflink=auto", rootfs / "root", staging])
     box.install(staging)
     install_test_harness(staging, machine_id)
+    # The kernel step's modules for modprobe (merged /usr: /lib is a link to /usr/lib).
+    (staging / "usr" / "lib" / "modules").mkdir(parents=True, exist_ok=True)
+    sh(["cp", "-a", f"{kernel / 'modules' / 'lib' / 'modules'}/.", staging / "usr" / "lib" / "modules"])
     uid = gid = None
     for line in (staging / "etc/passwd").read_text().splitlines():
         fields = line.split(":")
@@ -615,7 +635,9 @@ def build() -> Path:
     rootfs = cached("rootfs", digest(RECIPE, HERE / "packages.txt", *sources), make_rootfs)
     glibc = (rootfs / "glibc").read_text().strip()
     kernel = cached(
-        "kernel", digest(RECIPE, GUEST / "init", " ".join(MODULES), *sources), lambda out: make_kernel(out, apt)
+        "kernel",
+        digest(RECIPE, GUEST / "init", " ".join(MODULES), " ".join(ROOTFS_MODULES), *sources),
+        lambda out: make_kernel(out, apt),
     )
     box = BOX(apt, glibc)
     # This file too: how the image is assembled (the harness, the network) is code here, cheap to redo.

@@ -57,8 +57,8 @@ CVE_PRODUCT = "n3:edge"
 
 USERADD_PACKAGES = "${PN}"
 GROUPADD_PARAM:${PN} = "--system edge"
-# A system user without a login; dialout lets it open serial sensor boards (/dev/ttyUSB*, /dev/ttyAMA*).
-USERADD_PARAM:${PN} = "--system --gid edge --groups dialout --home-dir ${EDGE_DATADIR} --no-create-home \
+# A system user without a login; dialout lets it open serial sensor boards (/dev/ttyUSB*, /dev/ttyAMA*), video cameras.
+USERADD_PARAM:${PN} = "--system --gid edge --groups dialout,video --home-dir ${EDGE_DATADIR} --no-create-home \
                        --shell ${base_sbindir}/nologin edge"
 
 # edge-enroll.service enrolls the box at first boot from a claim file on the boot partition (docs/onboarding.md).
@@ -114,12 +114,14 @@ RDEPENDS:${PN} += "\
     python3-core \
     python3-crypt \
     python3-cryptography \
+    python3-ctypes \
     python3-datetime \
     python3-difflib \
     python3-io \
     python3-json \
     python3-logging \
     python3-math \
+    python3-mmap \
     python3-netclient \
     python3-numbers \
     python3-numpy \

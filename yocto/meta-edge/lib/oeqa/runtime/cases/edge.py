@@ -83,10 +83,12 @@ class EdgeServiceTest(OERuntimeTestCase):
         uid = self.run_ok("id -u edge")
         gid = self.run_ok("id -g edge")
         dialout = self.run_ok("grep '^dialout:' /etc/group | cut -d: -f3")
+        video = self.run_ok("grep '^video:' /etc/group | cut -d: -f3")
         self.assertNotEqual(uid, "0")
         self.assertEqual(fields["Uid"].split(), [uid] * 4, msg=fields["Uid"])
         self.assertEqual(fields["Gid"].split(), [gid] * 4, msg=fields["Gid"])
         self.assertIn(dialout, fields["Groups"].split(), msg=fields["Groups"])
+        self.assertIn(video, fields["Groups"].split(), msg=fields["Groups"])
         # CapabilityBoundingSet= is empty and NoNewPrivileges=yes: the process holds no capability at all.
         self.assertEqual(int(fields["CapEff"], 16), 0, msg=fields["CapEff"])
         self.assertEqual(int(fields["CapBnd"], 16), 0, msg=fields["CapBnd"])
