@@ -109,7 +109,7 @@ def test_the_pins_cover_the_box_dependencies_and_agree_with_the_arm64_tier() -> 
         return found
 
     deb, qemu = pins(BUILD.parent / "requirements.txt"), pins(ROOT / "tools" / "qemu" / "requirements.txt")
-    for requirement in project()["dependencies"]:
+    for requirement in [*project()["dependencies"], *project()["optional-dependencies"]["camera"]]:
         name = re.sub(r"[-_.]+", "-", re.match(r"[A-Za-z0-9._-]+", requirement)[0]).lower()
         assert name in deb, f"{requirement} (pyproject.toml) is not pinned in tools/deb/requirements.txt"
     for fleet_only in project()["optional-dependencies"]["fleet"]:

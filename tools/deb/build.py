@@ -6,8 +6,9 @@ Yocto image installs:
 
 - ``/usr/bin/edge``, a launcher of the package's private Python environment ``/usr/lib/edge``: a venv over the
   system's CPython 3.11 (``pyvenv.cfg``, ``bin/python3 -> /usr/bin/python3.11``) whose site-packages hold n3-edge
-  without ``edge/fleet`` and with its C extension built for the target, and pyproject.toml's dependencies (the box's:
-  no ``fleet`` extra) from upstream manylinux wheels at the versions tools/deb/requirements.txt pins; bytecode
+  without ``edge/fleet`` and with its C extension built for the target, and pyproject.toml's dependencies with the
+  ``camera`` extra (the box's: no ``fleet`` extra) from upstream manylinux wheels at the versions
+  tools/deb/requirements.txt pins; bytecode
   precompiled with unchecked hashes (reproducible, and nothing is written under a read-only /usr at run time);
 - the units ``edge.service`` and ``edge-enroll.service`` from edge/data/, unmodified, in /usr/lib/systemd/system;
 - sysusers.d (the ``edge`` user), tmpfiles.d (``/data/edge``) and ``/etc/edge/edge.toml`` (a conffile), the last two
@@ -89,6 +90,7 @@ CXXABI = (1, 3, 13)
 SYSTEM_LIBRARIES = {
     "libc.so.6": "libc6",
     "libm.so.6": "libc6",
+    "libmvec.so.1": "libc6",  # glibc's vector math (x86-64 only), which the FFmpeg in PyAV's wheel uses
     "libpthread.so.0": "libc6",
     "libdl.so.2": "libc6",
     "librt.so.1": "libc6",
@@ -303,8 +305,9 @@ def wheel_tags(arch: Arch) -> list[str]:
 
 
 def dependencies(arch: Arch, host_py: Path, cache: Path) -> Path:
-    """pyproject.toml's dependencies for the target, installed as pinned, with bytecode: a site-packages layer."""
-    requirements = [str(r) for r in project()["dependencies"]]  # type: ignore[attr-defined]
+    """pyproject.toml's dependencies and its camera extra for the target, installed as pinned, with bytecode."""
+    meta = project()
+    requirements = [str(r) for r in [*meta["dependencies"], *meta["optional-dependencies"]["camera"]]]  # type: ignore[index]
     key = digest(RECIPE, arch.deb, PY, repr(GLIBC), "\n".join(requirements), PINS.read_bytes())
     out = cache / f"site-{arch.deb}-{key}"
     if (out / ".complete").exists():
