@@ -212,3 +212,20 @@ def test_a_device_path_that_is_no_camera_is_a_configuration_error_naming_the_key
     with pytest.raises(ConfigError) as err:
         next(iter(source.items()))
     assert err.value.key == "source.device" and str(path) in str(err.value)
+
+
+def test_an_mjpg_frame_is_decoded_by_libjpeg_turbo_and_a_damaged_one_is_refused() -> None:
+    """A webcam's MJPG buffer (here a JPEG libjpeg-turbo encoded) decodes to RGB; garbage is a ValueError, which the
+    source counts as a rejected frame."""
+    import simplejpeg  # noqa: PLC0415
+
+    from edge.sensing.v4l2.source import _decode_jpeg  # noqa: PLC0415
+
+    rng = np.random.default_rng(3)
+    rgb = np.repeat(np.repeat(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8), 8, axis=0), 8, axis=1)
+    jpeg = simplejpeg.encode_jpeg(np.ascontiguousarray(rgb), quality=95, colorspace="RGB")
+    got = _decode_jpeg(memoryview(bytearray(jpeg)))
+    assert got.shape == (96, 128, 3) and got.dtype == np.uint8
+    assert np.abs(got.astype(int) - rgb.astype(int)).mean() < 4  # lossy, but the same picture
+    with pytest.raises(ValueError, match="not a decodable JPEG"):
+        _decode_jpeg(memoryview(bytearray(b"\xff\xd8\xff not a jpeg at all")))
