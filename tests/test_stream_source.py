@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from io import StringIO
 from pathlib import Path
 
+import av
 import numpy as np
 import pytest
 from rtsp_server import RtspServer, free_port, have_gst_rtsp_server
@@ -35,11 +36,8 @@ from rtsp_server import RtspServer, free_port, have_gst_rtsp_server
 from edge.log import configure
 from edge.sensing.frames import Frame, PixelFormat
 from edge.sensing.live import Backoff, LatestSlot, Pacer, StreamClock
+from edge.sensing.stream import StreamLimits, StreamSource, VideoFileSource, to_nv12
 from edge.sensing.synthetic import render_test_frames
-
-av = pytest.importorskip("av")
-
-from edge.sensing.stream import StreamLimits, StreamSource, VideoFileSource, to_nv12  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 WIDTH, HEIGHT = 160, 120  # the renders' native size
@@ -49,9 +47,8 @@ WIDTH, HEIGHT = 160, 120  # the renders' native size
 LIVE_FPS = 100
 USER, SECRET = "user", "s3cret"
 
-needs_rtsp = pytest.mark.skipif(
-    not have_gst_rtsp_server(), reason="gst-rtsp-server is not installed (tools/bootstrap.sh installs it)"
-)
+# Not a skip: make test installs the server (tools/bootstrap.sh), so a missing one is a failure, never a silent pass.
+needs_rtsp = pytest.mark.usefixtures("rtsp")
 
 
 # -- the input: lossless encodings of the held-out digits ----------------------------------------------------------
@@ -85,7 +82,7 @@ def _encode(frames: list[np.ndarray], out: Path, fps: int, codec: list[str]) -> 
 @pytest.fixture(scope="module")
 def videos(tmp_path_factory: pytest.TempPathFactory) -> Videos:
     if shutil.which("ffmpeg") is None:
-        pytest.skip("the ffmpeg command is not installed (tools/bootstrap.sh installs it)")
+        pytest.fail("the ffmpeg command is not installed: run tools/bootstrap.sh (make test does)")
     d = tmp_path_factory.mktemp("videos")
     rendered = list(render_test_frames(PixelFormat.NV12, height=HEIGHT, width=WIDTH))
     frames = [f for f, _ in rendered]
@@ -154,8 +151,7 @@ def assert_clean(stderr: str) -> None:
 
 @pytest.fixture
 def rtsp(videos: Videos) -> Iterator[RtspServer]:
-    if not have_gst_rtsp_server():
-        pytest.skip("gst-rtsp-server is not installed (tools/bootstrap.sh installs it)")
+    assert have_gst_rtsp_server(), "gst-rtsp-server is not installed: run tools/bootstrap.sh (make test does)"
     server = RtspServer(videos.live, credentials=(USER, SECRET))
     server.start()
     yield server
