@@ -20,6 +20,7 @@ import pytest
 from fleet_subscriber import VerifyingSubscriber
 
 from edge.identity.keys import load_private_key
+from edge.telemetry.inspect import OutboxUnreadableError, inspect_outbox
 from edge.telemetry.outbox import Outbox
 from edge.wire.schema import DEFAULT_LIMITS
 
@@ -126,21 +127,40 @@ def device(tmp_path, pki, broker):
     sub.close()
 
 
+def sealed_now(data: Path) -> int:
+    """Envelopes the device's outbox has sealed so far, read without disturbing a running device (0 before any)."""
+    try:
+        return inspect_outbox(data / "outbox.sqlite").sealed
+    except OutboxUnreadableError:
+        return 0
+
+
 @pytest.mark.slow
 def test_kill_9_at_random_moments_loses_nothing(device) -> None:
     cfg, data, key_path, sub = device
     rng = random.Random(20261122)
-    kills = 0
-    for _ in range(20):
+    kills = publishing = 0
+    for i in range(20):
+        before = sealed_now(data)
         proc = start_device(cfg)
-        time.sleep(rng.uniform(0.5, 2.0))  # some kills land during start-up (~0.7 s), most while publishing
+        if i % 4 == 0:
+            time.sleep(rng.uniform(0.1, 0.7))  # during start-up
+        else:
+            # While publishing: a random moment after this run sealed its first envelope. Waiting for that (not a
+            # fixed time) keeps the kills where they are meant to land on a loaded machine, where start-up is slow.
+            deadline = time.monotonic() + 60
+            while sealed_now(data) <= before and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert sealed_now(data) > before, "the device sealed nothing within 60 s of its start"
+            publishing += 1
+            time.sleep(rng.uniform(0.0, 1.5))
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
         kills += 1
     drain(cfg)
     counts = check_zero_loss(sub, data, key_path)
-    assert kills == 20
-    assert counts["sealed"] > 40, counts  # the runs did real work between kills
+    assert kills == 20 and publishing == 15
+    assert counts["sealed"] > publishing, counts  # every publishing run sealed before its kill, and the drain too
 
 
 @pytest.mark.slow
