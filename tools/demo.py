@@ -179,6 +179,23 @@ def publish_releases(work: Path, fleet: Path) -> None:
     print("repository: acme published digits 2.0.0 (int8 + float, golden samples) and 3.0.0 (broken)", flush=True)
 
 
+def wait_births(fleet: Path, timeout: float = 60.0) -> None:
+    """Wait until the gateway has every box's birth message (its model): a rollout targets the boxes it knows run
+    the model, so one started before a slow box's birth would leave that box out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        store = open_store(f"sqlite:///{fleet / 'fleet.db'}")
+        try:
+            models = {s.device_id: s.model for s in store.statuses()}
+        finally:
+            store.close()
+        if all(models.get(b) for b in BOXES):
+            return
+        if time.monotonic() > deadline:
+            sys.exit(f"demo: no birth message from every box within {timeout:.0f} s: {models}")
+        time.sleep(0.2)
+
+
 def rollout(fleet: Path, version: str, want: str, timeout: float = 90.0) -> dict:
     """Start a staged rollout and wait until it is ``want`` (completed or aborted); its final status."""
     edge("fleet", "--dir", str(fleet), "rollout", "start", "digits", version, "--stages", "10%,50%,100%",
@@ -336,7 +353,7 @@ def main() -> int:
             ps.start([*EDGE, "run", "--config", str(cfg)], cfg.with_name("edge.log")) for cfg in device_cfgs
         ]
         t0 = time.monotonic()
-        time.sleep(3.0)  # every box online: its birth message names its model, which makes it eligible
+        wait_births(fleet)  # every box online: its birth message names its model, which makes it eligible
         good = rollout(fleet, "2.0.0", "completed")
         bad = rollout(fleet, "3.0.0", "aborted")
         time.sleep(max(0.0, args.seconds / 2 - (time.monotonic() - t0)))
