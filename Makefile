@@ -39,7 +39,8 @@ test-arm64: $(STAMP)
 
 # The box as a system (docs/system.md): an arm64 Debian image with the box's Debian package installed, booted under
 # qemu-system-aarch64: systemd READY, watchdog and kill -9 restarts; enrollment with a claim code and telemetry to a
-# fleet on the host; power cuts at random moments (EDGE_SYSTEM_POWER_CUTS, default 3) and an update across one.
+# fleet on the host; power cuts at random moments (EDGE_SYSTEM_POWER_CUTS, default 3) and an update across one; a
+# camera (the kernel's vivid) loaded after the service started, unplugged and back.
 # The image is cached in .cache/system/.
 test-system: $(STAMP)
 	$(TIER_NICE) $(PY) -m pytest -q -p no:cacheprovider tests/system
