@@ -571,6 +571,9 @@ def install_test_harness(root: Path, machine_id: str) -> None:
     journald.mkdir(parents=True, exist_ok=True)
     shutil.copy2(GUEST / "journald.conf", journald / "edge-system.conf")
     shutil.copy2(GUEST / "60-edge-sensor.rules", root / "etc/udev/rules.d/60-edge-sensor.rules")
+    dropins = root / "etc/systemd/system/edge.service.d"
+    dropins.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(GUEST / "edge-tcg.conf", dropins / "tcg.conf")
     # The network by systemd-networkd (in Debian's systemd), and network-online.target reached once DHCP is done:
     # edge.service and edge-enroll.service wait for it, as on a box.
     shutil.copy2(GUEST / "20-box.network", root / "etc/systemd/network/20-box.network")
