@@ -20,9 +20,10 @@ Invariants:
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import Generic, TypeVar
 
-__all__ = ["Backoff", "LatestSlot", "Pacer", "StreamClock"]
+__all__ = ["Backoff", "LatestSlot", "Pacer", "StreamClock", "wait_ticking"]
 
 T = TypeVar("T")
 
@@ -92,6 +93,21 @@ class LatestSlot(Generic[T]):
     def closed(self) -> bool:
         """True once ``close()`` was called."""
         return self._closed
+
+
+def wait_ticking(stop: threading.Event, seconds: float, tick: Callable[[], None]) -> bool:
+    """Wait ``seconds`` unless ``stop`` is set, calling ``tick`` after each second waited; True if stopped.
+
+    A source backing off between reconnection attempts ticks to show the service's watchdog it is alive.
+    """
+    left = seconds
+    while left > 0:
+        step = min(left, 1.0)
+        if stop.wait(step):
+            return True
+        left -= step
+        tick()
+    return stop.is_set()
 
 
 class Backoff:

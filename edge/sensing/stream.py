@@ -44,7 +44,7 @@ from edge.config import SourceConfig
 from edge.errors import ConfigError, InputError, TransportError
 from edge.log import Throttle, event, redact
 from edge.sensing.frames import Frame, PixelFormat
-from edge.sensing.live import Backoff, LatestSlot, Pacer, StreamClock
+from edge.sensing.live import Backoff, LatestSlot, Pacer, StreamClock, wait_ticking
 
 try:
     import av
@@ -382,11 +382,11 @@ class StreamSource:
                     reconnects=self.reconnects,
                     suppressed=suppressed,
                 )
-            deadline = time.monotonic() + delay
-            while (left := deadline - time.monotonic()) > 0:
-                if self._stop.wait(min(left, 1.0)):
-                    return
-                self.alive_at = time.monotonic()
+            if wait_ticking(self._stop, delay, self._tick):
+                return
+
+    def _tick(self) -> None:
+        self.alive_at = time.monotonic()
 
     def _pump(self, container: InputContainer, clock: StreamClock, reformatter: VideoReformatter) -> int:
         """Decode into the slot until the stream ends or ``close()``; returns the frames decoded."""

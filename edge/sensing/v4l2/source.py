@@ -29,6 +29,7 @@ import numpy.typing as npt
 from edge.errors import ConfigError
 from edge.log import event
 from edge.sensing.frames import Frame, Reading
+from edge.sensing.live import Backoff, wait_ticking
 from edge.sensing.pixels import PixelFormat
 from edge.sensing.v4l2.device import Captured, Device, DeviceGone, Format
 from edge.sensing.v4l2.negotiate import RAW_FORMATS, Choice, NegotiationError, choose, describe_offers
@@ -139,43 +140,43 @@ class V4l2Source:
 
     def items(self) -> Iterator[Frame | Reading]:
         """Frames until ``close()``; reopens the device whenever it goes away."""
-        backoff = _FIRST_BACKOFF_S
+        backoff = Backoff(self._reconnect_max_s, _FIRST_BACKOFF_S)
         seq = 0
         while not self._stop.is_set():
             self.alive_at = time.monotonic()
             dev = self._open()
             if dev is None:
-                if self._wait(backoff):
+                if self._wait(backoff.next_delay()):
                     return
-                backoff = min(backoff * 2, self._reconnect_max_s)
                 continue
+            lost: Exception | None = None
             try:
                 for frame in self._stream(dev, seq):
                     seq = frame.seq + 1
-                    backoff = _FIRST_BACKOFF_S  # frames flow again: the next failure starts from the first step
+                    backoff.reset()  # frames flow again: the next failure starts from the first step
                     yield frame
                     # Not kept while the next frame is awaited: its view of a mapped buffer would keep the device
                     # open after an unplug (the mapping holds the file), and the camera could never come back.
                     del frame
             except (DeviceGone, OSError) as e:  # unplugged, or any driver error: reopening is the remedy for both
-                self.failures += 1
-                event(log, logging.WARNING, "camera lost, reopening", device=self.device, error=str(e),
-                      failures=self.failures, retry_in_s=backoff)  # fmt: skip
+                lost = e
             finally:
                 self._retire(dev)
-            if self._wait(backoff):
+            delay = backoff.next_delay()
+            if lost is not None:
+                self.failures += 1
+                event(log, logging.WARNING, "camera lost, reopening", device=self.device, error=str(lost),
+                      failures=self.failures, retry_in_s=delay)  # fmt: skip
+            if self._wait(delay):
                 return
-            backoff = min(backoff * 2, self._reconnect_max_s)
             self.reopens += 1
 
     def _wait(self, seconds: float) -> bool:
         """Back off for ``seconds`` (True: closed meanwhile), showing the watchdog the loop is alive each second."""
-        deadline = time.monotonic() + seconds
-        while (left := deadline - time.monotonic()) > 0:
-            if self._stop.wait(min(left, 1.0)):
-                return True
-            self.alive_at = time.monotonic()
-        return self._stop.is_set()
+        return wait_ticking(self._stop, seconds, self._tick)
+
+    def _tick(self) -> None:
+        self.alive_at = time.monotonic()
 
     def _open(self) -> Device | None:
         """Open and start the device; None (logged) when it is not there or not usable yet."""
