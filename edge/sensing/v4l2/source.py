@@ -149,7 +149,7 @@ class V4l2Source:
                 if self._wait(backoff.next_delay()):
                     return
                 continue
-            lost: Exception | None = None
+            lost: str | None = None
             try:
                 for frame in self._stream(dev, seq):
                     seq = frame.seq + 1
@@ -159,13 +159,16 @@ class V4l2Source:
                     # open after an unplug (the mapping holds the file), and the camera could never come back.
                     del frame
             except (DeviceGone, OSError) as e:  # unplugged, or any driver error: reopening is the remedy for both
-                lost = e
+                # Only its text: the exception's traceback holds _stream's frame, whose views of the mapped buffers
+                # would keep the device open through the backoff, and a replugged camera (vivid's Disconnect, a USB
+                # camera) cannot come back while any handle on the old one is open.
+                lost = str(e)
             finally:
                 self._retire(dev)
             delay = backoff.next_delay()
             if lost is not None:
                 self.failures += 1
-                event(log, logging.WARNING, "camera lost, reopening", device=self.device, error=str(lost),
+                event(log, logging.WARNING, "camera lost, reopening", device=self.device, error=lost,
                       failures=self.failures, retry_in_s=delay)  # fmt: skip
             if self._wait(delay):
                 return
