@@ -28,7 +28,18 @@ __all__ = [
     "ProtocolError",
     "ResourceError",
     "TransportError",
+    "VerificationError",
+    "EXIT_FAILURE",
+    "EXIT_OK",
+    "EXIT_UNVERIFIED",
+    "EXIT_USAGE",
 ]
+
+# The command line's exit statuses (docs/cli.md), the contract scripts act on.
+EXIT_OK = 0  # done, including an empty state (no devices, nothing waiting)
+EXIT_FAILURE = 1  # anything else: a broker or database down, a path the process cannot write
+EXIT_USAGE = 2  # the command line or the configuration is wrong (argparse's own status for usage errors)
+EXIT_UNVERIFIED = 3  # what was checked does not verify: a ledger export, a release, a signature
 
 
 class EdgeError(Exception):
@@ -49,6 +60,10 @@ class ProtocolError(InputError):
 
 class ModelError(InputError):
     """A model file cannot be loaded or does not have the shape the service needs."""
+
+
+class VerificationError(InputError):
+    """What the operator asked to check does not verify (a ledger export, a release, a signature): exit status 3."""
 
 
 class TransportError(EdgeError):
