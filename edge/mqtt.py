@@ -68,6 +68,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from edge.errors import ConfigError, TransportError
 from edge.log import Throttle, event
 from edge.mqtt_failures import (
+    BROKER_SETTING_NAMES,
     SESSION_TAKEN_OVER,
     TAKEOVER_LIMIT,
     ConnectContext,
@@ -79,6 +80,7 @@ from edge.mqtt_failures import (
 )
 
 __all__ = [
+    "BROKER_SETTING_NAMES",
     "NO_MATCHING_SUBSCRIBERS",
     "Backoff",
     "ConnectFailure",
@@ -650,14 +652,29 @@ class MqttTransport:
     # -- the supervisor -----------------------------------------------------------------------------------------
 
     def _tls_context(self) -> ssl.SSLContext:
-        s = self.settings
+        s, names = self.settings, self._names
+        # One file at a time, so the error names the key of the file at fault (telemetry.ca, broker.key...), not
+        # all three at once.
+        for name, path, what in (
+            (names.ca, s.ca, "the fleet CA certificate"),
+            (names.cert, s.cert, "this client's certificate"),
+            (names.key, s.key, "this client's private key"),
+        ):
+            try:
+                with open(path, "rb"):
+                    pass
+            except OSError as e:
+                raise ConfigError(name, str(path), f"{what}, a readable file ({e.strerror})") from e
         try:
             ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(s.ca))
-            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        except (OSError, ssl.SSLError) as e:
+            raise ConfigError(names.ca, str(s.ca), f"a PEM CA certificate ({e})") from e
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
             ctx.load_cert_chain(str(s.cert), str(s.key))
         except (OSError, ssl.SSLError) as e:
             raise ConfigError(
-                "mqtt.tls", f"{s.ca}, {s.cert}, {s.key}", f"a readable CA, certificate and key ({e})"
+                names.cert, f"{s.cert} with {names.key} {s.key}", f"a PEM certificate and its private key ({e})"
             ) from e
         return ctx
 

@@ -53,6 +53,7 @@ from dataclasses import dataclass
 from typing import Final
 
 __all__ = [
+    "BROKER_SETTING_NAMES",
     "CAUSES",
     "SESSION_TAKEN_OVER",
     "TAKEOVER_LIMIT",
@@ -109,7 +110,7 @@ class SettingNames:
 
     Attributes:
         host: the broker's host. port: its port. ca: the fleet CA file. cert: our certificate file.
-        client_id: what sets the MQTT client id.
+        client_id: what sets the MQTT client id. key: our private key file.
     """
 
     host: str = "telemetry.host"
@@ -117,6 +118,13 @@ class SettingNames:
     ca: str = "telemetry.ca"
     cert: str = "telemetry.cert"
     client_id: str = "device.id"
+    key: str = "telemetry.key"
+
+
+# The gateway's keys (docs/gateway.md, [broker]), for its connection's failures.
+BROKER_SETTING_NAMES: Final = SettingNames(
+    host="broker.host", port="broker.port", ca="broker.ca", cert="broker.cert", client_id="gateway.id", key="broker.key"
+)
 
 
 @dataclass(frozen=True, slots=True)

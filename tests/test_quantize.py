@@ -218,10 +218,10 @@ def test_cli_quantize_per_tensor_without_fusing(tiny, tmp_path, capsys):
     assert recipe["per_channel"] is False and recipe["input_fused"] is False
 
 
-def test_cli_user_errors_exit_2(tiny, tmp_path, capsys):
-    assert cli_main(["model", "quantize", str(tiny), str(tmp_path / "q.onnx"), "--calibration", "/nonexistent"]) == 2
+def test_cli_user_errors_exit_1_naming_the_path(tiny, tmp_path, capsys):
+    assert cli_main(["model", "quantize", str(tiny), str(tmp_path / "q.onnx"), "--calibration", "/nonexistent"]) == 1
     assert "does not exist" in capsys.readouterr().err
-    assert cli_main(["model", "inspect", str(tmp_path / "nope.onnx")]) == 2
+    assert cli_main(["model", "inspect", str(tmp_path / "nope.onnx")]) == 1
     assert "no such file" in capsys.readouterr().err
 
 

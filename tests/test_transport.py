@@ -113,10 +113,12 @@ def test_delivery_resolves_once_and_runs_late_callbacks_at_once() -> None:
 
 
 def test_missing_certificate_is_a_config_error(broker, pki, tmp_path: Path) -> None:
+    """The error names the one file that is missing, by its real key, not the TLS context as a whole."""
     creds = pki.client("dev-a")
     s = settings_for(broker, creds, key=tmp_path / "missing.key")
-    with pytest.raises(ConfigError, match="tls"):
+    with pytest.raises(ConfigError, match=r"'telemetry\.key'.*missing\.key") as err:
         MqttTransport(s).start()
+    assert err.value.key == "telemetry.key"
 
 
 # -- against the broker -----------------------------------------------------------------------------------------

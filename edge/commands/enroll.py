@@ -165,6 +165,12 @@ def _renew(args: argparse.Namespace, cfg: Any) -> int:
     if args.renew_if_due:
         try:
             cert = x509.load_pem_x509_certificate(files.cert.read_bytes())
+        except FileNotFoundError:
+            raise ConfigError(
+                "telemetry.cert",
+                str(files.cert),
+                "the box's certificate: this box is not enrolled yet: run `edge enroll --claim CODE`",
+            ) from None
         except (OSError, ValueError) as e:
             raise ConfigError("telemetry.cert", str(files.cert), f"the box's certificate ({e})") from e
         before, after = certificate_times(cert)

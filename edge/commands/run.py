@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from edge.config import DEFAULT_CONFIG_PATH, load_config
+from edge._paths import DEFAULT_CONFIG_PATH
+from edge.errors import ConfigError
 
 __all__ = ["register"]
 
@@ -19,9 +20,10 @@ def register(sub: Any) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from edge.config import load_config  # noqa: PLC0415
     from edge.service import run_service  # noqa: PLC0415 (imports onnxruntime: only when the service runs)
 
     if args.frames < 0:
-        raise SystemExit("edge run: --frames must be >= 0")
+        raise ConfigError("--frames", args.frames, "a count of inferences >= 0 (0: run on)")
     run_service(load_config(args.config), max_frames=args.frames)
     return 0

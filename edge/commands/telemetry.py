@@ -22,7 +22,7 @@ def register(subparsers: Any) -> None:
     Args:
         subparsers: the object ``argparse.ArgumentParser.add_subparsers`` returned.
     """
-    from edge.config import DEFAULT_CONFIG_PATH  # noqa: PLC0415
+    from edge._paths import DEFAULT_CONFIG_PATH  # noqa: PLC0415
 
     parser = subparsers.add_parser("telemetry", help="this box's signed telemetry: delivery and receipts")
     sub = parser.add_subparsers(dest="telemetry_command", required=True, metavar="ACTION")
@@ -48,6 +48,7 @@ def _iso(t: float | None) -> str | None:
 
 def _status(args: argparse.Namespace) -> int:
     from edge.config import data_path, load_config  # noqa: PLC0415
+    from edge.errors import ConfigError  # noqa: PLC0415
     from edge.identity.keys import load_public_key  # noqa: PLC0415
     from edge.telemetry.inspect import OutboxUnreadableError, inspect_outbox  # noqa: PLC0415
     from edge.wire.receipts import ReceiptError, verify_receipt  # noqa: PLC0415
@@ -70,8 +71,8 @@ def _status(args: argparse.Namespace) -> int:
         try:
             key = load_public_key(key_path)
             mode = "receipts"
-        except Exception as e:
-            key, key_note = None, f"{key_path}: {e}"
+        except (ConfigError, OSError) as e:  # shown in the report: a status does not fail over a missing key
+            key, key_note = None, f"{key_path} (telemetry.receipt_key): {e}"
         if d.receipt is not None:
             receipt = {"stored": d.stored, "head": d.head, "issued": _iso(d.issued), "verified": False}
             if key is not None:

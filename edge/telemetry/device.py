@@ -41,6 +41,7 @@ from edge import __version__
 from edge.config import Config, data_path, resolve_device_id
 from edge.errors import ConfigError, TransportError
 from edge.identity.did import did_key_from_public
+from edge.identity.errors import KeyFileError
 from edge.identity.keys import load_private_key, load_public_key
 from edge.log import Throttle, event
 from edge.mqtt import MqttSettings, MqttTransport
@@ -96,7 +97,16 @@ class DeviceTelemetry:
     def __init__(self, cfg: Config, *, model_id: str, model_sha256: str, backend: str) -> None:
         tc = cfg.telemetry
         self.device_id = resolve_device_id(cfg)  # the certificate's CN: the id the broker confines this box to
-        key = load_private_key(data_path(cfg, tc.key))
+        key_path = data_path(cfg, tc.key)
+        try:
+            key = load_private_key(key_path)
+        except KeyFileError as e:  # named by the operator's key, not the identity layer's "key file"
+            expected = (
+                e.expected
+                if key_path.exists() or key_path.is_symlink()
+                else "this box's private key, but there is none: is this box enrolled? (`edge enroll --claim CODE`)"
+            )
+            raise ConfigError("telemetry.key", str(key_path), expected) from e
         self.did = did_key_from_public(key.public_key())
         self.topics = device_topics(self.device_id)
         outbox_path = data_path(cfg, tc.outbox)

@@ -90,7 +90,7 @@ def test_ca_init_refuses_to_replace_the_ca(edge_cli, tmp_path) -> None:
     assert forced.returncode == 0 and (fd / "ca.pem").read_bytes() != before
 
 
-def test_enroll_of_a_forged_csr_exits_2_naming_the_check(edge_cli, tmp_path) -> None:
+def test_enroll_of_a_forged_csr_exits_1_naming_the_check(edge_cli, tmp_path) -> None:
     fd = tmp_path / "fleet"
     assert fleet(edge_cli, fd, "ca", "init").returncode == 0
     edge_cli("keys", "generate", "--dir", str(tmp_path / "box"), "--device-id", "cam-1")
@@ -99,7 +99,7 @@ def test_enroll_of_a_forged_csr_exits_2_naming_the_check(edge_cli, tmp_path) -> 
     forged = tmp_path / "forged.csr"
     forged.write_bytes(x509.load_der_x509_csr(der.replace(b"cam-1", b"cam-2")).public_bytes(Encoding.PEM))
     proc = fleet(edge_cli, fd, "enroll", str(forged))
-    assert proc.returncode == 2
+    assert proc.returncode == 1
     assert "enrollment refused (signature)" in proc.stderr
     assert json.loads(fleet(edge_cli, fd, "devices", "--json").stdout) == []
     missing = fleet(edge_cli, fd, "enroll", str(tmp_path / "absent.csr"))
@@ -138,7 +138,7 @@ def test_issue_server_and_gateway_client(edge_cli, tmp_path) -> None:
     assert broker_clients(fd)["ingest-1"] == ["edge-gateway"]
     assert "gateway" not in broker_clients(fd)  # the first recorded identity replaces the implicit default
     bad = fleet(edge_cli, fd, "ca", "issue-client", "devices/#")
-    assert bad.returncode == 2 and "invalid device id" in bad.stderr
+    assert bad.returncode == 1 and "invalid device id" in bad.stderr
 
 
 def test_issue_operator_client(edge_cli, tmp_path) -> None:
@@ -150,7 +150,7 @@ def test_issue_operator_client(edge_cli, tmp_path) -> None:
     assert broker_clients(fd)["alice"] == ["edge-operator"]
     assert (fd / "broker" / "operators").read_text().splitlines()[1:] == ["alice"]
     clash = fleet(edge_cli, fd, "ca", "issue-client", "alice")  # an operator's name cannot become a gateway's
-    assert clash.returncode == 2 and "operator identity" in clash.stderr
+    assert clash.returncode == 1 and "operator identity" in clash.stderr
 
 
 def test_broker_config_keeps_listener_settings(edge_cli, tmp_path) -> None:

@@ -184,7 +184,7 @@ def test_a_claim_code_used_twice_enrolls_one_box(rig) -> None:
     first = rig.enroll(rig.box("box-1"), code, "--first-envelope-timeout", "0")
     assert first.returncode == 0, first.stderr
     second = rig.enroll(rig.box("box-2"), code, "--first-envelope-timeout", "0")
-    assert second.returncode == 2
+    assert second.returncode == 1  # refused input, not usage (docs/cli.md)
     assert "used by another box" in second.stderr
     assert len(rig.devices()) == 1
     assert not (data_dir(rig.tmp / "box-2" / "edge.toml") / "keys" / "device.pem").exists()
@@ -194,7 +194,7 @@ def test_an_expired_claim_code_is_refused(rig) -> None:
     code = rig.claim("--expires", "1s")
     time.sleep(1.5)
     proc = rig.enroll(rig.box("box-1"), code, "--first-envelope-timeout", "0")
-    assert proc.returncode == 2
+    assert proc.returncode == 1  # refused input, not usage (docs/cli.md)
     assert "expired" in proc.stderr
     assert rig.devices() == {}
 
@@ -204,7 +204,7 @@ def test_a_revoked_claim_code_is_refused(rig) -> None:
     claim_id = parse_claim(code).claim_id
     edge("fleet", "--dir", str(rig.fleet.dir), "claims", "revoke", claim_id, check=True)
     proc = rig.enroll(rig.box("box-1"), code, "--first-envelope-timeout", "0")
-    assert proc.returncode == 2
+    assert proc.returncode == 1  # refused input, not usage (docs/cli.md)
     assert "revoked" in proc.stderr
     assert rig.devices() == {}
 
@@ -346,7 +346,7 @@ def test_a_server_that_presents_another_certificate_gets_nothing(rig, tmp_path, 
         forged = real.text().replace(f":{real.port}/", f":{mitm.server_address[1]}/")
         conf = rig.box("box-1")
         proc = rig.enroll(conf, forged, "--first-envelope-timeout", "0")
-        assert proc.returncode == 2
+        assert proc.returncode == 1  # refused input, not usage (docs/cli.md)
         assert "not the fleet" in proc.stderr or "not the fleet's enrollment endpoint" in proc.stderr
         assert mitm.posts == 0  # type: ignore[attr-defined]
         assert not (data_dir(conf) / "keys" / "device.pem").exists()
@@ -378,7 +378,7 @@ def test_a_box_renews_its_certificate_and_a_revoked_box_cannot(rig) -> None:
         )
     edge("fleet", "--dir", str(rig.fleet.dir), "revoke", device, check=True)
     refused = edge("enroll", "--config", str(conf), "--renew")
-    assert refused.returncode == 2
+    assert refused.returncode == 1  # refused input, not usage (docs/cli.md)
     assert "revoked" in refused.stderr
     assert x509.load_pem_x509_certificate(cert_path.read_bytes()).serial_number == after.serial_number
 
@@ -442,7 +442,7 @@ def test_two_boxes_claiming_at_once(rig) -> None:
         t.join(180)
     assert results[0].returncode == 0, results[0].stderr
     assert results[1].returncode == 0, results[1].stderr
-    assert sorted([results[2].returncode, results[3].returncode]) == [0, 2]
+    assert sorted([results[2].returncode, results[3].returncode]) == [0, 1]
     loser = results[2] if results[2].returncode else results[3]
     assert "used by another box" in loser.stderr
     assert len(rig.devices()) == 3
