@@ -10,6 +10,7 @@ place and purging it without a trace.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import json
@@ -42,6 +43,8 @@ ALLOWED = (
     "usr/share/edge/models/",
     "usr/share/doc/edge/",
     "usr/share/man/man1/edge.1.gz",
+    "usr/share/bash-completion/completions/edge",
+    "usr/share/zsh/vendor-completions/_edge",
     "usr/share/lintian/overrides/edge",
     "etc/edge/",
 )
@@ -173,6 +176,12 @@ def test_file_list_is_the_box_without_the_fleet_and_matches_the_image(amd64_deb:
         assert link.is_symlink() and link.resolve() == shared.resolve()
     launcher = root / "usr/bin/edge"
     assert launcher.stat().st_mode & 0o777 == 0o755
+    # The manual page and the completions, generated from the box's parser (tools/gen_cli_docs.py --box).
+    page = gzip.decompress((root / "usr/share/man/man1/edge.1.gz").read_bytes()).decode()
+    assert page.startswith(".TH EDGE") and "edge run" in page and "edge ota update" in page
+    assert not re.search(r"^\.SS \\fBedge (fleet|gateway)", page, re.M), "the box's page documents the fleet's verbs"
+    assert re.search(r"^complete .* edge$", (root / "usr/share/bash-completion/completions/edge").read_text(), re.M)
+    assert (root / "usr/share/zsh/vendor-completions/_edge").read_text().startswith("#compdef edge")
     assert (root / "usr/share/doc/edge/copyright").read_text().count("onnxruntime") >= 1
     # Every Python module of the package comes with its bytecode: a read-only /usr gets none written at run time.
     missing = [

@@ -11,6 +11,8 @@ Yocto image installs:
   tools/deb/requirements.txt pins; bytecode
   precompiled with unchecked hashes (reproducible, and nothing is written under a read-only /usr at run time);
 - the units ``edge.service`` and ``edge-enroll.service`` from edge/data/, unmodified, in /usr/lib/systemd/system;
+- the manual page edge(1) and the bash and zsh completions, generated from the box's parser by
+  tools/gen_cli_docs.py ``--box`` (the dev extra's argparse-manpage and shtab, on the build machine);
 - sysusers.d (the ``edge`` user), tmpfiles.d (``/data/edge``) and ``/etc/edge/edge.toml`` (a conffile), the last two
   the Yocto layer's own files, and the factory models in /usr/share/edge/models;
 - maintainer scripts (tools/deb/files/) that create the user and the directory, enable both units, and purge.
@@ -80,6 +82,9 @@ PREFIX = "usr/lib/edge"
 SITE = f"{PREFIX}/lib/python{PY}/site-packages"
 MODELS = "usr/share/edge/models"
 UNIT_DIR = "usr/lib/systemd/system"
+MANPAGE = "usr/share/man/man1/edge.1.gz"
+BASH_COMPLETION = "usr/share/bash-completion/completions/edge"
+ZSH_COMPLETION = "usr/share/zsh/vendor-completions/_edge"
 UNITS = ("edge.service", "edge-enroll.service")
 CONFFILE = "etc/edge/edge.toml"
 # What bookworm provides: glibc 2.36 (the newest manylinux tag a wheel may have), libstdc++6 of GCC 12.
@@ -731,8 +736,19 @@ def stage_package(stage: Path, site_layer: Path, wheel: Path, native: Path, host
     years = "-".join(sorted({time.strftime("%Y", time.gmtime(t)) for t in (first, epoch)}))
     (doc / "copyright").write_text(copyright_text(site, years))
     gzip_file(changelog_text(str(project()["version"]), epoch).encode(), doc / "changelog.gz")
-    gzip_file((FILES / "edge.1").read_bytes(), stage / "usr/share/man/man1/edge.1.gz")
+    cli_docs(host_py, stage, epoch)
     install(FILES / "lintian-overrides", stage / "usr/share/lintian/overrides" / PACKAGE)
+
+
+def cli_docs(host_py: Path, stage: Path, epoch: int) -> None:
+    """The manual page and the bash and zsh completions, generated from the box's parser (no edge fleet)."""
+    out = fresh(stage.with_name(stage.name + "-cli-docs"))
+    date = time.strftime("%Y-%m-%d", time.gmtime(epoch))
+    run([host_py, ROOT / "tools" / "gen_cli_docs.py", out, "--box", "--date", date])
+    gzip_file((out / "edge.1").read_bytes(), stage / MANPAGE)
+    install(out / "completions" / "edge.bash", stage / BASH_COMPLETION)
+    install(out / "completions" / "_edge", stage / ZSH_COMPLETION)
+    shutil.rmtree(out)
 
 
 def build(arch: Arch, out_dir: Path, cache: Path, compression: str, level: int | None) -> Path:
