@@ -15,7 +15,10 @@ Invariants of the merge:
 - The drop-in overrides key by key: a section in it replaces only the keys it names.
 - The drop-in is found through ``device.data_dir``, so it may not set that key.
 - Each file is validated on its own first: an error in the drop-in names the drop-in's path and the dotted key.
-- Relative ``model.path`` and ``source.path`` resolve against the directory of the file that sets them.
+- Relative paths resolve against the directory of the file that sets them (``device.data_dir``, ``model.path``,
+  ``source.path``, a ``sink.path`` file), so the service reads the same files whatever its working directory. State
+  paths (``telemetry.*``, ``ota.root``) stay relative: they live in ``device.data_dir`` (``data_path``).
+- Every error of a file is reported at once (``edge.toml_config.ConfigErrors``).
 - A main file that is itself ``<data_dir>/edge.toml`` is read once (it is its own drop-in).
 
 Who the box is (``resolve_device_id``) comes from its certificate, not a setting: see docs/configuration.md.
@@ -34,6 +37,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from edge._fs import atomic_write
+from edge._paths import DEFAULT_CONFIG_PATH
 from edge.errors import ConfigError
 from edge.inference.limits import MAX_MODEL_BYTES
 from edge.sensing.pixels import PixelFormat
@@ -45,6 +49,7 @@ from edge.toml_config import (
     float_between,
     fs_path,
     host_name,
+    in_file,
     int_between,
     number_text,
     one_of,
@@ -89,7 +94,6 @@ __all__ = [
     "write_dropin",
 ]
 
-DEFAULT_CONFIG_PATH = Path("/etc/edge/edge.toml")
 DROPIN_NAME = "edge.toml"  # the per-box drop-in, in device.data_dir (dropin_path)
 
 SOURCE_KINDS = ("synthetic", "npz", "directory", "serial", "v4l2", "stream")
@@ -455,12 +459,14 @@ def load_config(path: str | os.PathLike[str] = DEFAULT_CONFIG_PATH) -> Config:
     The drop-in, ``<device.data_dir>/edge.toml`` (``dropin_path``, ``device.data_dir`` as the main file sets it), is
     optional: without it the configuration is the main file's. It overrides the main file key by key.
 
-    Relative paths inside a file (model, source) are resolved against that file's directory, so a config and its
-    data can travel together.
+    Relative paths inside a file (``device.data_dir``, ``model.path``, ``source.path``, a ``sink.path`` file) are
+    resolved against that file's directory, so a config and its data can travel together and the working directory
+    does not matter. State paths (``telemetry.*``, ``ota.root``) stay relative to ``device.data_dir`` (``data_path``).
 
     Raises:
         ConfigError: a file is not valid TOML, a value is invalid, the main file is missing, or the drop-in sets
-            ``device.data_dir``; an error in the drop-in names its path.
+            ``device.data_dir``; an error in the drop-in names its path. All the errors of a file at once: several
+            are one ``edge.toml_config.ConfigErrors``.
     """
     p = Path(path)
     cfg = _rebased(parse_config(read_toml(p)), p)
@@ -474,7 +480,7 @@ def load_config(path: str | os.PathLike[str] = DEFAULT_CONFIG_PATH) -> Config:
     try:
         return _checked(_overlay(cfg, over, doc))
     except ConfigError as e:
-        raise ConfigError(e.key, e.value, f"{e.expected} (in {p} with the drop-in {dropin})") from e
+        raise in_file(e, f"in {p} with the drop-in {dropin}") from e
 
 
 def dropin_path(where: Config | str | os.PathLike[str]) -> Path:
@@ -540,7 +546,7 @@ def _parse_dropin(path: Path, doc: Mapping[str, Any]) -> Config:
     try:
         return _rebased(parse_document(Config, doc), path)
     except ConfigError as e:
-        raise ConfigError(e.key, e.value, f"{e.expected} (in the drop-in {path})") from e
+        raise in_file(e, f"in the drop-in {path}") from e
 
 
 def _overlay(cfg: Config, over: Config, named: Mapping[str, Any]) -> Config:
@@ -553,16 +559,22 @@ def _overlay(cfg: Config, over: Config, named: Mapping[str, Any]) -> Config:
 
 
 def _rebased(cfg: Config, file: Path) -> Config:
-    """``cfg`` with its relative model and source paths resolved against the directory of ``file``."""
+    """``cfg`` with its relative file paths resolved against the directory of ``file`` (not the working directory:
+    a service, a test and an operator's shell start in different ones). State paths stay relative to data_dir."""
     base = file.resolve().parent
 
     def rebase(q: Path | None) -> Path | None:
         return q if q is None or q.is_absolute() else base / q
 
+    sink = cfg.sink.path
+    if sink != "-" and not Path(sink).is_absolute():
+        sink = str(base / sink)
     return replace(
         cfg,
+        device=replace(cfg.device, data_dir=base / cfg.device.data_dir),
         model=replace(cfg.model, path=rebase(cfg.model.path)),
         source=replace(cfg.source, path=rebase(cfg.source.path)),
+        sink=replace(cfg.sink, path=sink),
     )
 
 

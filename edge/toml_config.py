@@ -14,8 +14,10 @@ Invariants:
 - The file is read bounded (``MAX_TOML_BYTES``) before it is parsed.
 - Every error is a ``ConfigError(key, value, expected)`` naming the dotted key (``"<file>"`` for the file itself),
   the value (credentials masked, see ``shown``) and what was expected.
-- Every unknown key of the document is reported at once, in one error, each with the nearest known key.
-- A section's unknown keys are checked before its values; a key missing from the file takes the field's default.
+- A document's errors are reported at once: every unknown key (each with the nearest known key), then every bad
+  value, in one ``ConfigErrors`` (a ``ConfigError`` whose ``errors`` lists them, its message one line each). A
+  single error is raised as itself.
+- Unknown keys come before bad values; a key missing from the file takes the field's default.
 - A converter takes ``(dotted_key, value)`` and returns the typed value or raises ``ConfigError``.
 """
 
@@ -26,7 +28,7 @@ import math
 import re
 import tomllib
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -36,14 +38,18 @@ from edge.log import REDACTED, redact
 __all__ = [
     "MAX_TOML_BYTES",
     "TCP_PORTS",
+    "ConfigErrors",
     "Converter",
     "Setting",
+    "all_errors",
     "boolean",
     "dump_toml",
     "float_at_least",
     "float_between",
     "fs_path",
+    "gather",
     "host_name",
+    "in_file",
     "int_between",
     "number_text",
     "one_of",
@@ -67,6 +73,53 @@ Converter = Callable[[str, Any], T]
 
 MAX_TOML_BYTES = 1024 * 1024
 """The largest configuration file read (a full one is a few KiB)."""
+
+
+# -- several errors at once -----------------------------------------------------------------------------------------
+
+
+class ConfigErrors(ConfigError):  # noqa: N818 -- several ConfigError, named for what it holds
+    """Several configuration errors found at once (``gather``): an operator fixes them all in one edit.
+
+    ``key``, ``value`` and ``expected`` are the first error's, so a handler of one ``ConfigError`` still works; the
+    message is a short block: a line that counts them, then every error indented on a line of its own, so that
+    ``edge: error: `` before it reads well::
+
+        3 configuration errors:
+          config key 'model.thread': got 2, expected no such key (did you mean 'model.threads'?)
+          ...
+    """
+
+    def __init__(self, errors: Iterable[ConfigError]) -> None:
+        self.errors: tuple[ConfigError, ...] = tuple(e for x in errors for e in all_errors(x))
+        if len(self.errors) < 2:
+            raise ValueError("ConfigErrors holds two errors or more: raise a single one as itself")
+        first = self.errors[0]
+        super().__init__(first.key, first.value, first.expected)
+        lines = "".join(f"\n  {e}" for e in self.errors)
+        self.args = (f"{len(self.errors)} configuration errors:{lines}",)
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def all_errors(e: ConfigError) -> tuple[ConfigError, ...]:
+    """Each error ``e`` stands for: its list for a ``ConfigErrors``, else ``e`` alone."""
+    return e.errors if isinstance(e, ConfigErrors) else (e,)
+
+
+def gather(errors: Iterable[ConfigError]) -> ConfigError | None:
+    """The one error to raise for ``errors``: None for none, the error itself for one, a ``ConfigErrors`` for more."""
+    found = [e for x in errors for e in all_errors(x)]
+    if not found:
+        return None
+    return found[0] if len(found) == 1 else ConfigErrors(found)
+
+
+def in_file(e: ConfigError, where: str) -> ConfigError:
+    """``e`` with each of its errors saying where the key is set, e.g. ``(in the drop-in /data/edge/edge.toml)``."""
+    errors = [ConfigError(x.key, x.value, f"{x.expected} ({where})") for x in all_errors(e)]
+    return errors[0] if len(errors) == 1 else ConfigErrors(errors)
 
 
 # -- declaring sections ----------------------------------------------------------------------------------------------
@@ -130,8 +183,8 @@ def _table(name: str, table: object) -> Mapping[str, Any]:
     return table
 
 
-def _unknown(name: str, table: Mapping[str, Any], known: list[str]) -> list[tuple[str, Any, str]]:
-    """The keys of ``table`` not in ``known``: (dotted key, value, what to say about it), sorted."""
+def _unknown(name: str, table: Mapping[str, Any], known: list[str]) -> list[ConfigError]:
+    """An error for each key of ``table`` not in ``known``, with the nearest known key, sorted."""
     unknown = sorted(set(table) - set(known))
     if not unknown:
         return []
@@ -141,23 +194,25 @@ def _unknown(name: str, table: Mapping[str, Any], known: list[str]) -> list[tupl
     for key in unknown:
         close = difflib.get_close_matches(key, known, n=1)
         hint = f"did you mean {_dotted(name, close[0])!r}?" if close else "check the spelling"
-        out.append((_dotted(name, key), table[key], hint))
+        # The value of a misspelt key may be a secret (a misspelt repository URL): shown masked.
+        out.append(ConfigError(_dotted(name, key), shown(table[key]), f"no such key ({hint})"))
     return out
 
 
-def _raise_unknown(unknown: list[tuple[str, Any, str]]) -> None:
-    """One error for every unknown key: the first is its key and value, the others are listed."""
-    if not unknown:
-        return
-    (key, value, hint), *others = unknown
-    expected = f"no such key ({hint})"
-    if others:
-        expected += "; also no such keys: " + ", ".join(f"{k!r} ({h})" for k, _, h in others)
-    raise ConfigError(key, shown(value), expected)
+def _raise(errors: Iterable[ConfigError]) -> None:
+    if (e := gather(errors)) is not None:
+        raise e
 
 
-def _convert(cls: type[D], name: str, table: Mapping[str, Any]) -> D:
-    values = {s.key: s.convert(_dotted(name, s.key), table[s.key]) for s in settings(cls) if s.key in table}
+def _convert(cls: type[D], name: str, table: Mapping[str, Any], errors: list[ConfigError]) -> D:
+    """The section ``cls`` from ``table``; each bad value's error is appended to ``errors`` and its key defaulted."""
+    values = {}
+    for s in settings(cls):
+        if s.key in table:
+            try:
+                values[s.key] = s.convert(_dotted(name, s.key), table[s.key])
+            except ConfigError as e:
+                errors.extend(all_errors(e))
     return cls(**values)
 
 
@@ -173,19 +228,22 @@ def parse_section(cls: type[D], name: str, table: object) -> D:
         The frozen section, defaults filled in.
 
     Raises:
-        ConfigError: ``table`` is not a table; some keys are unknown (all of them named in one error); a value is
-            invalid.
+        ConfigError: ``table`` is not a table; keys are unknown or values invalid (all of them, in one
+            ``ConfigErrors`` when there are several).
     """
     t = _table(name, table)
-    _raise_unknown(_unknown(name, t, [s.key for s in settings(cls)]))
-    return _convert(cls, name, t)
+    _raise(_unknown(name, t, [s.key for s in settings(cls)]))
+    errors: list[ConfigError] = []
+    section = _convert(cls, name, t, errors)
+    _raise(errors)
+    return section
 
 
 def parse_document(cls: type[D], data: Mapping[str, Any]) -> D:
     """Validate a parsed TOML document into ``cls``, a dataclass whose fields are sections (``section_types``).
 
-    Every unknown key of the document, of the top level and of each section, is reported in one error before any
-    value is checked.
+    Every error of the document is reported at once: the unknown keys of the top level and of each section (each
+    with the nearest known key), then every section that is not a table and every invalid value.
 
     Args:
         cls: the document.
@@ -195,15 +253,24 @@ def parse_document(cls: type[D], data: Mapping[str, Any]) -> D:
         The frozen document; a missing section is all defaults.
 
     Raises:
-        ConfigError: a section is not a table, keys are unknown, or a value is invalid; the message names the key.
+        ConfigError: a section is not a table, keys are unknown, or a value is invalid; each message names the key.
+            Several errors are one ``ConfigErrors``.
     """
     sections = section_types(cls)
-    unknown = _unknown("", data, list(sections))
-    tables = {name: _table(name, data.get(name, {})) for name in sections}
+    errors = _unknown("", data, list(sections))
+    tables: dict[str, Mapping[str, Any]] = {}
     for name, section in sections.items():
-        unknown += _unknown(name, tables[name], [s.key for s in settings(section)])
-    _raise_unknown(unknown)
-    return cls(**{name: _convert(section, name, tables[name]) for name, section in sections.items()})
+        try:
+            tables[name] = _table(name, data.get(name, {}))
+        except ConfigError as e:
+            errors.append(e)
+            tables[name] = {}
+            continue
+        errors += _unknown(name, tables[name], [s.key for s in settings(section)])
+    # Unknown keys (appended first) come before bad values: a misspelt key often explains a value left at default.
+    document = cls(**{name: _convert(section, name, tables[name], errors) for name, section in sections.items()})
+    _raise(errors)
+    return document
 
 
 def read_toml(path: Path, *, max_bytes: int = MAX_TOML_BYTES) -> dict[str, Any]:
@@ -307,13 +374,17 @@ def _toml_value(v: object) -> str:
         return _toml_string(v)
     if isinstance(v, list | tuple) and not any(isinstance(x, list | tuple | Mapping) for x in v):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, Mapping) and not any(isinstance(x, list | tuple | Mapping) for x in v.values()):
+        # An inline table, as the gateway's ledger.ceilings is written: {digits = 120.0, "detector@2.0.0" = 15.0}
+        return "{" + ", ".join(f"{_toml_key(str(k))} = {_toml_value(x)}" for k, x in v.items()) + "}"
     raise TypeError(f"cannot write {type(v).__name__} {v!r:.80} as a TOML configuration value")
 
 
 def dump_toml(document: Mapping[str, Mapping[str, Any]]) -> str:
     """A document of tables (``[section]`` with ``key = value`` lines) as TOML text.
 
-    Values are what configuration files hold: strings, integers, floats, booleans and flat lists of them.
+    Values are what configuration files hold: strings, integers, floats, booleans, and flat lists and inline tables
+    of them.
     ``tomllib.loads(dump_toml(d)) == d`` for every such document.
 
     Raises:

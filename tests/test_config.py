@@ -25,6 +25,7 @@ from edge.errors import ConfigError
 from edge.inference.model import MAX_MODEL_BYTES
 from edge.sensing.frames import PixelFormat
 from edge.toml_config import (
+    ConfigErrors,
     Setting,
     int_between,
     number_text,
@@ -396,31 +397,54 @@ def test_the_configuration_table_names_every_key() -> None:
 
 
 def test_every_unknown_key_is_reported_at_once_with_a_suggestion() -> None:
-    doc = {"telemtry": {}, "model": {"thread": 2, "wamrup": 1, "threads": 0}, "log": {"zzz": 1}}
-    with pytest.raises(ConfigError) as info:
+    doc = {"telemtry": {}, "model": {"thread": 2, "wamrup": 1}, "log": {"zzz": 1}}
+    with pytest.raises(ConfigErrors) as info:
         parse_config(doc)
-    text = str(info.value)
     assert info.value.key == "telemtry"  # the top level first, then the sections in their order
-    assert "no such key (did you mean 'telemetry'?)" in text
-    assert "'model.thread' (did you mean 'model.threads'?)" in text
-    assert "'model.wamrup' (did you mean 'model.warmup'?)" in text
-    assert "'log.zzz' (check the spelling)" in text
-    assert text.count("model.threads") == 1  # a known key is only suggested, not reported
+    assert str(info.value).splitlines() == [
+        "4 configuration errors:",
+        "  config key 'telemtry': got {}, expected no such key (did you mean 'telemetry'?)",
+        "  config key 'model.thread': got 2, expected no such key (did you mean 'model.threads'?)",
+        "  config key 'model.wamrup': got 1, expected no such key (did you mean 'model.warmup'?)",
+        "  config key 'log.zzz': got 1, expected no such key (check the spelling)",
+    ]
+    assert [e.key for e in info.value.errors] == ["telemtry", "model.thread", "model.wamrup", "log.zzz"]
 
 
-def test_unknown_keys_are_reported_before_bad_values() -> None:
+def test_unknown_keys_are_reported_before_bad_values_and_every_bad_value_with_them() -> None:
+    doc = {"model": {"threads": 0, "thread": 2}, "source": {"fps": -1}, "telemetry": {"reciept_key": ""}, "log": 1}
+    with pytest.raises(ConfigErrors) as info:
+        parse_config(doc)
+    assert [e.key for e in info.value.errors] == [
+        "model.thread",
+        "telemetry.reciept_key",
+        "log",
+        "model.threads",
+        "source.fps",
+    ]
+    assert info.value.key == "model.thread"  # a handler of one ConfigError sees the first
+    lines = str(info.value).splitlines()
+    assert lines[0] == "5 configuration errors:"
+    assert lines[2] == (
+        "  config key 'telemetry.reciept_key': got '', expected no such key (did you mean 'telemetry.receipt_key'?)"
+    )
+    assert lines[3] == "  config key 'log': got 1, expected a table"
+    assert lines[4] == "  config key 'model.threads': got 0, expected an integer >= 1 and <= 64"
+
+
+def test_a_single_error_is_raised_as_itself() -> None:
     with pytest.raises(ConfigError) as info:
-        parse_config({"model": {"threads": 0, "thread": 2}})
-    assert info.value.key == "model.thread"
-    assert str(info.value).endswith("expected no such key (did you mean 'model.threads'?)")
+        parse_config({"model": {"threads": 0}})
+    assert type(info.value) is ConfigError
+    assert str(info.value) == "config key 'model.threads': got 0, expected an integer >= 1 and <= 64"
 
 
 def test_one_section_reports_all_its_unknown_keys() -> None:
-    with pytest.raises(ConfigError) as info:
+    with pytest.raises(ConfigErrors) as info:
         parse_section(SECTIONS["telemetry"], "telemetry", {"hots": "x", "prot": 1, "port": 1})
     assert info.value.key == "telemetry.hots"
-    assert "did you mean 'telemetry.host'?" in str(info.value)
-    assert "'telemetry.prot' (did you mean 'telemetry.port'?)" in str(info.value)
+    assert "'telemetry.hots': got 'x', expected no such key (did you mean 'telemetry.host'?)" in str(info.value)
+    assert "'telemetry.prot': got 1, expected no such key (did you mean 'telemetry.port'?)" in str(info.value)
 
 
 def test_an_unknown_keys_value_is_shown_without_credentials() -> None:

@@ -1,9 +1,10 @@
 """The gateway's configuration: a TOML file validated into frozen dataclasses, like the box's (``edge.config``).
 
 Every key is checked when the file is loaded: an unknown key, a wrong type or an out-of-range value raises
-``ConfigError`` naming the dotted key. Relative paths are resolved against the fleet directory, which itself is
-resolved against the file's directory, so a fleet directory and its config can travel together. See
-docs/gateway.md for every key.
+``ConfigError`` naming the dotted key; every error of the file is reported at once. Relative paths (``broker.*``
+and a SQLite ``gateway.store``) are resolved against the fleet directory, which itself is resolved against the
+file's directory, so a fleet directory and its config can travel together and the working directory does not matter.
+See docs/gateway.md and docs/gateway.example.toml for every key.
 """
 
 from __future__ import annotations
@@ -48,6 +49,11 @@ def _share_group(key: str, v: Any) -> str:
     if any(c in s for c in "/+#") or len(s) > 64:
         raise ConfigError(key, v, "a name of at most 64 characters without '/', '+' or '#'")
     return s
+
+
+def _gateway_id(key: str, v: Any) -> str:
+    """``""`` (the CN of ``broker.cert``, as ``load_gateway_config`` resolves it) or a client id."""
+    return "" if v == "" else string(key, v)
 
 
 def _store(key: str, v: Any) -> str:
@@ -100,7 +106,7 @@ class IngestConfig:
             box's outbox holds its stored envelopes about this much longer, and the gateway signs fewer receipts.
     """
 
-    id: Annotated[str, string] = ""
+    id: Annotated[str, _gateway_id] = ""
     fleet_dir: Annotated[Path, fs_path] = Path("fleet")
     store: Annotated[str, _store] = ""
     share_group: Annotated[str, _share_group] = "ingest"
@@ -215,8 +221,25 @@ def parse_gateway_config(data: Mapping[str, Any]) -> GatewayConfig:
     return parse_document(GatewayConfig, data)
 
 
+def _store_in(fleet: Path, url: str) -> str:
+    """``gateway.store`` with a relative SQLite path (``sqlite:fleet.db``, ``fleet.db``) made one in ``fleet``."""
+    if not url or url.startswith(("postgresql://", "postgres://")):
+        return url
+    scheme, sep, _ = url.partition("://")
+    if sep and scheme != "sqlite":
+        return url  # open_store refuses it, naming the scheme
+    path = url.removeprefix("sqlite://") if url.startswith("sqlite://") else url.removeprefix("sqlite:")
+    if path == ":memory:" or Path(path).is_absolute():
+        return url
+    return f"sqlite:///{fleet / path}"
+
+
 def load_gateway_config(path: str | os.PathLike[str], *, resolve_id: bool = True) -> GatewayConfig:
     """Read and validate the gateway's TOML configuration; a relative ``fleet_dir`` is taken from the file's directory.
+
+    Relative paths in the file do not depend on the working directory: ``gateway.fleet_dir`` is resolved against the
+    file's directory, and ``broker.ca``, ``cert``, ``key`` (``fleet_path``) and a relative SQLite ``gateway.store``
+    against the fleet directory.
 
     Args:
         path: the TOML file.
@@ -232,7 +255,7 @@ def load_gateway_config(path: str | os.PathLike[str], *, resolve_id: bool = True
     fleet = cfg.gateway.fleet_dir
     if not fleet.is_absolute():
         fleet = p.resolve().parent / fleet
-    cfg = replace(cfg, gateway=replace(cfg.gateway, fleet_dir=fleet))
+    cfg = replace(cfg, gateway=replace(cfg.gateway, fleet_dir=fleet, store=_store_in(fleet, cfg.gateway.store)))
     if not resolve_id:
         return cfg
     cert = cfg.fleet_path(cfg.broker.cert)

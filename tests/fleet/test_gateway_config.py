@@ -156,5 +156,6 @@ def test_every_unknown_key_is_named_at_once_with_a_suggestion() -> None:
     assert e.value.key == "broker.hots"
     text = str(e.value)
     assert "no such key (did you mean 'broker.host'?)" in text
-    assert "'broker.prot' (did you mean 'broker.port'?)" in text
-    assert "'rollout.interval' (did you mean 'rollout.interval_s'?)" in text
+    assert "'broker.prot': got 8883, expected no such key (did you mean 'broker.port'?)" in text
+    assert "'rollout.interval': got 2, expected no such key (did you mean 'rollout.interval_s'?)" in text
+    assert "'broker.port': got 0, expected a TCP port" in text  # the bad values too, after the unknown keys
