@@ -82,7 +82,8 @@ def test_export_verifies_and_tampering_is_caught(tmp_path, populated) -> None:
     assert proc.returncode == 0, proc.stderr
     claimed = json.loads(proc.stdout)
     assert claimed["envelopes"] == 4 and claimed["gaps"] == 1
-    verify = [sys.executable, "-m", "edge", "fleet", "ledger-verify", str(out), "--key", str(tmp_path / "ledger.pub")]
+    verify = [sys.executable, "-m", "edge", "fleet", "ledger-verify", "--json", str(out), "--key",
+              str(tmp_path / "ledger.pub")]  # fmt: skip
     ok = subprocess.run(verify, capture_output=True, text=True, cwd=ROOT, check=False)
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout)["records"] == 16
@@ -101,3 +102,17 @@ def test_export_verifies_and_tampering_is_caught(tmp_path, populated) -> None:
 def test_export_needs_a_device(tmp_path, populated) -> None:
     proc = fleet(tmp_path, "ledger", "--export", str(tmp_path / "x.ledger"))
     assert proc.returncode == 2 and "--device" in proc.stderr
+
+
+def test_ledger_verify_did_pins_the_identity_the_export_must_be_for(tmp_path, populated) -> None:
+    out = tmp_path / "cam-a.ledger"
+    assert fleet(tmp_path, "ledger", "--device", "cam-a", "--export", str(out)).returncode == 0
+    a, b = populated["a"].record().did, populated["b"].record().did
+    right = fleet(tmp_path, "ledger-verify", str(out), "--did", a)
+    assert right.returncode == 0, right.stderr
+    assert f"verified {out}: cam-a ({a})" in right.stdout  # a line for people; --json for scripts
+    # A valid export, signed by the fleet, but of another device than the one the verifier asked about.
+    wrong = fleet(tmp_path, "ledger-verify", str(out), "--did", b)
+    assert wrong.returncode == 3, wrong.stderr
+    assert a in wrong.stderr and b in wrong.stderr and "does not verify" in wrong.stderr
+    assert "Traceback" not in wrong.stderr and wrong.stdout == ""

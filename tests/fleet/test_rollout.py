@@ -196,6 +196,8 @@ def test_operator_abort_rolls_back_only_committed_devices_including_late_committ
     r, out = step(r, evs, T0 + 4)
     assert out == [] and r.finished_at == T0 + 4
     assert all(d.commanded_at is None for d in r.devices[5:])  # the second stage never started
+    never = [d["outcome"] for d in summary(r)["devices"][5:]]
+    assert never == ["skipped"] * len(never)  # never reached: not "waiting" for what will never come
     with pytest.raises(RolloutConflictError, match="aborted"):
         abort(r)
 
@@ -205,8 +207,8 @@ def test_summary_counts_each_stage_and_device() -> None:
     r, _ = step(r, [event(cmds[0].device_id, "committed", T0 + 1)], T0 + 1)
     s = summary(r)
     assert (s["state"], s["stage"], len(s["devices"])) == ("running", 2, 10)
-    assert s["stages"][0] | {} == {"stage": 1, "percent": 10.0, "devices": 1, "new": 1, "waiting": 0, "commanded": 0,
-                                   "committed": 1, "failed": 0, "timed_out": 0}  # fmt: skip
+    assert s["stages"][0] | {} == {"stage": 1, "percent": 10.0, "devices": 1, "new": 1, "waiting": 0, "skipped": 0,
+                                   "commanded": 0, "committed": 1, "failed": 0, "timed_out": 0}  # fmt: skip
     assert s["stages"][1]["commanded"] == 4 and s["stages"][1]["new"] == 4
     assert s["stages"][2]["waiting"] == 5
     json.dumps(s)

@@ -11,7 +11,7 @@ from pg import fresh_database
 
 from edge.errors import ConfigError
 from edge.fleet.errors import DeviceExistsError, GatewayInputError, StoreError, UnknownDeviceError
-from edge.fleet.store import Inbound, open_store
+from edge.fleet.store import GatewayHeartbeat, Inbound, open_store
 from edge.fleet.store._checks import redact
 from edge.fleet.store._sql import SCHEMA_VERSION
 from edge.wire.chain import VerdictKind
@@ -267,6 +267,44 @@ def test_private_server_fallback(private_pg, make_fleet):
 
 
 # -------------------------------------------------------------------------------------------------------- status
+
+
+def test_backlog_is_the_latest_report_less_what_was_accepted_since(store, fleet):
+    a = fleet.device("cam-a")
+    store.ingest([a.msg(a.seal(), T0) for _ in range(2)])
+    birth = {"state": "online", "device": "cam-a", "ts": T0, "outbox_backlog": 5}
+    store.record_status("cam-a", birth, T0 + 1)  # reported with the head at 2
+    s = store.statuses()[0]
+    assert (s.outbox_backlog, s.backlog_reported, s.backlog_reported_at) == (5, 5, T0 + 1)
+    store.ingest([a.msg(a.seal(), T0 + 2) for _ in range(3)])
+    assert store.statuses()[0].outbox_backlog == 2  # three of the five arrived
+    store.record_status("cam-a", birth, T0 + 3)  # the retained copy redelivered: no new report, no new baseline
+    assert (store.statuses()[0].outbox_backlog, store.statuses()[0].backlog_reported_at) == (2, T0 + 1)
+    store.record_status("cam-a", {"state": "offline", "reason": "lost", "device": "cam-a"}, T0 + 4)
+    assert store.statuses()[0].outbox_backlog == 2  # the Last Will says nothing of the outbox: the figure stays
+    store.ingest([a.msg(a.seal(), T0 + 5) for _ in range(4)])
+    assert store.statuses()[0].outbox_backlog == 0  # never below zero (newer envelopes drained with the old)
+    store.record_status("cam-a", {**birth, "ts": T0 + 6, "outbox_backlog": 1}, T0 + 6)
+    assert (store.statuses()[0].outbox_backlog, store.statuses()[0].backlog_reported_at) == (1, T0 + 6)
+
+
+def test_revoked_devices_carry_their_revocation_time_in_status(store, fleet):
+    fleet.device("cam-a")
+    fleet.device("cam-b")
+    store.revoke_device("cam-b", T0)
+    a, b = store.statuses()
+    assert (a.revoked_at, b.revoked_at) == (None, T0)
+
+
+def test_gateway_heartbeats_replace_each_other_per_gateway_newest_first(store):
+    assert store.heartbeats() == []
+    store.beat(GatewayHeartbeat("gw-1", "host-a", 10, T0, T0 + 10, True))
+    store.beat(GatewayHeartbeat("gw-2", "host-b", 20, T0, T0 + 20, False))
+    store.beat(GatewayHeartbeat("gw-1", "host-a", 11, T0 + 25, T0 + 30, True, T0 + 30))
+    assert store.heartbeats() == [
+        GatewayHeartbeat("gw-1", "host-a", 11, T0 + 25, T0 + 30, True, T0 + 30),
+        GatewayHeartbeat("gw-2", "host-b", 20, T0, T0 + 20, False),
+    ]
 
 
 def test_status_online_offline_transitions(store, fleet):

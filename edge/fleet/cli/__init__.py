@@ -3,7 +3,7 @@
 ``edge.cli`` calls ``register`` only when this package is installed (a box image leaves it out). Each module holds
 one group of verbs in its ``SUBCOMMANDS``: ``devices`` (CA, enrollment, revocation, broker configuration), ``data``
 (status, ledger, commands), ``models`` (the TUF repository), ``rollout`` and ``doctor`` (checks); ``gateway`` runs
-the gateway. The global options live in ``_common``.
+the gateway. The global options live in ``_common``; every verb accepts them after its name too.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import argparse
 from typing import Any
 
 from edge.fleet.cli import data, devices, doctor, gateway, models, onboard, rollout
+from edge.fleet.cli._common import add_common_options, add_examples
+from edge.fleet.cli._examples import EXAMPLES
 
 __all__ = ["register"]
 
@@ -27,13 +29,7 @@ def register(subparsers: Any) -> None:
         help="fleet CA, enrollment and revocation, broker configuration, models and rollouts",
         description="Operate the fleet: its CA and command key, enrolled devices, and the broker's access rules.",
     )
-    parser.add_argument(
-        "--dir",
-        dest="fleet_dir",
-        metavar="DIR",
-        help="the fleet directory (default: $EDGE_FLEET_DIR or ./fleet)",
-    )
-    parser.add_argument("--store", metavar="URL", help="the store (default: sqlite:///<fleet dir>/fleet.db)")
+    add_common_options(parser, top=True)
     sub = parser.add_subparsers(dest="fleet_command", required=True, metavar="ACTION")
     for add in [
         *devices.SUBCOMMANDS,
@@ -44,4 +40,20 @@ def register(subparsers: Any) -> None:
         *doctor.SUBCOMMANDS,
     ]:
         add(sub)
+    _finish_verbs(parser, ())
     gateway.register(subparsers)
+
+
+def _finish_verbs(parser: argparse.ArgumentParser, path: tuple[str, ...]) -> None:
+    """Give every verb below ``parser`` (at any depth) ``--dir`` and ``--store`` too, so that they work after the
+    verb as well as before it, and its ``examples:`` (``_examples``) unless its module wrote its own."""
+    for action in parser._actions:  # argparse exposes no public walk of its sub-parsers
+        if isinstance(action, argparse._SubParsersAction):
+            for name, child in action.choices.items():
+                if child.prog.rsplit(" ", 1)[-1] != name:
+                    continue  # an alias: the same parser under its own name
+                add_common_options(child)
+                examples = EXAMPLES.get(" ".join((*path, name)))
+                if examples and child.epilog is None and child.formatter_class is argparse.HelpFormatter:
+                    add_examples(child, examples)
+                _finish_verbs(child, (*path, name))

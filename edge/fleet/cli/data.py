@@ -13,10 +13,27 @@ import os
 import sys
 import threading
 import time
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from edge.errors import ConfigError
-from edge.fleet.cli._common import iso_utc, open_fleet_store, operator_identity
+from edge.errors import EXIT_UNVERIFIED, ConfigError
+from edge.fleet.cli._common import (
+    add_json,
+    ago,
+    fleet_dir,
+    iso_utc,
+    open_fleet_store,
+    operator_identity,
+    print_json,
+    table,
+    verb,
+    watch,
+    watch_seconds,
+)
+
+if TYPE_CHECKING:
+    from edge.fleet.config import GatewayConfig
+    from edge.mqtt import MqttSettings
 
 __all__ = ["SUBCOMMANDS", "register_command", "register_ledger", "register_ledger_verify", "register_status"]
 
@@ -29,75 +46,117 @@ def _day(text: str) -> str:
     return text
 
 
-def _table(rows: list[list[str]], header: list[str]) -> str:
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
-    lines = ["  ".join(str(x).ljust(w) for x, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows]]
-    return "\n".join(lines)
-
-
 # -- status -----------------------------------------------------------------------------------------------------------
 
 
 def register_status(sub: Any) -> None:
-    """Add ``edge fleet status [--json]``."""
-    p = sub.add_parser(
+    """Add ``edge fleet status [--json] [--watch [SECONDS]] [--stale-after SECONDS]``."""
+    p = verb(
+        sub,
         "status",
-        help="devices online/offline/suspended, chain heads, gaps, rejects, models, outbox backlogs",
-        description="Each enrolled device's state from its birth/death messages (or 'suspended' while a gateway has "
-        "cut it off for flooding the fleet with rejected messages: `edge fleet resume ID` lifts it), the head of "
-        "its verified chain, open gaps, rejected inputs, the model it reported, and the outbox backlog it reported.",
+        help="devices online/offline/revoked/suspended, last seen, chain heads, gaps, rejects, models, backlogs",
+        description="Each enrolled device's state from its birth/death messages ('revoked' once `edge fleet revoke` "
+        "revoked it; 'suspended' while a gateway has cut it off for flooding the fleet with rejected messages: "
+        "`edge fleet resume ID` lifts it), when the fleet last heard from it (a status message or an accepted "
+        "envelope), the head of its verified chain, open gaps, rejected inputs, the model it reported, and its outbox "
+        "backlog: what its latest status reported, less the envelopes accepted since (a box sends its outbox in "
+        "order; while it is offline this is a lower bound)."
+        "\n\n"
+        "All of it is what a running gateway (`edge gateway run`) wrote into the store. The gateway writes a "
+        "heartbeat every 10 s; the first line says when the last one was, and a STALE warning says that no gateway "
+        "has written for --stale-after seconds, so the picture is not being kept current.",
+        examples=[
+            "edge fleet status --dir /srv/fleet",
+            "edge fleet status --json | jq '.devices[] | select(.state != \"online\") | .device_id'",
+            "edge fleet status --watch 5          # redraw every 5 s until Ctrl-C",
+            "edge fleet --store postgresql://gw@db/fleet status",
+        ],
     )
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    add_json(p)
+    p.add_argument(
+        "--watch",
+        nargs="?",
+        const=2.0,
+        type=watch_seconds,
+        metavar="SECONDS",
+        help="redraw every SECONDS (default 2) until Ctrl-C",
+    )
+    p.add_argument(
+        "--stale-after",
+        type=watch_seconds,
+        default=None,
+        metavar="SECONDS",
+        help="warn when the newest gateway heartbeat is older than this (default: 30)",
+    )
     p.set_defaults(func=_status)
 
 
 def _status(args: argparse.Namespace) -> int:
+    if args.watch is not None:
+        return watch(lambda: _status_once(args), args.watch, "edge fleet status")
+    return _status_once(args)
+
+
+def _status_once(args: argparse.Namespace) -> int:
+    from edge.fleet.heartbeat import STALE_AFTER_S  # noqa: PLC0415
+
+    stale_after = STALE_AFTER_S if args.stale_after is None else args.stale_after
     store = open_fleet_store(args)
     try:
+        now = time.time()
         statuses = store.statuses()
         strangers = store.strangers()
-        suspended = {x.device_id: x for x in store.suspensions(now=time.time())}
+        suspended = {x.device_id: x for x in store.suspensions(now=now)}
+        beats = store.heartbeats()
     finally:
         store.close()
+    stale = not _live(beats, now, stale_after)
     if args.json:
-        body = [
-            {
-                "device_id": s.device_id,
-                "state": s.state,
-                "reason": s.reason,
-                "since": iso_utc(s.since),
-                "last_seen": iso_utc(s.last_seen),
-                "last_counter": s.last_counter,
-                "gaps": s.gaps,
-                "rejects": s.rejects,
-                "model": s.model,
-                "outbox_backlog": s.outbox_backlog,
-                "suspended_until": iso_utc(suspended[s.device_id].until) if s.device_id in suspended else None,
-                "suspension_reason": suspended[s.device_id].reason if s.device_id in suspended else None,
-            }
-            for s in statuses
-        ]
-        print(json.dumps({"devices": body, "strangers": [s.device_id for s in strangers]}, indent=2))
+        body = {
+            "generated_at": iso_utc(now),
+            "stale": stale,
+            "gateways": [
+                {
+                    "gateway_id": b.gateway_id,
+                    "host": b.host,
+                    "pid": b.pid,
+                    "started_at": iso_utc(b.started_at),
+                    "last_heartbeat": iso_utc(b.at),
+                    "heartbeat_age_s": round(now - b.at, 1),
+                    "connected": b.connected,
+                    "stopped_at": iso_utc(b.stopped_at),
+                }
+                for b in beats
+            ],
+            "devices": [_status_json(s, suspended, now) for s in statuses],
+            "strangers": [s.device_id for s in strangers],
+        }
+        print_json(body)
         return 0
+    _print_gateways(beats, now, stale_after)
     rows = [
         [
             s.device_id,
-            (f"suspended until {iso_utc(suspended[s.device_id].until)}; " if s.device_id in suspended else "")
-            + s.state
-            + (f" ({s.reason})" if s.reason else ""),
-            iso_utc(s.since) or "-",
-            str(s.last_counter if s.last_counter is not None else "-"),
-            str(s.gaps),
-            str(s.rejects),
-            s.model or "-",
-            str(s.outbox_backlog if s.outbox_backlog is not None else "-"),
+            _state_text(s, suspended),
+            iso_utc(s.since),
+            iso_utc(s.last_seen),
+            None if s.last_seen is None else ago(now - s.last_seen),
+            s.last_counter,
+            s.gaps,
+            s.rejects,
+            s.model,
+            s.outbox_backlog,
         ]
         for s in statuses
     ]
-    header = ["DEVICE", "STATE", "SINCE", "COUNTER", "GAPS", "REJECTS", "MODEL", "BACKLOG"]
-    print(_table(rows, header))
-    online = sum(s.state == "online" for s in statuses)
-    print(f"\n{len(statuses)} devices, {online} online, {len(statuses) - online} offline or never seen")
+    header = ["DEVICE", "STATE", "SINCE", "LAST SEEN", "AGO", "COUNTER", "GAPS", "REJECTS", "MODEL", "BACKLOG"]
+    print(table(rows, header))
+    online = sum(s.state == "online" and s.revoked_at is None for s in statuses)
+    revoked = sum(s.revoked_at is not None for s in statuses)
+    print(
+        f"\n{len(statuses)} devices, {online} online, {revoked} revoked, "
+        f"{len(statuses) - online - revoked} offline or never seen"
+    )
     for x in suspended.values():
         print(
             f"suspended: {x.device_id} (strike {x.strikes}, by {x.by}): {x.reason}; `edge fleet resume {x.device_id}`"
@@ -107,14 +166,84 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _state_text(s: Any, suspended: dict[str, Any]) -> str:
+    if s.revoked_at is not None:
+        return "revoked"  # whatever its last status said: it can no longer publish anything
+    text = s.state + (f" ({s.reason})" if s.reason else "")
+    if s.device_id in suspended:
+        text = f"suspended until {iso_utc(suspended[s.device_id].until)}; {text}"
+    return str(text)
+
+
+def _status_json(s: Any, suspended: dict[str, Any], now: float) -> dict[str, Any]:
+    x = suspended.get(s.device_id)
+    return {
+        "device_id": s.device_id,
+        "state": "revoked" if s.revoked_at is not None else s.state,
+        "reported_state": s.state,
+        "reason": s.reason,
+        "since": iso_utc(s.since),
+        "last_seen": iso_utc(s.last_seen),
+        "last_seen_age_s": None if s.last_seen is None else round(now - s.last_seen, 1),
+        "revoked_at": iso_utc(s.revoked_at),
+        "last_counter": s.last_counter,
+        "gaps": s.gaps,
+        "rejects": s.rejects,
+        "model": s.model,
+        "outbox_backlog": s.outbox_backlog,
+        "backlog_reported": s.backlog_reported,
+        "backlog_reported_at": iso_utc(s.backlog_reported_at),
+        "suspended_until": iso_utc(x.until) if x is not None else None,
+        "suspension_reason": x.reason if x is not None else None,
+    }
+
+
+def _live(beats: list[Any], now: float, stale_after: float) -> bool:
+    """Whether a gateway that has not stopped beat within ``stale_after`` seconds (the picture is being kept)."""
+    return any(b.stopped_at is None and now - b.at <= stale_after for b in beats)
+
+
+def _print_gateways(beats: list[Any], now: float, stale_after: float) -> None:
+    """The heartbeat lines above the table, and the STALE warning (stdout only: `status | head` must stay quiet on
+    stderr; scripts read ``stale`` from --json)."""
+    for b in beats:
+        state = (
+            f"stopped {iso_utc(b.stopped_at)}"
+            if b.stopped_at is not None
+            else ("connected to the broker" if b.connected else "NOT connected to the broker")
+        )
+        print(f"gateway {b.gateway_id} ({b.host}, pid {b.pid}): last heartbeat {iso_utc(b.at)} "
+              f"({ago(now - b.at)} ago), {state}")  # fmt: skip
+    newest = beats[0] if beats else None
+    if _live(beats, now, stale_after):
+        print()
+        return
+    if newest is None:
+        warning = "STALE: no gateway heartbeat was ever recorded in this store; is `edge gateway run` running?"
+    elif newest.stopped_at is not None:
+        warning = (
+            f"STALE: the gateway stopped at {iso_utc(newest.stopped_at)} ({ago(now - newest.stopped_at)} ago); "
+            "start `edge gateway run` to bring this picture up to date"
+        )
+    else:
+        warning = f"STALE: no gateway heartbeat for {int(now - newest.at)} s; is `edge gateway run` running?"
+    print(warning + "\n")
+
+
 # -- ledger -----------------------------------------------------------------------------------------------------------
 
 
 def register_ledger(sub: Any) -> None:
     """Add ``edge fleet ledger [--device ID] [--from DAY] [--to DAY] [--json] [--export FILE]``."""
-    p = sub.add_parser(
+    p = verb(
+        sub,
         "ledger",
         help="verified work per device and day; --export writes a signed, re-verifiable proof of a device's work",
+        examples=[
+            "edge fleet ledger --from 2026-12-01 --to 2026-12-31",
+            "edge fleet ledger --device cam-a --json",
+            "edge fleet ledger --device cam-a --export cam-a.ledger   # then: edge fleet ledger-verify cam-a.ledger",
+        ],
         description="Per device and UTC day (by the gateway's receipt time): verified envelopes and records, "
         "inferences claimed and credited (and why the others were not: duplicate_input, copied, over_ceiling, "
         "implausible_time), gaps, late and duplicate envelopes, rejects. With --export FILE (and --device), write "
@@ -125,7 +254,7 @@ def register_ledger(sub: Any) -> None:
     p.add_argument("--device", metavar="ID", help="one device")
     p.add_argument("--from", dest="day_from", type=_day, metavar="DAY", help="first day (YYYY-MM-DD)")
     p.add_argument("--to", dest="day_to", type=_day, metavar="DAY", help="last day (YYYY-MM-DD)")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    add_json(p)
     p.add_argument("--export", metavar="FILE", help="write the device's re-verifiable export (needs --device)")
     p.set_defaults(func=_ledger)
 
@@ -136,12 +265,11 @@ def _ledger(args: argparse.Namespace) -> int:
     store = open_fleet_store(args)
     try:
         if args.export:
-            from edge.fleet.cli._common import fleet_dir  # noqa: PLC0415
             from edge.fleet.ledger import export_ledger, ledger_key  # noqa: PLC0415
 
             key = ledger_key(fleet_dir(args))
             totals = export_ledger(store, args.device, args.export, key=key, day_from=args.day_from, day_to=args.day_to)
-            print(json.dumps({"export": args.export, "device_id": totals.device_id, **totals.claims()}, indent=2))
+            print_json({"export": args.export, "device_id": totals.device_id, **totals.claims()})
             return 0
         rows = store.ledger(device_id=args.device, day_from=args.day_from, day_to=args.day_to)
     finally:
@@ -163,38 +291,49 @@ def _ledger(args: argparse.Namespace) -> int:
             | {f: getattr(r, f) for f in fields}
             for r in rows
         ]
-        print(json.dumps({"ledger": body}, indent=2))
+        print_json({"ledger": body})
         return 0
     reasons = ("duplicate_input", "copied", "over_ceiling", "implausible_time")
-    table = [
-        [r.device_id, r.day, str(r.claimed), str(r.credited), *(str(r.uncredited()[x]) for x in reasons)]
-        + [str(getattr(r, f)) for f in fields]
+    cells = [
+        [r.device_id, r.day, r.claimed, r.credited, *(r.uncredited()[x] for x in reasons)]
+        + [getattr(r, f) for f in fields]
         for r in rows
     ]
     header = ["DEVICE", "DAY", "CLAIMED", "CREDITED", "DUP_INPUT", "COPIED", "OVER_CEIL", "BAD_TIME"]
-    print(_table(table, header + [f.upper() for f in fields]))
+    print(table(cells, header + [f.upper() for f in fields]))
     claimed, credited = sum(r.claimed for r in rows), sum(r.credited for r in rows)
     print(f"\n{len({r.device_id for r in rows})} devices, {claimed} inferences claimed, {credited} credited")
     return 0
 
 
 def register_ledger_verify(sub: Any) -> None:
-    """Add ``edge fleet ledger-verify FILE``."""
-    p = sub.add_parser(
+    """Add ``edge fleet ledger-verify FILE [--key PUB] [--did DID] [--json]``."""
+    p = verb(
+        sub,
         "ledger-verify",
         help="re-verify a ledger export from the file and the fleet's ledger key (what a third party runs)",
         description="Refuse an export the fleet's ledger key did not sign; check every envelope's signature "
         "against the device's did:key in the file and the hash chain between consecutive counters; recompute the "
         "credit of every inference with the gateway's rules, and the totals the header claims. Needs the file and "
-        "the ledger's public key (--key FILE, or --dir: <fleet dir>/ledger.pub).",
+        "the ledger's public key (--key FILE, or --dir: <fleet dir>/ledger.pub)."
+        "\n\n"
+        "The file proves what its did:key signed, not whose key that is: with --did, the export must be for that "
+        "identity (the one you know the device by, e.g. from `edge fleet devices`), else it does not verify. "
+        "Exit status 0: verified; 3: it does not verify; 2: a usage error (no ledger key).",
+        examples=[
+            "edge fleet ledger-verify cam-a.ledger --key ledger.pub",
+            "edge fleet ledger-verify cam-a.ledger --key ledger.pub --did did:key:z6Mk...",
+            "edge fleet --dir /srv/fleet ledger-verify cam-a.ledger --json",
+        ],
     )
     p.add_argument("file", metavar="FILE")
     p.add_argument("--key", metavar="PUB", help="the fleet's ledger.pub (default: ledger.pub of --dir)")
+    p.add_argument("--did", metavar="DID", help="the did:key the export must be for (pins the device's identity)")
+    add_json(p)
     p.set_defaults(func=_ledger_verify)
 
 
 def _ledger_verify(args: argparse.Namespace) -> int:
-    from edge.fleet.cli._common import fleet_dir  # noqa: PLC0415
     from edge.fleet.ledger import LEDGER_PUBLIC_FILE, verify_export  # noqa: PLC0415
     from edge.identity.keys import load_public_key  # noqa: PLC0415
 
@@ -210,8 +349,25 @@ def _ledger_verify(args: argparse.Namespace) -> int:
     except LedgerExportError as e:
         # Exit 3: the file does not verify (a script can tell a forged or tampered export from a usage error).
         print(f"edge: error: {args.file} does not verify: {e}", file=sys.stderr)
-        return 3
-    print(json.dumps({"verified": args.file, "device_id": totals.device_id, "did": totals.did, **totals.claims()}))
+        return EXIT_UNVERIFIED
+    if args.did is not None and totals.did != args.did:
+        # Validly signed, but by another device's key: the proof of someone else's work.
+        print(
+            f"edge: error: {args.file} does not verify: it is the export of {totals.did} (device "
+            f"{totals.device_id}), not of --did {args.did}",
+            file=sys.stderr,
+        )
+        return EXIT_UNVERIFIED
+    body = {"verified": args.file, "device_id": totals.device_id, "did": totals.did, **totals.claims()}
+    if args.json:
+        print_json(body)
+    else:
+        print(
+            f"verified {args.file}: {totals.device_id} ({totals.did}), {body.get('envelopes')} envelopes, "
+            f"{body.get('records')} records"
+            + (f", counters {body.get('first_counter')}..{body.get('last_counter')}" if totals.envelopes else "")
+            + f", {body.get('gaps')} gaps"
+        )
     return 0
 
 
@@ -219,21 +375,35 @@ def _ledger_verify(args: argparse.Namespace) -> int:
 
 
 def register_command(sub: Any) -> None:
-    """Add ``edge fleet command --config GATEWAY.toml DEVICE NAME [KEY=VALUE ...]``."""
-    p = sub.add_parser(
+    """Add ``edge fleet command DEVICE NAME [KEY=VALUE ...]``."""
+    p = verb(
+        sub,
         "command",
         help="send a signed command to a device and print its reply",
+        examples=[
+            "edge fleet --dir /srv/fleet command cam-a ping",
+            "edge fleet command cam-a status --json       # also refreshes the backlog `edge fleet status` shows",
+            "edge fleet command cam-a set key=telemetry.batch_records value=50",
+            "edge fleet command cam-a time/reset --at-box-floor",
+            "edge fleet command --host broker.lan cam-a ping   # the broker is not where the fleet directory is",
+        ],
         description="Sign NAME with the fleet command key (expiry and nonce included), publish it to "
         "devices/DEVICE/commands as an operator identity (<fleet dir>/operator/operator.pem, or "
         "operator/$EDGE_FLEET_OPERATOR.pem; `edge fleet ca issue-client NAME --operator` makes one), and wait for "
         "the reply on devices/DEVICE/replies. "
         "Commands: ping; status; set key=telemetry.batch_records value=50 (batching and log level change live); "
         "time/reset [to=EPOCH] (with --at-box-floor: recovers a box whose time floors are wrongly in the future; "
-        "docs/commands.md).",
+        "docs/commands.md)."
+        "\n\n"
+        "The broker is the fleet directory's listener (`edge fleet broker-config`: broker/listener.json; its bind "
+        "address, else 127.0.0.1, and its port), checked against the fleet CA (<fleet dir>/ca.pem). --host and "
+        "--port override it; --config GATEWAY.toml takes the broker, the fleet directory and the store from a "
+        "gateway's configuration instead.",
     )
-    p.add_argument(
-        "--config", required=True, metavar="FILE", help="the gateway configuration (the broker and the fleet directory)"
-    )
+    p.add_argument("--config", metavar="FILE", help="take the broker and the fleet directory from this gateway config")
+    p.add_argument("--host", metavar="HOST", help="the broker's host (default: the fleet directory's listener)")
+    p.add_argument("--port", type=int, metavar="PORT", help="the broker's TLS port (default: the listener's)")
+    add_json(p)
     p.add_argument("device", metavar="DEVICE")
     p.add_argument("name", metavar="NAME", help="ping, status, set or time/reset")
     p.add_argument("args", nargs="*", metavar="KEY=VALUE", help="arguments (values parsed as JSON when they parse)")
@@ -290,25 +460,77 @@ def _box_time(store_url: str, device: str, now: float) -> float:
     return max(now, float(floor))
 
 
+def _target(args: argparse.Namespace) -> tuple[Path, str, GatewayConfig | None]:
+    """The fleet directory, the store URL and the gateway configuration (``--config``, else None) of the command.
+
+    Raises:
+        ConfigError: the gateway configuration is missing or invalid.
+    """
+    from edge.fleet.config import default_store_url, load_gateway_config  # noqa: PLC0415
+
+    if args.config:
+        cfg = load_gateway_config(args.config, resolve_id=False)
+        return cfg.gateway.fleet_dir, args.store or cfg.store_url, cfg
+    directory = fleet_dir(args)
+    return directory, args.store or default_store_url(directory), None
+
+
+def _broker(args: argparse.Namespace, directory: Path, cfg: GatewayConfig | None) -> tuple[MqttSettings, str]:
+    """The operator's connection to the broker, and where its address came from (for an error message).
+
+    Raises:
+        ConfigError: the listener file or the operator identity is missing or invalid.
+    """
+    import dataclasses  # noqa: PLC0415 -- not for edge --help
+
+    from edge.fleet.pki.ca import CA_CERT_FILE  # noqa: PLC0415
+    from edge.fleet.pki.registry import BROKER_DIR, LISTENER_FILE, load_listener  # noqa: PLC0415
+    from edge.mqtt import MqttSettings  # noqa: PLC0415
+
+    # The identity is the operator's own: a gateway's would take over (disconnect) the running gateway.
+    operator, cert, key = operator_identity(directory)
+    if cfg is not None:
+        from edge.fleet.gateway import mqtt_settings  # noqa: PLC0415
+
+        settings = mqtt_settings(cfg, client_id=operator, cert=cert, key=key, session_expiry=0)
+        source = f"broker.host, broker.port in {args.config}"
+    else:
+        listener = load_listener(directory / BROKER_DIR)
+        # A listener bound to every interface is reached on this host; a remote broker needs --host.
+        bound = listener.bind if listener.bind not in (None, "", "0.0.0.0", "::") else None  # noqa: S104
+        settings = MqttSettings(
+            host=bound or "127.0.0.1",
+            port=listener.port,
+            ca=directory / CA_CERT_FILE,
+            cert=cert,
+            key=key,
+            client_id=operator,
+            session_expiry=0,
+            backoff_max=5.0,
+        )
+        source = f"the listener of {directory / BROKER_DIR / LISTENER_FILE} (`edge fleet broker-config`)"
+    if args.host or args.port:
+        settings = dataclasses.replace(settings, host=args.host or settings.host, port=args.port or settings.port)
+        source = "--host/--port"
+    return settings, source
+
+
 def _command(args: argparse.Namespace) -> int:
-    from edge.fleet.config import load_gateway_config  # noqa: PLC0415
-    from edge.fleet.gateway import mqtt_settings  # noqa: PLC0415
     from edge.fleet.pki.ca import FleetCA  # noqa: PLC0415
     from edge.identity.keys import validate_device_id  # noqa: PLC0415
-    from edge.mqtt import NO_MATCHING_SUBSCRIBERS, MqttTransport  # noqa: PLC0415
+    from edge.mqtt import BROKER_SETTING_NAMES, NO_MATCHING_SUBSCRIBERS, MqttTransport  # noqa: PLC0415
     from edge.wire.commands import sign_command  # noqa: PLC0415
     from edge.wire.topics import device_topics  # noqa: PLC0415
 
-    # The gateway's configuration gives the broker's address and the fleet; the identity is the operator's own.
-    cfg = load_gateway_config(args.config, resolve_id=False)
     device = validate_device_id(args.device)
-    key = FleetCA.load(cfg.gateway.fleet_dir).commands_key
+    directory, store_url, cfg = _target(args)
+    key = FleetCA.load(directory).commands_key
     nonce = os.urandom(16)
     now = time.time()
     command_args = _parse_args(args.args)
     if args.name == "time/reset":
         command_args.setdefault("to", now)  # the fleet's true time: what the box's floors go back to
-    issued = _box_time(cfg.store_url, device, now) if args.at_box_floor else now
+    issued = _box_time(store_url, device, now) if args.at_box_floor else now
     message = sign_command(key, device, args.name, command_args, now=issued, ttl_s=args.ttl, nonce=nonce)
     t = device_topics(device)
     got: dict[str, Any] = {}
@@ -323,22 +545,27 @@ def _command(args: argparse.Namespace) -> int:
             got.update(body)
             arrived.set()
 
-    b = cfg.broker
     # A one-shot client with the operator's identity, never a gateway's: the broker makes the certificate's CN the
     # client id, so a gateway's certificate here would take over (disconnect) the running gateway. Nothing to keep.
-    operator, operator_cert, operator_key = operator_identity(cfg.gateway.fleet_dir)
-    settings = mqtt_settings(cfg, client_id=operator, cert=operator_cert, key=operator_key, session_expiry=0)
+    settings, source = _broker(args, directory, cfg)
     # Subscribed before the command is published, on the same connection, so the reply cannot overtake it.
-    transport = MqttTransport(settings, on_message=on_reply, subscriptions=[t["replies"]])
+    transport = MqttTransport(
+        settings, on_message=on_reply, subscriptions=[t["replies"]], setting_names=BROKER_SETTING_NAMES
+    )
     transport.start()
     try:
         if not transport.wait_connected(10):
-            print(f"edge: error: cannot connect to {b.host}:{b.port}", file=sys.stderr)
-            return 2
+            # A broker that is down is no usage error: exit status 1 (docs/cli.md).
+            print(
+                f"edge: error: cannot connect to the broker at {settings.host}:{settings.port} (from {source}) "
+                "within 10 s: is it running? (systemctl status mosquitto; --host/--port name another)",
+                file=sys.stderr,
+            )
+            return 1
         delivery = transport.publish(t["commands"], message, qos=1)
         if not delivery.wait(10) or not delivery.ok:
             print(f"edge: error: the broker did not take the command ({delivery.reason})", file=sys.stderr)
-            return 2
+            return 1
         if delivery.reason_code == NO_MATCHING_SUBSCRIBERS:
             print(f"edge: error: {device} is not subscribed to its commands (offline?)", file=sys.stderr)
             return 1
@@ -347,7 +574,10 @@ def _command(args: argparse.Namespace) -> int:
             return 1
     finally:
         transport.stop()
-    print(json.dumps(got))
+    if args.json:
+        print_json(got)
+    else:
+        print(json.dumps(got))  # the box's reply, as it sent it: its fields differ per command
     return 0 if got.get("ok") else 1
 
 

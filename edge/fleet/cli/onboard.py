@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import errno
 import json
 import re
 import signal
@@ -360,6 +361,8 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         server = EnrollServer((listen_host, listen_port), service, server_context(cert, key, ca.cert_path))
     except OSError as e:
+        if e.errno == errno.EADDRINUSE:  # not a wrong option but a held resource: exit status 1 (docs/cli.md)
+            raise OSError(e.errno, e.strerror, f"{listen_host}:{listen_port} (--listen)") from e
         raise ConfigError(
             "--listen", f"{listen_host}:{listen_port}", f"a free address to listen on ({e.strerror})"
         ) from e

@@ -154,6 +154,28 @@ class RolloutFiles:
         rid = self.current_id()
         return None if rid is None else self.load(rid)
 
+    def history(self) -> tuple[list[Rollout], list[str]]:
+        """Every rollout of the directory, newest first (by ``created_at``), and what could not be read.
+
+        Returns:
+            (the rollouts, one message per unreadable or corrupt rollout file): one bad file does not hide the rest.
+        """
+        rollouts: list[Rollout] = []
+        problems: list[str] = []
+        try:
+            names = sorted(p.name for p in self.dir.iterdir() if p.suffix == ".json")
+        except FileNotFoundError:
+            return [], []
+        except OSError as e:
+            raise RolloutError(f"cannot list {self.dir}: {e.strerror}") from e
+        for name in names:
+            try:
+                rollouts.append(self.load(name.removesuffix(".json")))
+            except RolloutError as e:
+                problems.append(str(e))
+        rollouts.sort(key=lambda r: (-r.created_at, r.id))
+        return rollouts, problems
+
     def save(self, rollout: Rollout, *, make_current: bool = False) -> None:
         """Write a rollout atomically (and, for a new one, make it the current one afterwards)."""
         self.dir.mkdir(parents=True, exist_ok=True)

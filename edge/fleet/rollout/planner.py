@@ -76,6 +76,9 @@ COMMITTED: Final = "committed"
 FAILED: Final = "failed"
 TIMED_OUT: Final = "timed_out"
 OUTCOMES: Final = (COMMITTED, FAILED, TIMED_OUT)
+# What ``summary`` says of a device without an outcome that was never commanded.
+WAITING: Final = "waiting"
+SKIPPED: Final = "skipped"
 SUCCESS_KIND: Final = "ota.committed"
 FAILURE_KINDS: Final = frozenset({"ota.rolled_back", "ota.refused"})
 UPDATE: Final = "models/update"
@@ -400,17 +403,18 @@ def abort(rollout: Rollout, reason: str = "operator") -> Rollout:
 def summary(rollout: Rollout) -> dict[str, Any]:
     """What ``edge fleet rollout status --json`` prints: the rollout, counts per stage, each device's outcome.
 
-    A device's ``outcome`` is ``waiting`` (not commanded yet), ``commanded`` (no outcome yet), or its outcome;
-    ``rollback`` is None, ``pending`` (planned, publish not confirmed) or ``sent``.
+    A device's ``outcome`` is ``waiting`` (not commanded yet), ``skipped`` (never commanded, and never will be: the
+    rollout was aborted first), ``commanded`` (no outcome yet), or its outcome; ``rollback`` is None, ``pending``
+    (planned, publish not confirmed) or ``sent``.
     """
     sizes = stage_sizes(len(rollout.devices), rollout.stages)
     stages = []
     lo = 0
     for k, (fraction, size) in enumerate(zip(rollout.stages, sizes, strict=True)):
         members = rollout.devices[lo:size]
-        counts = dict.fromkeys(("waiting", "commanded", *OUTCOMES), 0)
+        counts = dict.fromkeys((WAITING, SKIPPED, "commanded", *OUTCOMES), 0)
         for d in members:
-            counts[_device_outcome(d)] += 1
+            counts[_device_outcome(rollout, d)] += 1
         stages.append({"stage": k + 1, "percent": round(fraction * 100, 4), "devices": size, "new": len(members)}
                       | counts)  # fmt: skip
         lo = max(lo, size)
@@ -418,7 +422,7 @@ def summary(rollout: Rollout) -> dict[str, Any]:
         {
             "device_id": d.device_id,
             "stage": next(k + 1 for k, s in enumerate(sizes) if i < s),
-            "outcome": _device_outcome(d),
+            "outcome": _device_outcome(rollout, d),
             "reason": d.reason,
             "commanded_at": d.commanded_at,
             "outcome_at": d.outcome_at,
@@ -444,10 +448,13 @@ def summary(rollout: Rollout) -> dict[str, Any]:
 # -- the rules ------------------------------------------------------------------------------------------------------
 
 
-def _device_outcome(d: DeviceEntry) -> str:
+def _device_outcome(r: Rollout, d: DeviceEntry) -> str:
     if d.outcome is not None:
         return d.outcome
-    return "waiting" if d.commanded_at is None else "commanded"
+    if d.commanded_at is None:
+        # An aborted rollout commands nothing new: its devices not reached yet never will be.
+        return SKIPPED if r.state == ABORTED else WAITING
+    return "commanded"
 
 
 def _update_args(r: Rollout) -> dict[str, str | bool]:

@@ -64,6 +64,7 @@ from edge.fleet.store.types import (
     DeviceEvent,
     DeviceRecord,
     DeviceStatus,
+    GatewayHeartbeat,
     Inbound,
     IngestResult,
     LedgerRow,
@@ -214,10 +215,15 @@ class SqlStore(abc.ABC):
             raise StoreError(f"{self.dialect.name} store {operation}: the store is closed")
         try:
             yield
+        # The URL (redacted) names which database failed; the driver's multi-line text becomes one line.
         except self._transient_errors() as e:
-            raise StoreUnavailableError(f"{self.dialect.name} store {operation} failed: {e}") from e
+            raise StoreUnavailableError(
+                f"{self.dialect.name} store {redact(self.url)} {operation} failed: {' '.join(str(e).split())}"
+            ) from e
         except self._driver_errors() as e:
-            raise StoreError(f"{self.dialect.name} store {operation} failed: {e}") from e
+            raise StoreError(
+                f"{self.dialect.name} store {redact(self.url)} {operation} failed: {' '.join(str(e).split())}"
+            ) from e
 
     def _init_schema(self) -> None:
         with self._guard("schema check"), self._transaction():
@@ -703,11 +709,40 @@ class SqlStore(abc.ABC):
 
     def _upsert_status(self, device_id: str, new: StatusRow) -> None:
         """Store ``new`` as the device's status, merged with the stored one (inside a transaction)."""
-        if self._execute(self._sql(q.INSERT_STATUS), (device_id, *dataclasses.astuple(new))):
-            return
-        (old,) = self._query(self._sql(q.SELECT_STATUS + self.dialect.lock_rows), (device_id,))
-        row = merge_status(StatusRow(*old), new)
-        self._execute(self._sql(q.UPDATE_STATUS), (*dataclasses.astuple(row), device_id))
+        if not self._execute(self._sql(q.INSERT_STATUS), (device_id, *dataclasses.astuple(new))):
+            (old,) = self._query(self._sql(q.SELECT_STATUS + self.dialect.lock_rows), (device_id,))
+            old_row = StatusRow(*old)
+            row = merge_status(old_row, new)
+            self._execute(self._sql(q.UPDATE_STATUS), (*dataclasses.astuple(row), device_id))
+            if old_row.info == new.info:
+                return  # the retained copy delivered again: its backlog is as old as the first delivery's
+        if new.outbox_backlog is not None:
+            # With the chain head of now: what is accepted from here on drains this backlog (the box sends in order).
+            self._execute(self._sql(q.UPSERT_BACKLOG), (device_id, new.outbox_backlog, new.last_seen, device_id))
+
+    # ------------------------------------------------------------------------------------------------ heartbeats
+
+    def beat(self, heartbeat: GatewayHeartbeat) -> None:
+        """Record a gateway's heartbeat (see ``Store.beat``)."""
+        h = heartbeat
+        at = check_time(h.at, "heartbeat time")
+        with self._guard("beat"), self._transaction():
+            self._execute(
+                self._sql(q.UPSERT_HEARTBEAT),
+                (h.gateway_id[:128], h.host[:255], h.pid, h.started_at, at, int(h.connected), h.stopped_at),
+            )
+
+    def heartbeats(self) -> list[GatewayHeartbeat]:
+        """Every gateway's latest heartbeat, newest first (see ``Store.heartbeats``)."""
+        with self._guard("heartbeats"):
+            rows = self._query(
+                "SELECT gateway_id, host, pid, started_at, at, connected, stopped_at FROM gateway_heartbeats"
+            )
+        beats = [
+            GatewayHeartbeat(g, host, pid, started, at, bool(c), stopped)
+            for g, host, pid, started, at, c, stopped in rows
+        ]
+        return sorted(beats, key=lambda b: (-b.at, b.gateway_id))
 
     # ------------------------------------------------------------------------------------------- suspensions
 
@@ -773,16 +808,20 @@ class SqlStore(abc.ABC):
             rows = self._query(
                 self._sql(
                     "SELECT d.device_id, s.state, s.reason, s.since, s.last_seen, s.model, s.outbox_backlog, s.info,"
-                    " c.head_counter, c.gaps, c.last_accepted, r.rejects"
+                    " c.head_counter, c.gaps, c.last_accepted, r.rejects, d.revoked_at,"
+                    " b.backlog, b.reported_at, b.head_counter"
                     " FROM devices d"
                     " LEFT JOIN statuses s ON s.device_id = d.device_id"
                     " LEFT JOIN chains c ON c.device_id = d.device_id"
+                    " LEFT JOIN backlog_reports b ON b.device_id = d.device_id"
                     " LEFT JOIN (SELECT device_id, CAST(SUM(rejects) AS {int}) AS rejects FROM ledger"
                     " GROUP BY device_id) r ON r.device_id = d.device_id"
                 )
             )
         out = []
-        for dev, state, reason, since, seen, model, backlog, info, head, gaps, accepted, rejects in sorted(rows):
+        for row in sorted(rows):
+            dev, state, reason, since, seen, model, backlog, info, head, gaps, accepted, rejects = row[:12]
+            revoked_at, reported, reported_at, head_then = row[12:]
             last_seen = max((t for t in (seen, accepted) if t is not None), default=None)
             out.append(
                 DeviceStatus(
@@ -795,8 +834,11 @@ class SqlStore(abc.ABC):
                     gaps or 0,
                     rejects or 0,
                     model,
-                    backlog,
+                    backlog if reported is None else _drained(reported, head_then, head),
                     json.loads(info) if info else {},
+                    revoked_at,
+                    reported,
+                    reported_at,
                 )
             )
         return out
@@ -968,6 +1010,12 @@ class SqlStore(abc.ABC):
 
 
 # --------------------------------------------------------------------------------------------------- helpers
+
+
+def _drained(reported: int, head_then: int | None, head_now: int | None) -> int:
+    """A reported backlog less the envelopes accepted since (the head's advance): a box sends its outbox in counter
+    order, so the oldest waiting envelopes are the next ones the gateway accepts."""
+    return max(0, reported - max(0, (head_now or 0) - (head_then or 0)))
 
 
 def _device_record(row: tuple[Any, ...]) -> DeviceRecord:

@@ -29,6 +29,10 @@ Invariants of the schema (version ``SCHEMA_VERSION``):
   registered or not.
 - ``suspensions``: the last suspension of each device suspended at least once (``edge.fleet.suspend``); it is in
   force while ``since <= now < until``.
+- ``backlog_reports``: the latest outbox backlog each device id reported in a status message (a new message, not
+  a retained copy delivered again), when, and the head counter of its chain then.
+- ``gateway_heartbeats``: one row per gateway id, rewritten every few seconds while it runs (``stopped_at`` set
+  when it stopped cleanly).
 - ``events``: one row per ``EventRecord`` of an accepted envelope (OTA transitions and the like), keyed by
   (device_id, counter, idx within the envelope), written in the envelope's transaction; ``data`` is JSON text.
 
@@ -188,6 +192,25 @@ ADDITIONS: Final = (
         reason TEXT NOT NULL,
         by_gateway TEXT NOT NULL
     )""",
+    # The latest outbox backlog each box reported, and the head of its chain when it did: `edge fleet status`
+    # subtracts what was accepted since, so the figure drains with delivery instead of freezing at the birth message.
+    """CREATE TABLE IF NOT EXISTS backlog_reports (
+        device_id TEXT PRIMARY KEY,
+        backlog {int} NOT NULL,
+        reported_at {real} NOT NULL,
+        head_counter {int}
+    )""",
+    # Each gateway process writes its row every few seconds (edge.fleet.heartbeat): `edge fleet status` tells from
+    # it whether the status it shows is being kept up to date.
+    """CREATE TABLE IF NOT EXISTS gateway_heartbeats (
+        gateway_id TEXT PRIMARY KEY,
+        host TEXT NOT NULL,
+        pid INTEGER NOT NULL,
+        started_at {real} NOT NULL,
+        at {real} NOT NULL,
+        connected INTEGER NOT NULL,
+        stopped_at {real}
+    )""",
 )
 
 # Ledger columns incremented by ingest, in the order ``LedgerTally`` produces them.
@@ -255,6 +278,19 @@ SELECT_STATUS = "SELECT state, reason, since, last_seen, model, outbox_backlog, 
 UPDATE_STATUS = (
     "UPDATE statuses SET state = ?, reason = ?, since = ?, last_seen = ?, model = ?, outbox_backlog = ?, info = ?"
     " WHERE device_id = ?"
+)
+UPSERT_BACKLOG = (
+    "INSERT INTO backlog_reports (device_id, backlog, reported_at, head_counter)"
+    " VALUES (?, ?, ?, (SELECT head_counter FROM chains WHERE device_id = ?))"
+    " ON CONFLICT (device_id) DO UPDATE SET backlog = excluded.backlog, reported_at = excluded.reported_at,"
+    " head_counter = excluded.head_counter"
+)
+UPSERT_HEARTBEAT = (
+    "INSERT INTO gateway_heartbeats (gateway_id, host, pid, started_at, at, connected, stopped_at)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?)"
+    " ON CONFLICT (gateway_id) DO UPDATE SET host = excluded.host, pid = excluded.pid,"
+    " started_at = excluded.started_at, at = excluded.at, connected = excluded.connected,"
+    " stopped_at = excluded.stopped_at"
 )
 
 

@@ -37,6 +37,7 @@ __all__ = [
     "DeviceRecord",
     "DeviceStatus",
     "DeliveryState",
+    "GatewayHeartbeat",
     "Inbound",
     "IngestResult",
     "LedgerRow",
@@ -170,8 +171,13 @@ class DeviceStatus:
         gaps: open missing counters (skipped by gaps, not filled late).
         rejects: quarantined inputs attributed to it, all days.
         model: the model id from its last status that named one (the birth message), else None.
-        outbox_backlog: envelopes waiting in its outbox according to its last status, else None.
+        outbox_backlog: envelopes still waiting in its outbox as far as the fleet can tell: the backlog of its latest
+            status that reported one, less the envelopes accepted since (a lower bound while it is offline); else
+            None.
         info: the last status payload as received (a JSON object; empty if none).
+        revoked_at: when it was revoked (gateway clock), None while it is not.
+        backlog_reported: the backlog its latest status reported, None if none did.
+        backlog_reported_at: when that status arrived (gateway clock).
     """
 
     device_id: str
@@ -185,6 +191,32 @@ class DeviceStatus:
     model: str | None
     outbox_backlog: int | None
     info: dict[str, Any]
+    revoked_at: float | None = None
+    backlog_reported: int | None = None
+    backlog_reported_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayHeartbeat:
+    """A gateway process's sign of life in the store (``edge.fleet.heartbeat`` writes it every few seconds).
+
+    Attributes:
+        gateway_id: the gateway's identity (``[gateway] id``).
+        host: the host name it runs on.
+        pid: its process id.
+        started_at: when the process started (its clock).
+        at: the latest beat (its clock).
+        connected: whether it was connected to the broker at that beat.
+        stopped_at: when it stopped cleanly, None while running (or after a crash).
+    """
+
+    gateway_id: str
+    host: str
+    pid: int
+    started_at: float
+    at: float
+    connected: bool
+    stopped_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -356,6 +388,20 @@ class Store(Protocol):
 
     def statuses(self) -> list[DeviceStatus]:
         """The status of every registered device, ordered by id (strangers: ``strangers()``).
+
+        Raises:
+            StoreError: the database failed.
+        """
+
+    def beat(self, heartbeat: GatewayHeartbeat) -> None:
+        """Record a gateway's heartbeat (replacing its previous one).
+
+        Raises:
+            StoreError: the database failed.
+        """
+
+    def heartbeats(self) -> list[GatewayHeartbeat]:
+        """Every gateway's latest heartbeat, newest first.
 
         Raises:
             StoreError: the database failed.
