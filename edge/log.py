@@ -7,12 +7,18 @@ No secret reaches a log line: both formatters pass the message, every string fie
 and the traceback through :func:`redact`, which masks the credentials of URLs (``user:password@``, secret query
 parameters such as ``?password=``), ``password=`` assignments and PEM private keys. Error messages that leave the
 process another way (telemetry events, the OTA state file) are redacted where they are made, with the same helper.
+
+Under systemd, when the log stream is the journal (``JOURNAL_STREAM`` names the stream's device and inode), every
+line starts with its syslog priority (``<3>`` error, ``<4>`` warning, ``<6>`` info, ``<7>`` debug: sd-daemon(3)),
+which journald strips and stores, so ``journalctl -p warning`` shows warnings and errors only. A stream that is not
+the journal (a pipe to another program, a file) gets no prefix, even if the variable was inherited.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import sys
 import threading
@@ -20,7 +26,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, Final, TextIO
 
-__all__ = ["REDACTED", "Throttle", "configure", "event", "redact"]
+__all__ = ["REDACTED", "Throttle", "configure", "event", "redact", "to_journal"]
 
 _FIELDS = "edge_fields"
 
@@ -187,13 +193,50 @@ class _TextFormatter(logging.Formatter):
 _LIBRARY_LOGGERS: Final = ("urllib3", "tuf")
 
 
+# sd-daemon(3) priorities by logging level (syslog's numbers); a level between two takes the lower one's.
+_JOURNAL_PRIORITIES: Final = ((logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNING, 4), (logging.INFO, 6))
+
+
+class _JournalFormatter(logging.Formatter):
+    """Another formatter's output with the syslog priority prefix on each line (a multi-line traceback is several
+    journal entries: each keeps the record's priority)."""
+
+    def __init__(self, inner: logging.Formatter) -> None:
+        super().__init__()
+        self._inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        priority = next((p for level, p in _JOURNAL_PRIORITIES if record.levelno >= level), 7)
+        return "\n".join(f"<{priority}>{line}" for line in self._inner.format(record).split("\n"))
+
+
+def to_journal(stream: TextIO, environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether ``stream`` is connected to the journal: ``JOURNAL_STREAM`` is ``<device>:<inode>`` of its descriptor.
+
+    Args:
+        stream: where the logs go.
+        environ: the process environment.
+    """
+    expected = environ.get("JOURNAL_STREAM", "")
+    if not expected:
+        return False
+    try:
+        st = os.fstat(stream.fileno())
+    except (OSError, ValueError, AttributeError):  # no descriptor (a StringIO) or a closed one: not the journal
+        return False
+    return expected == f"{st.st_dev}:{st.st_ino}"
+
+
 def configure(level: str = "info", fmt: str = "json", stream: TextIO | None = None) -> None:
     """Send edge's logs to ``stream`` (stderr by default) in ``fmt`` ("json" or "text") at ``level``.
 
-    The warnings of the libraries in ``_LIBRARY_LOGGERS`` go to the same handler, so they are redacted too.
+    The warnings of the libraries in ``_LIBRARY_LOGGERS`` go to the same handler, so they are redacted too. When the
+    stream is the journal (:func:`to_journal`), each line is prefixed with its syslog priority.
     """
-    handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(_JsonFormatter() if fmt == "json" else _TextFormatter())
+    out = stream or sys.stderr
+    handler = logging.StreamHandler(out)
+    formatter: logging.Formatter = _JsonFormatter() if fmt == "json" else _TextFormatter()
+    handler.setFormatter(_JournalFormatter(formatter) if to_journal(out) else formatter)
     root = logging.getLogger("edge")
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

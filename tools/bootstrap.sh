@@ -46,6 +46,25 @@ if [ ${#need[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}"
 fi
 
+# The alert rules (deploy/prometheus) are checked with promtool. Debian's prometheus package has it, but installing
+# that package starts a Prometheus server: unpack only usr/bin/promtool from it into .cache/promtool (no daemon, no
+# root), where tests/test_deploy_files.py looks when promtool is not on PATH.
+PROMTOOL_DIR=.cache/promtool
+if ! have promtool && [ ! -x "$PROMTOOL_DIR/usr/bin/promtool" ]; then
+    deb_dir=$(mktemp -d)
+    chmod 755 "$deb_dir"  # apt downloads as its _apt user
+    if ! (cd "$deb_dir" && apt-get download -qq prometheus >/dev/null 2>&1); then
+        SUDO=""
+        [ "$(id -u)" -eq 0 ] || SUDO=sudo
+        $SUDO apt-get update -qq  # no package lists yet
+        (cd "$deb_dir" && apt-get download -qq prometheus)
+    fi
+    mkdir -p "$PROMTOOL_DIR"
+    dpkg-deb --fsys-tarfile "$deb_dir"/prometheus_*.deb | tar -x -C "$PROMTOOL_DIR" ./usr/bin/promtool
+    rm -rf "$deb_dir"
+    echo "bootstrap: promtool unpacked: $PROMTOOL_DIR/usr/bin/promtool"
+fi
+
 if [ ! -x "$VENV/bin/python" ]; then
     "$PY" -m venv "$VENV"
 fi

@@ -8,6 +8,8 @@ import json
 import sys
 from typing import Any
 
+from edge.fleet.cli.gateway_config import register_config
+
 __all__ = ["register"]
 
 
@@ -23,10 +25,13 @@ def register(sub: Any) -> None:
         "run",
         help="ingest, verify and store the fleet's telemetry until stopped",
         description="Connect to the broker as the gateway identity, verify and store every envelope (acknowledged "
-        "only once stored), record device status, and serve Prometheus metrics. SIGTERM or SIGINT stops it cleanly.",
+        "only once stored), record device status, serve Prometheus metrics and /healthz, and re-sign the TUF "
+        "repository's timestamp before it expires (when the fleet directory holds its key). SIGTERM or SIGINT stops "
+        "it cleanly. Under systemd: deploy/systemd/edge-gateway.service (docs/gateway.md, Operations).",
     )
     run.add_argument("--config", required=True, metavar="FILE", help="gateway configuration (TOML)")
     run.set_defaults(func=_run)
+    register_config(actions)  # edge gateway config check|show
 
 
 def _run(args: argparse.Namespace) -> int:
