@@ -19,6 +19,7 @@ from edge.errors import ConfigError, ModelError
 from edge.inference.model import Model
 from edge.inference.preprocess import backend
 from edge.log import configure, event
+from edge.ota.owner import hold_for_service
 from edge.pipeline import Pipeline, PipelineStats
 from edge.sensing.sources import open_source
 from edge.sinks import JsonLinesSink, Sink
@@ -100,19 +101,22 @@ def run_service(cfg: Config, *, max_frames: int = 0) -> PipelineStats:
     # First, before a model loads or the updater touches the slots: a box that does not know who it is (not enrolled,
     # or configured as another box than its certificate) refuses to start and says why.
     device_id = resolve_device_id(cfg)
+    # Held until the process exits: `edge ota update/revert` refuse while it is (docs/ota.md, "A running service").
+    owner = hold_for_service(cfg.device.data_dir, ota_on=bool(cfg.ota.repository))
     model_path = cfg.model.path or factory_model_path()
     ota: tuple[Updater, OtaAgent | None, EventEmitter] | None = None
     model: Model | None = None
     if cfg.ota.repository:
         ota = _start_updater(cfg, model_path)
-        # The active slot, when valid, supersedes the configured model: it is the one the fleet committed.
-        active = ota[0].slots.active().path
-        if active != model_path:
-            try:
-                model = Model(active, threads=cfg.model.threads, spinning=cfg.model.spinning, warmup=cfg.model.warmup)
-                model_path = active
-            except ModelError as e:  # e.g. a runtime upgrade that no longer takes it: run the configured model
-                event(log, logging.ERROR, "the active slot's model does not load", path=str(active), error=str(e))
+    # The active slot, when valid, supersedes the configured model: it is the one the fleet committed. With updates
+    # off (a blank repository) it still runs: blanking the URL stops updates, it does not undo the last one.
+    active = ota[0].slots.active().path if ota is not None else _committed_model(cfg, model_path)
+    if active != model_path:
+        try:
+            model = Model(active, threads=cfg.model.threads, spinning=cfg.model.spinning, warmup=cfg.model.warmup)
+            model_path = active
+        except ModelError as e:  # e.g. a runtime upgrade that no longer takes it: run the configured model
+            event(log, logging.ERROR, "the active slot's model does not load", path=str(active), error=str(e))
     if model is None:
         model = Model(model_path, threads=cfg.model.threads, spinning=cfg.model.spinning, warmup=cfg.model.warmup)
     source = open_source(cfg.source, model_size=(model.input_spec.width, model.input_spec.height))
@@ -188,12 +192,27 @@ def run_service(cfg: Config, *, max_frames: int = 0) -> PipelineStats:
             renewer.stop()
         for s, handler in previous.items():
             signal.signal(s, handler)
+        if owner is not None:
+            owner.release()
         if telemetry is not None:
             closing = telemetry.close()
         else:
             sink.close()
     event(log, logging.INFO, "service stopped", **summary(pipeline.stats, time.monotonic() - t0), **closing)
     return pipeline.stats
+
+
+def _committed_model(cfg: Config, factory: Path) -> Path:
+    """The committed slot's model (or ``factory``) when updates are off: read only, nothing is created."""
+    if not (cfg.device.data_dir / "models").is_dir():
+        return factory
+    from edge.ota.slots import Slots  # noqa: PLC0415
+
+    active = Slots(cfg.device.data_dir / "models", factory).active()
+    if active.manifest is not None:
+        event(log, logging.INFO, "updates off ([ota] repository blank): running the committed model",
+              model=active.manifest.model_id, slot=active.slot)  # fmt: skip
+    return active.path
 
 
 def _start_updater(cfg: Config, factory: Path) -> tuple[Updater, OtaAgent | None, EventEmitter]:

@@ -169,7 +169,11 @@ def publish_releases(work: Path, fleet: Path) -> None:
     releases = work / "releases"
     subprocess.run([sys.executable, str(ROOT / "tools/models/ota_models.py"), str(releases)], check=True,
                    capture_output=True)  # fmt: skip
-    for version, extra in (("2.0.0", ["--float", str(releases / "digits/2.0.0/model-float.onnx")]), ("3.0.0", [])):
+    # 3.0.0 is broken on purpose (the boxes' health gate rolls it back): --force skips the publisher's own check.
+    for version, extra in (
+        ("2.0.0", ["--float", str(releases / "digits/2.0.0/model-float.onnx")]),
+        ("3.0.0", ["--force"]),
+    ):
         d = releases / "digits" / version
         edge(
             "fleet", "--dir", str(fleet), "models", "publish", str(d / "model.onnx"), "--name", "digits",

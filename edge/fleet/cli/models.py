@@ -1,7 +1,8 @@
 """``edge fleet models ...`` and ``edge fleet publishers ...``: the fleet's TUF model repository.
 
 Registered into ``edge fleet`` through ``SUBCOMMANDS``; the global ``--dir`` option comes from there. The repository
-itself is ``edge.fleet.models.repository``; serve ``<fleet dir>/repository/`` with any static HTTP server.
+itself is ``edge.fleet.models.repository``; serve ``<fleet dir>/repository/`` with any static HTTP server, or in a lab
+with ``edge fleet models serve`` (``edge.fleet.models.serve``).
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from edge._fs import atomic_write
 from edge.errors import ConfigError
 from edge.fleet.cli._common import fleet_dir
 
@@ -36,8 +36,11 @@ def _iso(t: datetime.datetime) -> str:
 
 
 def _repo(args: argparse.Namespace) -> FleetRepository:
+    from edge.fleet.models.freshness import hold_repository_lock  # noqa: PLC0415
     from edge.fleet.models.repository import FleetRepository  # noqa: PLC0415 -- tuf loads only for these commands
 
+    # A running gateway re-signs the timestamp (edge.fleet.models.freshness): never between our load and writes.
+    hold_repository_lock(fleet_dir(args))
     return FleetRepository.load(fleet_dir(args))
 
 
@@ -62,7 +65,7 @@ def _models_list(text: str) -> list[str]:
 
 
 def register_models(sub: Any) -> None:
-    """Add ``edge fleet models init|publish|list|refresh|keys rotate|root``."""
+    """Add ``edge fleet models init|publish|list|refresh|keys rotate|root|serve``."""
     p = sub.add_parser(
         "models",
         help="the TUF model repository: init, publish, list, refresh, rotate keys, export the trusted root",
@@ -86,9 +89,12 @@ def register_models(sub: Any) -> None:
     pub = actions.add_parser(
         "publish",
         help="publish a model release signed by its publisher",
-        description="Copy the model (and its float variant and golden samples) into the repository, sign the "
-        "publisher's role with --key, then a new snapshot and timestamp. Golden outputs missing from --golden are "
-        "computed by running the model.",
+        description="Run the release's golden samples and latency budget on this machine with the real model (the "
+        "box's health gate; --force skips it), copy the model (and its float variant and golden samples) into the "
+        "repository, sign the publisher's role with --key, then a new snapshot and timestamp. Golden outputs "
+        "missing from --golden are computed by running the model. A release that fails the check is not signed "
+        "(exit 3). Example: edge fleet models publish v2.onnx --name digits --version 2.0.0 --publisher acme "
+        "--key acme.pem --golden golden.npz --latency-budget-ms 20 --requires onnxruntime=1.20",
     )
     pub.add_argument("model", metavar="MODEL.onnx")
     pub.add_argument("--name", required=True)
@@ -109,6 +115,12 @@ def register_models(sub: Any) -> None:
         help="the oldest runtime a box may run it on: onnxruntime, edge or python (repeatable; a runtime not named "
         "keeps its default, this machine's onnxruntime major.minor and edge version). Example: "
         "--requires onnxruntime=1.20 for boxes whose image ships an older onnxruntime than this machine",
+    )
+    pub.add_argument(
+        "--force",
+        action="store_true",
+        help="sign without first running the golden samples and latency budget on this machine (a release meant to "
+        "fail on the boxes, or a budget only the box can judge)",
     )
     pub.add_argument("--json", action="store_true", help="print the manifest as JSON")
     pub.set_defaults(func=_publish)
@@ -132,6 +144,19 @@ def register_models(sub: Any) -> None:
     root = actions.add_parser("root", help="write the latest root metadata: the trusted root to provision on boxes")
     root.add_argument("--out", required=True, metavar="FILE")
     root.set_defaults(func=_root)
+
+    serve = actions.add_parser(
+        "serve",
+        help="serve the repository over HTTP (a lab without a web server)",
+        description="Serve <fleet dir>/repository read-only over plain HTTP: only its files, no directory listings. "
+        "Boxes verify everything with TUF, so plain HTTP is enough; in production use nginx, a CDN or object "
+        "storage. Example: edge fleet models serve --listen 0.0.0.0:8080, then [ota] repository = "
+        '"http://<this machine>:8080" on the boxes.',
+    )
+    serve.add_argument(
+        "--listen", default="127.0.0.1:8080", metavar="HOST:PORT", help="address to listen on (default: %(default)s)"
+    )
+    serve.set_defaults(func=_serve)
 
 
 def _init(args: argparse.Namespace) -> int:
@@ -186,6 +211,16 @@ def _publish(args: argparse.Namespace) -> int:
 
     repo = _repo(args)
     requires = {**default_requires(), **dict(args.requires)} if args.requires else None
+    checked: list[Any] = []
+
+    def check(manifest: Any, files: Any, golden: bytes | None) -> None:
+        from edge.fleet.models.precheck import check_release  # noqa: PLC0415 -- onnxruntime
+
+        checked.append(check_release(manifest, files, golden))
+
+    if args.force:
+        print("warning: --force: the release is signed without running its golden samples and latency budget here",
+              file=sys.stderr)  # fmt: skip
     manifest = repo.publish(
         Path(args.model),
         name=args.name,
@@ -201,6 +236,7 @@ def _publish(args: argparse.Namespace) -> int:
         quantization=args.quantization,
         requires=requires,
         progress=_progress_printer(),
+        check=None if args.force else check,
     )
     if args.json:
         print(json.dumps(manifest.to_custom()["edge"], indent=2))
@@ -216,6 +252,10 @@ def _publish(args: argparse.Namespace) -> int:
     if manifest.latency_budget_ms is not None:
         print(f"  latency budget {manifest.latency_budget_ms:g} ms")
     print(f"  requires {', '.join(f'{k} >= {v}' for k, v in manifest.requires.items())}")
+    if checked:
+        r = checked[0]
+        golden = f"golden max error {r.max_error:.3g}, agreement {r.agreement:.3g}; " if r.max_error is not None else ""
+        print(f"  checked here: {golden}{r.variant} p50 {r.latency_ms:.3f} ms")
     return 0
 
 
@@ -257,9 +297,34 @@ def _rotate_key(args: argparse.Namespace) -> int:
 
 
 def _root(args: argparse.Namespace) -> int:
+    from edge._fs import atomic_write  # noqa: PLC0415 -- not for edge --help
+
     out = Path(args.out)
     atomic_write(out, _repo(args).root_bytes())
     print(out)
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import signal  # noqa: PLC0415
+
+    from edge.fleet.models.repository import METADATA_DIR, REPOSITORY_DIR, RepositoryError  # noqa: PLC0415
+    from edge.fleet.models.serve import RepositoryServer, parse_listen  # noqa: PLC0415
+
+    host, port = parse_listen(args.listen)
+    directory = fleet_dir(args) / REPOSITORY_DIR
+    if not (directory / METADATA_DIR / "root.json").is_file():
+        raise RepositoryError(f"no TUF repository in {directory}: create it with: edge fleet models init")
+    server = RepositoryServer(directory, host, port)
+    print(f"serving {directory} at {server.url} (read-only; Ctrl-C or SIGTERM stops)", flush=True)
+    # SIGTERM (systemd, a test) ends the server like Ctrl-C: exit 0, the port released.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.close()
     return 0
 
 
@@ -267,7 +332,7 @@ def _root(args: argparse.Namespace) -> int:
 
 
 def register_publishers(sub: Any) -> None:
-    """Add ``edge fleet publishers add|list|rotate|remove|keygen``."""
+    """Add ``edge fleet publishers add|allow|list|rotate|remove|keygen``."""
     p = sub.add_parser(
         "publishers",
         help="the model publishers the fleet trusts (delegated TUF roles)",
@@ -281,6 +346,19 @@ def register_publishers(sub: Any) -> None:
     add.add_argument("key", metavar="KEY.pub")
     add.add_argument("--models", required=True, type=_models_list, metavar="A,B", help="models it may publish")
     add.set_defaults(func=_pub_add)
+
+    allow = actions.add_parser(
+        "allow",
+        help="change the models an existing publisher may publish",
+        description="--models +x,+y adds models to the publisher's list, --models=-x takes one off it (boxes then "
+        "stop trusting its releases of x), --models x,y replaces the list. Example: "
+        "edge fleet publishers allow acme --models +mobilenet",
+    )
+    allow.add_argument("name", metavar="NAME")
+    allow.add_argument(
+        "--models", required=True, metavar="[+|-]A,...", help="+NAME adds, -NAME removes, plain names replace"
+    )
+    allow.set_defaults(func=_pub_allow)
 
     ls = actions.add_parser("list", help="list publishers")
     ls.add_argument("--json", action="store_true", help="machine-readable output")
@@ -312,6 +390,29 @@ def _pub_add(args: argparse.Namespace) -> int:
     repo = _repo(args)
     repo.add_publisher(args.name, load_public_key(args.key), args.models, now=_now())
     print(f"publisher {args.name} may publish: {', '.join(repo.publisher_models(args.name))}")
+    return 0
+
+
+def _pub_allow(args: argparse.Namespace) -> int:
+    items = _models_list(args.models)
+    signed = [item for item in items if item[0] in "+-"]
+    if not items or len(signed) not in (0, len(items)):
+        raise ConfigError("--models", args.models, "+A,+B to add, -A to remove, or A,B to replace the list (not mixed)")
+    repo = _repo(args)
+    before = set(repo.publisher_models(args.name))
+    if signed:
+        now = repo.allow_models(
+            args.name,
+            now=_now(),
+            add=[m[1:] for m in items if m[0] == "+"],
+            remove=[m[1:] for m in items if m[0] == "-"],
+        )
+    else:
+        now = repo.allow_models(args.name, now=_now(), replace=items)
+    print(f"publisher {args.name} may publish: {', '.join(now)}" + ("" if set(now) != before else " (unchanged)"))
+    dropped = sorted(before - set(now))
+    if dropped:
+        print(f"warning: boxes no longer trust {args.name}'s releases of {', '.join(dropped)}", file=sys.stderr)
     return 0
 
 
@@ -355,6 +456,7 @@ def _pub_remove(args: argparse.Namespace) -> int:
 def _pub_keygen(args: argparse.Namespace) -> int:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: PLC0415
 
+    from edge._fs import atomic_write  # noqa: PLC0415
     from edge.fleet.models._tuf_keys import private_pem, public_pem  # noqa: PLC0415
     from edge.fleet.models.repository import validate_publisher  # noqa: PLC0415
     from edge.identity.errors import KeyExistsError  # noqa: PLC0415

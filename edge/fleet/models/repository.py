@@ -116,6 +116,7 @@ _MAX_THRESHOLD = 16
 _COPY_CHUNK = 1 << 20
 
 Progress = Callable[[int, int], None]
+ReleaseCheck = Callable[["ModelManifest", Mapping[str, Path], "bytes | None"], object]
 
 
 class RepositoryError(GatewayError, InputError):
@@ -440,6 +441,47 @@ class FleetRepository:
         self._bump_targets(now)
         self._commit(now)
 
+    def allow_models(
+        self,
+        name: str,
+        *,
+        now: datetime.datetime,
+        add: Sequence[str] = (),
+        remove: Sequence[str] = (),
+        replace: Sequence[str] | None = None,
+    ) -> list[str]:
+        """Change the models an existing publisher may publish (its delegation's ``<model>/*/*`` paths).
+
+        Args:
+            name: the publisher.
+            now: the signing time.
+            add: model names to add to its list.
+            remove: model names to take off it (boxes then stop trusting its releases of them).
+            replace: the whole new list (instead of ``add``/``remove``).
+
+        Returns:
+            The models it may publish now. Nothing is signed when the list does not change.
+
+        Raises:
+            RepositoryError: unknown publisher, or no model would be left.
+            ManifestError: an invalid model name.
+        """
+        now = _utc(now)
+        role = self._publisher_role(name)
+        current = set(self.publisher_models(name))
+        if replace is not None:
+            wanted = {validate_name(m) for m in replace}
+        else:
+            wanted = (current | {validate_name(m) for m in add}) - {validate_name(m) for m in remove}
+        if not wanted:
+            raise RepositoryError(f"publisher {name!r} would be left with no model (remove it with: publishers remove)")
+        if wanted == current:
+            return sorted(current)
+        role.paths = [f"{m}/*/*" for m in sorted(wanted)]
+        self._bump_targets(now)
+        self._commit(now)
+        return sorted(wanted)
+
     def rotate_publisher(
         self,
         name: str,
@@ -529,6 +571,7 @@ class FleetRepository:
         requires: Mapping[str, str] | None = None,
         quantization: str | None = None,
         progress: Progress | None = None,
+        check: ReleaseCheck | None = None,
     ) -> ModelManifest:
         """Publish a release: copy its files into the targets, sign the publisher's role, then snapshot and timestamp.
 
@@ -545,6 +588,9 @@ class FleetRepository:
             requires: minimum runtime versions (default: this onnxruntime's major.minor and edge's version).
             quantization: "int8" or "float" (default: "int8" for a uint8/int8 input, else "float").
             progress: called with (bytes copied, bytes in total) while the release files are copied.
+            check: called with the manifest, the variant files (``{"int8"|"float": path}``) and the golden file's
+                bytes before anything is copied or signed; raises to refuse the release
+                (``edge.fleet.models.precheck.check_release``: the golden samples and latency budget on this machine).
 
         Returns:
             The manifest as published.
@@ -603,22 +649,21 @@ class FleetRepository:
             raise RepositoryError(f"model {model}: edge.preprocess is not JSON") from e
 
         rel = f"{name}/{version}"
-        sources: list[tuple[str, Path | bytes]] = [(MODEL_FILE, Path(model))]
+        # What each file must be, from the sources: the manifest (and the publisher's check) come before any copy.
+        sources: dict[str, Path | bytes] = {MODEL_FILE: Path(model)}
+        expected: dict[str, tuple[str, int]] = {MODEL_FILE: (primary.sha256, _size(Path(model)))}
         if float_variant is not None:
-            sources.append((FLOAT_FILE, Path(float_variant)))
+            sources[FLOAT_FILE] = Path(float_variant)
+            expected[FLOAT_FILE] = (fv.sha256, _size(Path(float_variant)))
         if golden_data is not None:
-            sources.append((GOLDEN_FILE, golden_data))
-        total = sum(s.stat().st_size if isinstance(s, Path) else len(s) for _, s in sources)
-        copier = _Copier(self.targets_dir / rel, total, progress)
-        stored = {filename: copier.store(filename, src) for filename, src in sources}
-        sha, length = stored[MODEL_FILE]
-        if sha != primary.sha256:
-            raise RepositoryError(f"model {model} changed while it was being published")
+            sources[GOLDEN_FILE] = golden_data
+            expected[GOLDEN_FILE] = (hashlib.sha256(golden_data).hexdigest(), len(golden_data))
+        sha, length = expected[MODEL_FILE]
 
         def companion(filename: str) -> Companion | None:
-            if filename not in stored:
+            if filename not in expected:
                 return None
-            return Companion(target_path(name, version, filename), *stored[filename])
+            return Companion(target_path(name, version, filename), *expected[filename])
 
         golden_file = companion(GOLDEN_FILE)
         manifest = ModelManifest(
@@ -640,6 +685,20 @@ class FleetRepository:
         custom = manifest.to_custom()
         # Round trip through the box's parser: what cannot be read back is never signed.
         ModelManifest.from_custom(manifest.path, custom, length=length, sha256=sha)
+        if check is not None:
+            variants: dict[str, Path] = {manifest.quantization: Path(model)}
+            if float_variant is not None:
+                variants["float"] = Path(float_variant)
+            check(manifest, variants, golden_data)
+
+        total = sum(s.stat().st_size if isinstance(s, Path) else len(s) for s in sources.values())
+        copier = _Copier(self.targets_dir / rel, total, progress)
+        stored = {filename: copier.store(filename, src) for filename, src in sources.items()}
+        for filename, want in expected.items():
+            if stored[filename] != want:
+                src = sources[filename]
+                what = src if isinstance(src, Path) else f"the golden samples of {name}@{version}"
+                raise RepositoryError(f"{what} changed while it was being published: publish again")
 
         md = self._delegated.get(publisher)
         if md is None:
@@ -804,6 +863,13 @@ def default_requires() -> dict[str, str]:
     onnxruntime (major.minor) and edge versions."""
     ort = importlib.metadata.version("onnxruntime")
     return {"onnxruntime": ".".join(ort.split(".")[:2]), "edge": edge.__version__}
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError as e:
+        raise RepositoryError(f"cannot read {path}: {e.strerror or e}") from e
 
 
 def _check_identity(metadata: Mapping[str, str], path: Path, name: str, version: str) -> None:
