@@ -134,11 +134,13 @@ RDEPENDS:${PN} += "\
     python3-tuf \
     python3-urllib3 \
 "
-# The fleet's own needs beyond the box's: Prometheus metrics (python3-prometheus-client, meta-python). Its
+# The fleet's own needs beyond the box's: Prometheus metrics (python3-prometheus-client, meta-python) served with
+# /healthz through the standard library's wsgiref (python3-misc). Its
 # PostgreSQL backend (psycopg) is optional and loads only for a postgresql:// store; SQLite is the default. QR labels
 # of claim codes (segno) are optional too: `edge fleet claims create --qr` says what to install.
 RDEPENDS:${PN}-fleet += "\
     ${PN} \
+    python3-misc \
     python3-prometheus-client \
 "
 RDEPENDS:${PN}-ptest += "\
