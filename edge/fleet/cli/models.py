@@ -131,7 +131,7 @@ def register_models(sub: Any) -> None:
     ls.set_defaults(func=_list)
 
     refresh = actions.add_parser(
-        "refresh", help="sign a new snapshot and timestamp (run from a timer before the timestamp expires)"
+        "refresh", help="sign a new snapshot and timestamp now (a running gateway does it before they expire)"
     )
     refresh.set_defaults(func=_refresh)
 
