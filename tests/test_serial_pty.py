@@ -36,6 +36,7 @@ import pytest
 
 from edge.errors import TransportError
 from edge.sensing.frames import Frame, PixelFormat, Reading
+from edge.sensing.serial_protocol import ReadingPacket, encode
 from edge.sensing.serial_source import SerialSource
 
 SIM = Path(__file__).resolve().parents[1] / "tools" / "sim" / "serial_sensor.py"
@@ -235,10 +236,16 @@ def test_missing_port_raises_transport_error(tmp_path: Path) -> None:
         SerialSource(str(tmp_path / "ttyUSB9"))
 
 
+def _reading(value: float) -> bytes:
+    return encode(ReadingPacket(channel=1, timestamp_us=0, value=value))
+
+
 def test_rejects_logged_without_flood(caplog: pytest.LogCaptureFixture) -> None:
     with pty_pair() as (master, _, path):
         source = SerialSource(path, log_every_s=60.0)
         consumer = Consumer(source)
+        os.write(master, _reading(1.0))  # in step with the board: every reject from now on is the line's fault
+        consumer.wait_for(frames=0, readings=1)
         with caplog.at_level(logging.WARNING, logger="edge.sensing.serial"):
             for _ in range(50):
                 os.write(master, b"\x05\x01\x00")  # invalid COBS, one reject each
@@ -251,3 +258,48 @@ def test_rejects_logged_without_flood(caplog: pytest.LogCaptureFixture) -> None:
     logged = [r for r in caplog.records if r.name == "edge.sensing.serial"]
     assert len(logged) == 1  # 50 rejects within a minute: the first one logged, the rest counted
     assert "cobs" in logged[0].getMessage()
+
+
+def test_joining_a_board_mid_packet_is_counted_but_not_warned_about(caplog: pytest.LogCaptureFixture) -> None:
+    """The service opens the port while the board is half-way through a packet: that packet is lost and counted,
+    but it is what joining a live line costs, so it is logged at info (a journal's warnings stay for real faults);
+    the next reject, once in step, is a warning again."""
+    packet = _reading(2.0)
+    with pty_pair() as (master, _, path):
+        source = SerialSource(path, log_every_s=60.0)
+        consumer = Consumer(source)
+        with caplog.at_level(logging.INFO, logger="edge.sensing.serial"):
+            os.write(master, packet[len(packet) // 2 :] + _reading(3.0))  # the tail of one packet, then a whole one
+            consumer.wait_for(frames=0, readings=1)
+            joined = dict(source.rejects)
+            os.write(master, b"\x05\x01\x00")  # invalid COBS, now that the line is in step
+            deadline = time.monotonic() + 2.0
+            while source.rejected < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            consumer.stop()
+    assert [r.value for r in consumer.readings] == [3.0]
+    assert sum(joined.values()) == 1, joined
+    records = [r for r in caplog.records if r.name == "edge.sensing.serial"]
+    assert [r.levelno for r in records] == [logging.INFO, logging.WARNING], [r.getMessage() for r in records]
+    assert "joining" in records[0].getMessage() and "cobs" in records[1].getMessage()
+
+
+def test_a_line_that_never_gets_through_is_warned_about_after_the_join_window(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A wrong baud rate looks like a join that never ends: once ``join_s`` has passed without an item, its rejects
+    are warnings."""
+    with pty_pair() as (master, _, path):
+        source = SerialSource(path, log_every_s=60.0, join_s=0.3)
+        consumer = Consumer(source)
+        with caplog.at_level(logging.INFO, logger="edge.sensing.serial"):
+            deadline = time.monotonic() + 3.0
+            while time.monotonic() < deadline and not any(
+                r.levelno == logging.WARNING for r in caplog.records if r.name == "edge.sensing.serial"
+            ):
+                os.write(master, b"\x05\x01\x00")
+                time.sleep(0.05)
+            consumer.stop()
+    levels = [r.levelno for r in caplog.records if r.name == "edge.sensing.serial"]
+    assert levels[0] == logging.INFO and logging.WARNING in levels, levels
+    assert consumer.readings == [] and source.rejects["cobs"] >= 2
