@@ -174,9 +174,14 @@ class Client:
         self.connect_result: str | None = None
         self.disconnected = threading.Event()
         self.disconnect_reason: str | None = None
+        # PUBACKs by message id: a QoS 0 publish also reports "published" (when paho writes it), and matching by id
+        # keeps that, or a late acknowledgement, from answering for the next QoS 1 publish.
+        self._acks: dict[int, str] = {}
+        self._acked = threading.Condition(self._lock)
         c.on_connect = self._on_connect
         c.on_message = self._on_message
         c.on_disconnect = self._on_disconnect
+        c.on_publish = self._on_publish
         try:
             c.connect(broker.host, broker.port)
         except OSError as e:
@@ -219,19 +224,19 @@ class Client:
         self.client.subscribe(topic, qos=1)
         return codes[0] if done.wait(5) else "no SUBACK"
 
+    def _on_publish(self, _c, _u, mid: int, rc: ReasonCode, _p) -> None:
+        with self._acked:
+            self._acks[mid] = "Success" if not rc.is_failure else rc.getName()
+            self._acked.notify_all()
+
     def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> str:
         """Publish at QoS 1; returns "Success" (any success code, incl. "No matching subscribers"), the failure's
         reason ("Not authorized"), or "no PUBACK"."""
-        done = threading.Event()
-        result: list[str] = []
-
-        def on_publish(_c, _u, _mid, rc: ReasonCode, _p) -> None:
-            result.append("Success" if not rc.is_failure else rc.getName())
-            done.set()
-
-        self.client.on_publish = on_publish
-        self.client.publish(topic, payload, qos=1, retain=retain)
-        return result[0] if done.wait(5) else "no PUBACK"
+        info = self.client.publish(topic, payload, qos=1, retain=retain)
+        with self._acked:
+            if not self._acked.wait_for(lambda: info.mid in self._acks, timeout=5):
+                return "no PUBACK"
+            return self._acks.pop(info.mid)
 
     def close(self) -> None:
         self.client.disconnect()  # first: paho's network thread then ends at once instead of on its select timeout
