@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import os
 import sys
 from collections.abc import Sequence
 
@@ -107,10 +108,14 @@ def _flush_or_silence() -> None:
 
 
 def _fail(exc: Exception) -> int:
-    """Report ``exc`` as one line (after its traceback under ``EDGE_DEBUG=1``) and return its exit status."""
+    """Report ``exc`` as one line (after its traceback under ``EDGE_DEBUG=1``, or for a bug in a systemd service)
+    and return its exit status."""
     _flush_or_silence()
     status, line = report(exc)
-    if debug():
+    # A bug that ends a service (systemd sets INVOCATION_ID) happened on a box nobody can rerun it on: its traceback
+    # goes to the journal, where the bug report comes from. An operator at a terminal gets the one line.
+    bug = line.startswith("internal error")
+    if debug() or (bug and os.environ.get("INVOCATION_ID")):
         print_traceback(exc)
     print(f"edge: {line}", file=sys.stderr)
     return int(status)

@@ -443,6 +443,32 @@ def test_edge_debug_shows_the_traceback(world: World) -> None:
     assert loud.stderr.strip().splitlines()[-1] == quiet.stderr.strip().splitlines()[-1]
 
 
+def test_a_bug_in_a_systemd_service_leaves_its_traceback_in_the_journal(tmp_path: Path) -> None:
+    """A real process with a planted bug (a dependency whose import raises RuntimeError): at a terminal one line; under
+    systemd (INVOCATION_ID) the traceback first, for the bug report, and the same line last, the same status."""
+    shadow = tmp_path / "shadow" / "cbor2"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text('raise RuntimeError("planted bug")\n')
+    # Whatever runs these tests (a CI job may itself be a systemd service) decides nothing: both variables are set here.
+    base = {k: v for k, v in os.environ.items() if k not in ("INVOCATION_ID", "EDGE_DEBUG")}
+    base["PYTHONPATH"] = str(shadow.parent)
+    cmd = [sys.executable, "-m", "edge", "telemetry", "status", "--config", str(ROOT / "docs" / "edge.example.toml")]
+
+    def run(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S, check=False, cwd=ROOT, env=env)
+
+    terminal = run(base)
+    service = run({**base, "INVOCATION_ID": "0123456789abcdef0123456789abcdef"})
+    assert terminal.returncode == service.returncode == 1, (terminal.stderr, service.stderr)
+    line = "edge: internal error: RuntimeError: planted bug (this is a bug; rerun with EDGE_DEBUG=1 for the traceback)"
+    assert terminal.stderr.strip() == line
+    assert "Traceback" in service.stderr and "planted bug" in service.stderr
+    assert service.stderr.strip().splitlines()[-1] == line
+    # Only a bug: a configuration error in a service stays one line.
+    config = edge("run", "--config", str(tmp_path / "absent.toml"), env={"INVOCATION_ID": "0" * 32})
+    assert config.returncode == 2 and "Traceback" not in config.stderr
+
+
 def test_a_bug_is_one_line_that_says_so() -> None:
     """An exception edge did not mean to raise: "internal error", a bug, and how to get the traceback; status 1."""
     from edge._cli_errors import report  # noqa: PLC0415
