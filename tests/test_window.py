@@ -298,8 +298,8 @@ def test_an_acknowledged_envelope_read_again_before_its_commit_is_not_deleted_ag
     sim.resolve(3, LOST)
     sim.step(flush=False)  # the commit failed: 1 is still in the outbox
     sim.step()
-    assert sim.published_in(1) == [1, 2, 3]
-    assert not sim.resolve(1, ACKED).delete
+    # Read again but not published again: it is acknowledged, only its deletion waits.
+    assert sim.published_in(1) == [2, 3]
     sim.commit()
     assert sim.deleted == [1] and sorted(sim.outbox) == [2, 3]
 
@@ -315,6 +315,30 @@ def test_the_memory_of_deletions_ends_with_the_last_delivery_and_the_commit() ->
             break
     assert sim.deleted == list(range(1, 51)) and not sim.pending
     assert (sim.core._unresolved, sim.core._deleting, sim.core._deleted) == ({}, set(), set())
+
+
+def test_a_late_ack_from_before_a_restart_is_not_published_and_deleted_again() -> None:
+    """Found by the random interleavings: 2 is in flight when an unheard publication restarts the window; the new
+    session's Receive Maximum is 1, so the new epoch reads 1..3 and publishes only 1; then the old epoch's
+    acknowledgement of 2 arrives and 2 is deleted. The new epoch must not publish 2 again: once that deletion is
+    committed nothing remembers 2, and its second acknowledgement would delete it twice."""
+    sim = Sim(3, window=2, pause=1.0)
+    sim.step()
+    sim.resolve(1, UNHEARD)
+    assert sim.step() is Action.RESTART
+    sim.now += 10
+    sim.receive_maximum = 1
+    assert sim.step() is Action.PUBLISH
+    assert sim.pending == [(0, 2), (1, 1)]
+    assert sim.resolve(2, ACKED, epoch=0).delete
+    sim.commit()
+    sim.resolve(1, ACKED, epoch=1)
+    sim.commit()
+    sim.step()
+    assert sim.published_in(1) == [1, 3]
+    sim.resolve(3, ACKED)
+    sim.commit()
+    assert not sim.outbox and sim.deleted == [2, 1, 3]
 
 
 # -- random interleavings -------------------------------------------------------------------------------------------

@@ -315,12 +315,12 @@ class PublishWindow:
             if counter <= last:
                 raise RuntimeError(f"outbox rows out of counter order: {counter} after {last}")
             last = counter
-        if self._awaiting:
-            # Published and acknowledged, waiting for a receipt: not again until its deadline (``due``).
-            waiting = self._awaiting
-            self._queue.extend(r for r in rows if r[0] not in waiting)
-        else:
-            self._queue.extend(rows)
+        # Acknowledged already, its deletion not yet committed (the outbox still holds it): never published again,
+        # or its second acknowledgement, once the deletion is committed and forgotten, would delete it twice.
+        done = self._deleting | self._deleted
+        # Published and acknowledged, waiting for a receipt: not again until its deadline (``due``).
+        done |= self._awaiting.keys()
+        self._queue.extend(r for r in rows if r[0] not in done)
         self.cursor = last
 
     def due(self, now: float) -> list[int]:
@@ -413,6 +413,11 @@ class PublishWindow:
         if outcome is Outcome.ACKED:
             if first:
                 self._deleting.add(counter)
+                if not current and self._queue:
+                    # A late acknowledgement from before a restart, for a counter this epoch has read but not yet
+                    # published: publishing it again would be acknowledged as a "first" time once the deletion is
+                    # committed (it is then nowhere in the books), and deleted twice.
+                    self._queue = deque(r for r in self._queue if r[0] != counter)
             return _ACK if first else _NOTHING
         self.failures += 1
         pause = False
